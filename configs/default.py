@@ -1,0 +1,90 @@
+"""Dense decoder-only Transformer on byte-level text.
+
+Variants: `configs/default.py:size=tiny|125m|350m`. `tiny` (the default) trains on a laptop CPU in a few minutes
+on the Python standard library's sources, which every machine has.
+"""
+import ml_collections
+
+from longctx.config import parse_variant
+
+SIZES = {
+    #        layers d_model heads kv_heads mlp   vocab  seq_len batch steps  lr
+    'tiny': (2, 128, 4, 2, 384, 384, 256, 16, 300, 3e-3),
+    '125m': (12, 768, 12, 12, 2048, 32768, 2048, 32, 20000, 6e-4),
+    '350m': (24, 1024, 16, 16, 2816, 32768, 2048, 32, 20000, 3e-4),
+}
+
+
+def get_config(arg=None):
+  variant = parse_variant(arg, size='tiny')
+  if variant.size not in SIZES:
+    from longctx.config import ConfigError
+    raise ConfigError('--config variant size', variant.size, f'one of {", ".join(SIZES)}')
+  layers, d_model, heads, kv_heads, mlp, vocab, seq_len, batch, steps, lr = SIZES[variant.size]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ''
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = layers
+  c.model.d_model = d_model
+  c.model.num_heads = heads
+  c.model.num_kv_heads = kv_heads
+  c.model.head_dim = 0                # 0: d_model // num_heads
+  c.model.mlp_dim = mlp
+  c.model.vocab_size = vocab
+  c.model.pattern = 'attention'       # one mixer for every layer, or a comma-separated list per layer
+  c.model.tie_embeddings = True
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-6
+  c.model.dtype = 'float32' if variant.size == 'tiny' else 'bfloat16'   # compute dtype
+  c.model.param_dtype = 'float32'     # parameters and optimizer state
+  c.model.remat = 'none'              # none | full | dots_saveable
+  c.model.attention = ml_collections.ConfigDict()
+  c.model.attention.impl = 'auto'     # auto | cudnn | xla | chunked | naive
+  c.model.attention.window = 0        # 0: full causal; w > 0: each token sees itself and w - 1 before it
+  c.model.attention.chunk_size = 256
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'stdlib'            # stdlib | text | tokens | a synthetic task name
+  c.data.path = ''                    # glob of text files (text) or token files (tokens)
+  c.data.seq_len = seq_len
+  c.data.val_percent = 2.0            # share of files (text) or windows (tokens) held out for validation
+  c.data.token_dtype = 'uint16'       # raw .bin token files
+  c.data.eos_id = -1                  # token files: document separator (-1: none)
+  c.data.num_threads = 4
+  c.data.prefetch = 8
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = steps
+  c.train.batch_size = batch
+  c.train.grad_accum = 1
+  c.train.learning_rate = lr
+  c.train.schedule = 'cosine'         # cosine | linear | constant, after linear warmup
+  c.train.warmup_steps = c.train.get_ref('num_steps') // 10   # follows num_steps overrides
+  c.train.min_lr_ratio = 0.1
+  c.train.optimizer = 'adamw'         # adamw | adam | lion | sgd
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.1
+  c.train.decay_embeddings = False    # weight decay on embeddings (norm scales are never decayed)
+  c.train.clip_norm = 1.0             # global gradient-norm clip; 0 disables
+  c.train.z_loss = 0.0                # weight of log(Z)^2 (PaLM)
+  c.train.nan_policy = 'halt'         # halt | skip a step whose loss or gradients are not finite
+  c.train.log_every = 10
+  c.train.eval_every = 100
+  c.train.eval_batches = 4
+  c.train.checkpoint_every = 100
+  c.train.keep = 3                    # keep the newest K checkpoints ...
+  c.train.keep_every = 0              # ... and every M-th step besides (0: none)
+  c.train.stop_after = 0              # stop (with a checkpoint) after this many steps of this run, as a preemption would
+  c.train.profile_steps = ''          # 'first,last' steps to trace with jax.profiler into WORKDIR/profile
+  c.train.progress_bar = True
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.data = -1                # -1: every device not used by the other axes
+  c.parallel.fsdp = 1
+  c.parallel.tensor = 1
+  c.parallel.sequence = 1
+  return c

@@ -1,0 +1,226 @@
+"""Config files, command-line overrides and validation.
+
+A config file is a Python file with `get_config(arg) -> ml_collections.ConfigDict`; `arg` is the text after the
+colon in `--config file.py:key=value,...` and names a variant (`parse_variant` reads it). Overrides are
+`--config.section.key=value` (ml_collections' config_flags). `validate` checks every field that can be checked
+without compute and raises `ConfigError` naming the field, the value and what is allowed; the entry points turn
+that into a one-screen message and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from typing import Any, Iterable
+
+import ml_collections
+
+OPTIMIZERS = ('adamw', 'adam', 'lion', 'sgd')
+SCHEDULES = ('cosine', 'linear', 'constant')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable')
+NAN_POLICIES = ('halt', 'skip')
+DTYPES = ('float32', 'bfloat16')
+ATTENTION_IMPLS = ('auto', 'cudnn', 'xla', 'chunked', 'naive')
+PARALLEL_AXES = ('data', 'fsdp', 'tensor', 'sequence')
+
+# Fields that define the network and its input; a resume that changes one of them is refused.
+ARCHITECTURE_FIELDS = ('model', 'data.seq_len', 'data.source')
+
+
+class ConfigError(ValueError):
+  """A config field holds a value that is not allowed."""
+
+  def __init__(self, field: str, value: Any, allowed: str):
+    self.field, self.value, self.allowed = field, value, allowed
+    super().__init__(f'{field} = {value!r} is not allowed; {allowed}')
+
+  def report(self) -> str:
+    return (f'longctx: invalid configuration\n'
+            f'  field:   {self.field}\n'
+            f'  value:   {self.value!r}\n'
+            f'  allowed: {self.allowed}\n')
+
+
+def exit_with(err: ConfigError, code: int = 2):
+  sys.stderr.write(err.report())
+  sys.stderr.flush()
+  raise SystemExit(code)
+
+
+def parse_variant(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Reads `key=value,key=value` into a ConfigDict whose keys must be among `defaults`."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ConfigError('--config variant', item, f'key=value pairs with keys {sorted(defaults)}')
+    if key not in defaults:
+      raise ConfigError(f'--config variant key {key!r}', value, f'one of {sorted(defaults)}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def field(cfg: ml_collections.ConfigDict, path: str) -> Any:
+  node = cfg
+  for part in path.split('.'):
+    node = node[part]
+  return node
+
+
+def flatten(cfg: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(cfg, (ml_collections.ConfigDict, dict)):
+    out = {}
+    for k in cfg.keys():
+      out.update(flatten(cfg[k], f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: cfg}
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def architecture_changes(saved: dict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """Fields under ARCHITECTURE_FIELDS that differ between a saved config (as a dict) and a new one."""
+  old_flat = flatten(saved)
+  new_flat = flatten(new)
+  changes = []
+  for key in sorted(set(old_flat) | set(new_flat)):
+    if any(key == f or key.startswith(f + '.') for f in ARCHITECTURE_FIELDS):
+      a, b = old_flat.get(key), new_flat.get(key)
+      if _normalise(a) != _normalise(b):
+        changes.append((key, a, b))
+  return changes
+
+
+def _normalise(v):
+  return list(v) if isinstance(v, tuple) else v
+
+
+def _choice(cfg, path: str, allowed: Iterable[str]):
+  value = field(cfg, path)
+  allowed = tuple(allowed)
+  if value not in allowed:
+    raise ConfigError(path, value, f'one of {", ".join(allowed)}')
+
+
+def _positive(cfg, path: str, zero_ok: bool = False):
+  value = field(cfg, path)
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
+    raise ConfigError(path, value, 'a number >= 0' if zero_ok else 'a number > 0')
+
+
+def mesh_shape(parallel: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+  """Resolves `parallel.{data,fsdp,tensor,sequence}` (one of them may be -1: fill the rest) to sizes."""
+  sizes = {a: int(parallel[a]) for a in PARALLEL_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ConfigError(f'parallel.{a}', s, 'a positive mesh size, or -1 to fill the remaining devices')
+  if len(fill) > 1:
+    raise ConfigError(f'parallel.{fill[1]}', -1, 'at most one mesh axis may be -1')
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if device_count % known:
+      raise ConfigError(f'parallel.{fill[0]}', -1,
+                        f'the other axes multiply to {known}, which does not divide the {device_count} devices')
+    sizes[fill[0]] = device_count // known
+  if math.prod(sizes.values()) != device_count:
+    raise ConfigError('parallel', {a: sizes[a] for a in PARALLEL_AXES},
+                      f'mesh sizes whose product equals the device count ({device_count})')
+  return sizes
+
+
+def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Checks everything that can be checked before compute; raises ConfigError on the first problem."""
+  from longctx import data as data_lib  # imported here: data imports config
+  from longctx.models import pattern as pattern_lib
+
+  m, t, d = cfg.model, cfg.train, cfg.data
+  for path in ('model.num_layers', 'model.d_model', 'model.num_heads', 'model.num_kv_heads', 'model.mlp_dim',
+               'model.vocab_size', 'data.seq_len', 'train.batch_size', 'train.num_steps', 'train.grad_accum'):
+    _positive(cfg, path)
+  _positive(cfg, 'train.learning_rate', zero_ok=True)
+  for path in ('train.checkpoint_every', 'train.eval_every', 'train.log_every', 'train.warmup_steps'):
+    _positive(cfg, path, zero_ok=True)
+  head_dim = m.head_dim or (m.d_model // m.num_heads)
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError('model.num_heads', m.num_heads, f'a divisor of model.d_model={m.d_model} (or set model.head_dim)')
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError('model.num_kv_heads', m.num_kv_heads, f'a divisor of model.num_heads={m.num_heads}')
+  if head_dim % 2:
+    raise ConfigError('model.head_dim', head_dim, 'an even number (rotary embeddings rotate pairs)')
+  _choice(cfg, 'model.dtype', DTYPES)
+  _choice(cfg, 'model.param_dtype', DTYPES)
+  _choice(cfg, 'model.remat', REMAT_POLICIES)
+  _choice(cfg, 'model.attention.impl', ATTENTION_IMPLS)
+  if m.attention.window < 0:
+    raise ConfigError('model.attention.window', m.attention.window, '0 (full causal) or a positive window')
+  chunk = m.attention.chunk_size
+  if chunk <= 0 or (d.seq_len > chunk and d.seq_len % chunk):
+    raise ConfigError('data.seq_len', d.seq_len,
+                      f'a multiple of model.attention.chunk_size={chunk} (or at most that size)')
+  _choice(cfg, 'train.optimizer', OPTIMIZERS)
+  _choice(cfg, 'train.schedule', SCHEDULES)
+  _choice(cfg, 'train.nan_policy', NAN_POLICIES)
+  if t.warmup_steps > t.num_steps:
+    raise ConfigError('train.warmup_steps', t.warmup_steps, f'at most train.num_steps={t.num_steps}')
+  if t.batch_size % t.grad_accum:
+    raise ConfigError('train.grad_accum', t.grad_accum, f'a divisor of train.batch_size={t.batch_size}')
+
+  layers = pattern_lib.resolve(m.pattern, m.num_layers)
+  from longctx.layers import registry
+  for i, name in enumerate(layers):
+    registry.get(name).check_config(cfg, layer_index=i)
+
+  data_lib.check_config(cfg)
+  if m.vocab_size < data_lib.vocab_size(cfg):
+    raise ConfigError('model.vocab_size', m.vocab_size,
+                      f'at least {data_lib.vocab_size(cfg)}, the vocabulary of data.source={d.source!r}')
+
+  if device_count is not None:
+    sizes = mesh_shape(cfg.parallel, device_count)
+    batch_shards = sizes['data'] * sizes['fsdp']
+    micro = t.batch_size // t.grad_accum
+    if micro % batch_shards:
+      raise ConfigError('train.batch_size', t.batch_size,
+                        f'a multiple of parallel.data*parallel.fsdp={batch_shards} per microbatch '
+                        f'(train.grad_accum={t.grad_accum})')
+    if d.seq_len % sizes['sequence']:
+      raise ConfigError('data.seq_len', d.seq_len, f'a multiple of parallel.sequence={sizes["sequence"]}')
+    if sizes['sequence'] > 1:
+      raise ConfigError('parallel.sequence', sizes['sequence'],
+                        '1: context parallelism over the sequence axis is not available yet')
+    for name, size in (('num_heads', m.num_heads), ('num_kv_heads', m.num_kv_heads), ('mlp_dim', m.mlp_dim)):
+      if size % sizes['tensor']:
+        raise ConfigError(f'model.{name}', size, f'a multiple of parallel.tensor={sizes["tensor"]}')
+
+
+_OVERRIDE = re.compile(r'^--config\.([\w.]+)(?:=(.*))?$')
+
+
+def diagnose_override(argv: list[str], cfg: ml_collections.ConfigDict | None) -> ConfigError | None:
+  """Finds the first `--config.x=y` in argv that names no field of cfg."""
+  if cfg is None:
+    return None
+  for arg in argv:
+    m = _OVERRIDE.match(arg)
+    if not m:
+      continue
+    node, path = cfg, m.group(1).split('.')
+    for i, part in enumerate(path):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = '.'.join(path[:i]) or 'the top level'
+        keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        return ConfigError('config.' + '.'.join(path), m.group(2), f'an existing key; keys under {where}: {keys}')
+      node = node[part]
+  return None

@@ -1,0 +1,2 @@
+"""Sequence mixers and the layers around them. Importing this package registers every mixer."""
+from longctx.layers import attention  # noqa: F401  (registers 'attention')

@@ -1,0 +1,60 @@
+"""Causal softmax attention mixer: RoPE, grouped-query heads, optional sliding window, packed documents."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.config import ConfigError
+from longctx.layers import registry
+from longctx.layers.common import Dense, rope
+from longctx.ops.attention import attention
+from longctx.parallel.rules import constrain
+
+
+@registry.register('attention')
+class Attention(registry.Mixer):
+  """softmax(q kᵀ/√d + causal/window/segment mask) v with q, k rotated by RoPE (Vaswani et al. 2017; Su et al. 2021).
+
+  Config (`model.*`): d_model, num_heads, num_kv_heads (GQA: kv heads are shared by num_heads/num_kv_heads query
+  heads), head_dim (0 = d_model / num_heads), rope_theta, attention.window (0 = full causal), attention.impl and
+  attention.chunk_size (see longctx.ops.attention). Output projection initialised with std 0.02/√(2·layers)
+  (GPT-2's residual scaling).
+  """
+
+  def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
+    m = config.model
+    d, h, kv = m.d_model, m.num_heads, m.num_kv_heads
+    hd = m.head_dim or d // h
+    self.q = Dense((d,), (h, hd), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.k = Dense((d,), (kv, hd), ('embed', 'kv_heads', 'head_dim'), rngs=rngs)
+    self.v = Dense((d,), (kv, hd), ('embed', 'kv_heads', 'head_dim'), rngs=rngs)
+    self.o = Dense((h, hd), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs,
+                   std=0.02 / (2 * m.num_layers) ** 0.5)
+    self.rope_theta = m.rope_theta
+    self.window = m.attention.window
+    self.impl = m.attention.impl
+    self.chunk_size = m.attention.chunk_size
+
+  @classmethod
+  def check_config(cls, config, layer_index):
+    if config.model.rope_theta <= 0:
+      raise ConfigError('model.rope_theta', config.model.rope_theta, 'a positive base')
+
+  @classmethod
+  def flops(cls, config, seq_len):
+    from longctx.train.flops import causal_pairs
+    m = config.model
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    return 4.0 * causal_pairs(seq_len, m.attention.window) * m.num_heads * head_dim
+
+  def __call__(self, x, *, positions, segment_ids, cache=None):
+    if cache is not None:
+      raise NotImplementedError('cached decoding for attention arrives with generation')
+    q = rope(self.q(x), positions, self.rope_theta)
+    k = rope(self.k(x), positions, self.rope_theta)
+    v = self.v(x)
+    q = constrain(q, ('batch', 'length', 'act_heads', None))
+    k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
+    v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
+    o = attention(q, k, v, segment_ids, window=self.window, impl=self.impl, chunk_size=self.chunk_size)
+    return self.o(o), None

@@ -1,0 +1,50 @@
+"""Mixers by name. A mixer module registers itself with `@register('name')`; configs refer to that name."""
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+_MIXERS: dict[str, type] = {}
+
+
+class Mixer(nnx.Module):
+  """A sequence mixer: `Mixer(config, *, layer_index, rngs)`; `__call__(x, *, positions, segment_ids, cache=None)`.
+
+  x is [batch, time, d_model]; the result is `(y, cache)` with y of the same shape. `config` is the whole run config
+  (mixers read `config.model` and their own section). `check_config` validates the fields the mixer reads, before
+  any compute, raising `longctx.config.ConfigError`.
+  """
+
+  @classmethod
+  def check_config(cls, config: Any, layer_index: int) -> None:
+    del config, layer_index
+
+  @classmethod
+  def flops(cls, config: Any, seq_len: int) -> float:
+    """Forward FLOPs per sequence beyond the parameter matmuls (longctx.train.flops counts those)."""
+    del config, seq_len
+    return 0.0
+
+
+def register(name: str):
+  def wrap(cls):
+    if name in _MIXERS and _MIXERS[name] is not cls:
+      raise ValueError(f'mixer {name!r} is registered twice')
+    _MIXERS[name] = cls
+    cls.mixer_name = name
+    return cls
+  return wrap
+
+
+def names() -> list[str]:
+  import longctx.layers  # noqa: F401  (registers the built-in mixers)
+  return sorted(_MIXERS)
+
+
+def get(name: str) -> type:
+  from longctx.config import ConfigError
+  available = names()
+  if name not in _MIXERS:
+    raise ConfigError('model.pattern', name, f'a mixer name, one of {", ".join(available)}')
+  return _MIXERS[name]

@@ -1,0 +1,68 @@
+"""The language model: token embedding -> blocks (one mixer each, per the resolved pattern) -> RMSNorm -> logits.
+
+Each block is pre-norm:  x += mixer(RMSNorm(x));  x += SwiGLU(RMSNorm(x)).  Logits are fp32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.layers import registry
+from longctx.layers.common import RMSNorm, SwiGLU, param
+from longctx.models.pattern import resolve
+from longctx.parallel.rules import constrain
+
+REMAT_POLICIES = {
+    'full': None,
+    'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+
+  def __init__(self, config, mixer: str, layer_index: int, *, rngs: nnx.Rngs):
+    m = config.model
+    self.mixer_norm = RMSNorm(m.d_model, eps=m.norm_eps)
+    self.mixer = registry.get(mixer)(config, layer_index=layer_index, rngs=rngs)
+    self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps)
+    self.mlp = SwiGLU(m.d_model, m.mlp_dim, rngs=rngs, out_std=0.02 / (2 * m.num_layers) ** 0.5)
+
+  def __call__(self, x, positions, segment_ids):
+    y, _ = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids)
+    x = constrain(x + y, ('batch', 'length', 'act_embed'))
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ('batch', 'length', 'act_embed'))
+
+
+class LanguageModel(nnx.Module):
+  """Decoder-only LM. `__call__(tokens, positions, segment_ids) -> fp32 logits [B, T, vocab]`."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    m = config.model
+    self.layer_names = tuple(resolve(m.pattern, m.num_layers))
+    self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), std=1.0)
+    self.blocks = nnx.List([Block(config, name, i, rngs=rngs) for i, name in enumerate(self.layer_names)])
+    self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps)
+    self.tie_embeddings = m.tie_embeddings
+    if not m.tie_embeddings:
+      self.head = param(rngs, (m.d_model, m.vocab_size), ('embed', 'vocab'), std=m.d_model ** -0.5)
+    self.remat = m.remat
+    self.compute_dtype = jnp.dtype(m.dtype)
+
+  def __call__(self, tokens, positions, segment_ids):
+    x = jnp.take(self.embed[...].astype(self.compute_dtype), tokens, axis=0)
+    x = constrain(x, ('batch', 'length', 'act_embed'))
+    for block in self.blocks:
+      if self.remat == 'none':
+        x = block(x, positions, segment_ids)
+      else:
+        x = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(block, x, positions, segment_ids)
+    x = self.final_norm(x)
+    if self.tie_embeddings:
+      # Tied head: scale by 1/√d so that logits start at unit variance with the unit-variance embedding.
+      w = self.embed[...].astype(x.dtype).T * (x.shape[-1] ** -0.5)
+    else:
+      w = self.head[...].astype(x.dtype)
+    logits = jnp.einsum('btd,dv->btv', x, w, preferred_element_type=jnp.float32)
+    return constrain(logits, ('batch', 'length', 'act_vocab'))

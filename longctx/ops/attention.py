@@ -1,0 +1,254 @@
+"""Causal softmax attention with GQA, an optional left window and packed-document segment ids.
+
+Query t sees key s when  s <= t,  t - s < window (if window > 0)  and  segment[t] == segment[s].
+Arrays are [batch, time, heads, head_dim]; kv heads divide query heads (GQA).
+
+Paths, equal up to floating-point rounding:
+  naive    the reference: full fp32 score matrix.
+  xla      `jax.nn.dot_product_attention(implementation='xla')`.
+  cudnn    the same call with `implementation='cudnn'` (GPU, 16-bit inputs, no segment ids).
+  chunked  online softmax over key chunks (Rabe & Staats; FlashAttention-2's recurrences), memory linear in
+           length, fully masked chunks skipped; its backward is a custom_vjp that recomputes scores chunk by chunk
+           from the saved output and log-sum-exp instead of storing them.
+`attention` picks one (`choose_impl`) by platform, dtype and shape, and logs the choice once.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+# Above this length the xla path's [B, H, T, T] scores cost more memory than they save in speed.
+XLA_MAX_LEN = 2048
+_MASKED = -1e30  # finite, so that a row whose every key in a chunk is masked yields exp(-inf - -inf) = nan nowhere
+_chosen: dict[tuple, str] = {}
+
+
+def _allowed(q_idx, k_idx, seg_q, seg_k, window):
+  """[..., Tq, Tk] boolean mask from query/key indices [Tq], [Tk] and segment ids [B, Tq], [B, Tk]."""
+  ok = k_idx[None, :] <= q_idx[:, None]
+  if window:
+    ok = ok & (q_idx[:, None] - k_idx[None, :] < window)
+  return ok[None] & (seg_q[:, :, None] == seg_k[:, None, :])
+
+
+def _segments(segment_ids, batch, length):
+  if segment_ids is None:
+    return jnp.zeros((batch, length), jnp.int32)
+  return segment_ids.astype(jnp.int32)
+
+
+def naive(q, k, v, segment_ids=None, *, window=0, scale=None):
+  """Reference: materialises the fp32 [B, KV, G, T, T] scores."""
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  qf = q.astype(jnp.float32).reshape(b, t, kv, h // kv, d)
+  s = jnp.einsum('btkgd,bskd->bkgts', qf, k.astype(jnp.float32)) * scale
+  seg = _segments(segment_ids, b, t)
+  idx = jnp.arange(t)
+  mask = _allowed(idx, idx, seg, seg, window)[:, None, None]
+  p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+  o = jnp.einsum('bkgts,bskd->btkgd', p, v.astype(jnp.float32))
+  return o.reshape(b, t, h, d).astype(q.dtype)
+
+
+def library(q, k, v, segment_ids=None, *, window=0, scale=None, implementation='xla'):
+  """`jax.nn.dot_product_attention`, with segments as a boolean mask (xla only; cuDNN takes no segments here)."""
+  t = q.shape[1]
+  mask = None
+  if segment_ids is not None:
+    if implementation == 'cudnn':
+      raise ValueError('the cudnn attention path takes no segment ids; use xla or chunked')
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=scale, is_causal=True,
+      local_window_size=(window - 1, 0) if window and window < t else None,
+      implementation=implementation)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked: online softmax, custom_vjp.
+
+def _blocks(x, n, c):
+  """[B, T, KV, (G,) D] -> [n, B, KV, (G,) c, D]."""
+  b = x.shape[0]
+  x = x.reshape((b, n, c) + x.shape[2:])
+  return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 2, -2)
+
+
+def _unblock(x):
+  """[n, B, KV, G, c, ...] -> [B, n*c, KV*G, ...]."""
+  x = jnp.moveaxis(x, 4, 2)                                   # n, B, c, KV, G, ...
+  x = jnp.moveaxis(x, 0, 1)                                   # B, n, c, KV, G, ...
+  b, n, c, kv, g = x.shape[:5]
+  return x.reshape((b, n * c, kv * g) + x.shape[5:])
+
+
+def _key_range(i, n, c, window):
+  """Key chunks [lo, i] that query chunk i can see."""
+  lo = 0 if not window else jnp.maximum(0, (i * c - window + 1) // c)
+  return lo, i + 1
+
+
+def _query_range(j, n, c, window):
+  """Query chunks [j, hi) that can see key chunk j."""
+  hi = n if not window else jnp.minimum(n, ((j + 1) * c - 1 + window - 1) // c + 1)
+  return j, hi
+
+
+def _scores(qi, kj, segq, segk, i, j, c, window, scale):
+  """Scaled scores [B, KV, G, c, c] and the mask for query chunk i against key chunk j."""
+  s = jnp.einsum('bkgqd,bkzd->bkgqz', qi, kj, preferred_element_type=jnp.float32) * scale
+  idx = jnp.arange(c)
+  mask = _allowed(i * c + idx, j * c + idx, segq, segk, window)[:, None, None]
+  return s, mask
+
+
+def _forward(q, k, v, seg, window, scale, c):
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  n = t // c
+  qb = _blocks(q.reshape(b, t, kv, h // kv, d), n, c)          # n, B, KV, G, c, D
+  kb, vb = _blocks(k, n, c), _blocks(v, n, c)                  # n, B, KV, c, D
+  segb = seg.reshape(b, n, c).transpose(1, 0, 2)               # n, B, c
+
+  def query_chunk(i):
+    qi = qb[i]
+
+    def body(j, carry):
+      m, l, acc = carry
+      s, mask = _scores(qi, kb[j], segb[i], segb[j], i, j, c, window, scale)
+      m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _MASKED), axis=-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      l = l * corr + jnp.sum(p, axis=-1)
+      pv = jnp.einsum('bkgqz,bkzd->bkgqd', p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
+      return m_new, l, acc * corr[..., None] + pv
+
+    shape = qi.shape[:-1]
+    init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(qi.shape, jnp.float32))
+    lo, hi = _key_range(i, n, c, window)
+    m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+    return acc / l[..., None], m + jnp.log(l)
+
+  o, lse = jax.lax.map(query_chunk, jnp.arange(n))             # n, B, KV, G, c, (D)
+  return _unblock(o).astype(q.dtype), lse
+
+
+def _backward(q, k, v, seg, o, lse, do, window, scale, c):
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  g, n = h // kv, t // c
+  qb = _blocks(q.reshape(b, t, kv, g, d), n, c)
+  dob = _blocks(do.reshape(b, t, kv, g, d), n, c)
+  kb, vb = _blocks(k, n, c), _blocks(v, n, c)
+  segb = seg.reshape(b, n, c).transpose(1, 0, 2)
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)        # B, T, H
+  deltab = _blocks(delta.reshape(b, t, kv, g, 1), n, c)[..., 0]                  # n, B, KV, G, c
+
+  def probs(i, j):
+    s, mask = _scores(qb[i], kb[j], segb[i], segb[j], i, j, c, window, scale)
+    p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
+    dp = jnp.einsum('bkgqd,bkzd->bkgqz', dob[i], vb[j], preferred_element_type=jnp.float32)
+    return p, p * (dp - deltab[i][..., None])
+
+  def dq_chunk(i):
+    def body(j, dq):
+      _, ds = probs(i, j)
+      return dq + jnp.einsum('bkgqz,bkzd->bkgqd', ds.astype(k.dtype), kb[j], preferred_element_type=jnp.float32)
+    lo, hi = _key_range(i, n, c, window)
+    return jax.lax.fori_loop(lo, hi, body, jnp.zeros(qb.shape[1:], jnp.float32)) * scale
+
+  def dkv_chunk(j):
+    def body(i, carry):
+      dk, dv = carry
+      p, ds = probs(i, j)
+      dv = dv + jnp.einsum('bkgqz,bkgqd->bkzd', p.astype(do.dtype), dob[i], preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum('bkgqz,bkgqd->bkzd', ds.astype(q.dtype), qb[i], preferred_element_type=jnp.float32)
+      return dk, dv
+    lo, hi = _query_range(j, n, c, window)
+    zeros = jnp.zeros(kb.shape[1:], jnp.float32)
+    dk, dv = jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
+    return dk * scale, dv
+
+  dq = _unblock(jax.lax.map(dq_chunk, jnp.arange(n)))
+  dk, dv = jax.lax.map(dkv_chunk, jnp.arange(n))                # n, B, KV, c, D
+  dk, dv = (_unblock(x[:, :, :, None]) for x in (dk, dv))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked(q, k, v, seg, window, scale, chunk):
+  return _forward(q, k, v, seg, window, scale, chunk)[0]
+
+
+def _chunked_fwd(q, k, v, seg, window, scale, chunk):
+  o, lse = _forward(q, k, v, seg, window, scale, chunk)
+  return o, (q, k, v, seg, o, lse)
+
+
+def _chunked_bwd(window, scale, chunk, res, do):
+  q, k, v, seg, o, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, o, lse, do, window, scale, chunk)
+  return dq, dk, dv, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked(q, k, v, segment_ids=None, *, window=0, scale=None, chunk_size=512):
+  """Memory-efficient attention; lengths that are not a multiple of the chunk are padded at the end."""
+  b, t, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  c = min(chunk_size, t)
+  pad = -t % c
+  seg = _segments(segment_ids, b, t)
+  if pad:
+    # Padded keys sit after every real query, so causality already hides them.
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+  return _chunked(q, k, v, seg, int(window), float(scale), c)[:, :t]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch.
+
+def choose_impl(requested: str, *, platform: str, dtype, head_dim: int, seq_len: int, has_segments: bool) -> str:
+  """The attention path for these inputs; `requested` other than 'auto' is honoured or refused with a reason."""
+  cudnn_ok = (platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+              and head_dim <= 128 and head_dim % 8 == 0 and not has_segments)
+  if requested == 'cudnn' and not cudnn_ok:
+    raise ValueError('model.attention.impl = cudnn needs a GPU, bf16/fp16 inputs, head_dim <= 128 and a multiple '
+                     f'of 8, and no segment ids; got platform={platform}, dtype={jnp.dtype(dtype).name}, '
+                     f'head_dim={head_dim}, segments={has_segments}')
+  if requested != 'auto':
+    return requested
+  if cudnn_ok:
+    return 'cudnn'
+  return 'xla' if seq_len <= XLA_MAX_LEN else 'chunked'
+
+
+def attention(q, k, v, segment_ids=None, *, window=0, impl='auto', chunk_size=512, scale=None):
+  """Causal attention by the path `choose_impl` picks; see the module docstring."""
+  platform = jax.default_backend()
+  choice = choose_impl(impl, platform=platform, dtype=q.dtype, head_dim=q.shape[-1], seq_len=q.shape[1],
+                       has_segments=segment_ids is not None)
+  key = (choice, platform, q.shape[1:], jnp.dtype(q.dtype).name, segment_ids is not None, window)
+  if key not in _chosen:
+    _chosen[key] = choice
+    logging.info('attention path %s (requested %s; platform %s, q %s %s, segments %s, window %s)',
+                 choice, impl, platform, q.shape, jnp.dtype(q.dtype).name, segment_ids is not None, window)
+  if choice == 'naive':
+    return naive(q, k, v, segment_ids, window=window, scale=scale)
+  if choice == 'chunked':
+    return chunked(q, k, v, segment_ids, window=window, scale=scale, chunk_size=chunk_size)
+  return library(q, k, v, segment_ids, window=window, scale=scale, implementation=choice)
+
+
+def chosen_paths() -> list[str]:
+  """Every attention path this process has dispatched to, for benchmark reports."""
+  return sorted(set(_chosen.values()))

@@ -1,0 +1,67 @@
+"""The train state (a plain pytree: step, params, opt_state, rng) and everything derived from the config to build,
+shard and restore it."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from longctx.models.transformer import LanguageModel
+from longctx.parallel import mesh as mesh_lib
+from longctx.train import optimizer
+
+
+class TrainSetup:
+  """Model graph, optimizer, abstract state and its shardings for one config on one mesh."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    abstract = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
+    self.layer_names = abstract.layer_names
+    self.graphdef, abs_params = nnx.split(abstract, nnx.Param)
+    self.param_dtype = jnp.dtype(config.model.param_dtype)
+    pure = nnx.to_pure_dict(abs_params)
+    self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.param_dtype), pure)
+    self.tx = optimizer.make(config.train, self.abstract_params)
+    self.schedule = optimizer.schedule(config.train)
+    specs = mesh_lib.param_specs(abs_params, mesh)
+    self.param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    rep = mesh_lib.replicated(mesh)
+    abs_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+    opt_shardings = optax_shardings(self.tx, abs_opt, self.param_shardings, rep)
+    self.shardings = {'step': rep, 'params': self.param_shardings, 'opt_state': opt_shardings, 'rng': rep}
+    abs_state = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': self.abstract_params,
+                 'opt_state': abs_opt, 'rng': jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, self.shardings)
+
+  def init(self, seed: int):
+    """A fresh state, created directly in its shardings."""
+    def create(key):
+      model = LanguageModel(self.config, rngs=nnx.Rngs(params=key))
+      params = jax.tree.map(lambda x: x.astype(self.param_dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params),
+              'rng': jax.random.fold_in(key, 1)}
+    return jax.jit(create, out_shardings=self.shardings)(jax.random.PRNGKey(seed))
+
+  def model(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  def param_count(self) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
+
+  def matmul_param_count(self) -> int:
+    """Parameters that take part in a matmul per token: all matrices but the embedding lookup, plus the tied head."""
+    m = self.config.model
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params) if len(x.shape) >= 2)
+    return total - m.vocab_size * m.d_model + (m.vocab_size * m.d_model if m.tie_embeddings else 0)
+
+
+def optax_shardings(tx, abstract_opt_state, param_shardings, replicated):
+  """Optimizer-state shardings: moments follow their parameters, everything else (counts) is replicated."""
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated)
