@@ -8,8 +8,10 @@ that into a one-screen message and exit code 2.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from typing import Any, Iterable
@@ -208,10 +210,37 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
 _OVERRIDE = re.compile(r'^--config\.([\w.]+)(?:=(.*))?$')
 
 
-def diagnose_override(argv: list[str], cfg: ml_collections.ConfigDict | None) -> ConfigError | None:
-  """Finds the first `--config.x=y` in argv that names no field of cfg."""
-  if cfg is None:
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`path.py[:variant]` -> get_config(variant), as `--config` loads it."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('longctx_config_file', path)
+  if module_spec is None or not os.path.isfile(path):
+    raise ConfigError('--config', spec, 'a readable Python file defining get_config(arg)')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+  return None
+
+
+def diagnose_override(argv: list[str]) -> ConfigError | None:
+  """Finds what in argv is wrong: an unreadable config file, or the first `--config.x=y` naming no field."""
+  spec = _config_spec(argv)
+  if spec is None:
     return None
+  try:
+    cfg = load_file(spec)
+  except ConfigError as e:
+    return e
+  except Exception as e:  # the config file itself raised
+    return ConfigError('--config', spec, f'a config file whose get_config runs ({type(e).__name__}: {e})')
   for arg in argv:
     m = _OVERRIDE.match(arg)
     if not m:

@@ -47,11 +47,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # absl and ml_collections raise a variety of types for bad flags
     err = _config_error_in(e)
     if err is None:
-      try:
-        loaded = FLAGS['config'].value if 'config' in FLAGS else None
-      except Exception:
-        loaded = None
-      err = config_lib.diagnose_override(argv, loaded if hasattr(loaded, 'keys') else None)
+      err = config_lib.diagnose_override(argv)
     if err is None:
       err = config_lib.ConfigError('command line', ' '.join(argv[1:]), str(e).splitlines()[0] if str(e) else type(e).__name__)
     config_lib.exit_with(err)
@@ -61,9 +57,12 @@ def load_config(device_count: int | None):
   """The parsed --config, validated; any problem exits 2 with the field, the value and what is allowed."""
   try:
     cfg = FLAGS.config
-    if not hasattr(cfg, 'keys'):
-      raise config_lib.ConfigError('--config', FLAGS['config'].config_filename if hasattr(FLAGS['config'], 'config_filename') else None,
-                                   'a readable Python file defining get_config(arg)')
+    try:
+      cfg.keys()
+    except Exception as e:  # ml_collections defers a failed load to the first access
+      raise config_lib.ConfigError('--config', FLAGS['config'].config_filename,
+                                   'a readable Python file defining get_config(arg) '
+                                   f'({str(e).splitlines()[-1].strip()})') from None
     config_lib.validate(cfg, device_count)
   except config_lib.ConfigError as e:
     config_lib.exit_with(e)

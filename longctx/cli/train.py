@@ -20,11 +20,13 @@ def main(argv):
     common.fail(f'unexpected arguments {argv[1:]}', 2)
   common.quiet_library_logs()
   config = common.load_config(jax.device_count())
-  from longctx.train.loop import TrainingHalted, train
+  from longctx.train.loop import IncompatibleCheckpoint, TrainingHalted, train
   try:
     final = train(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     config_lib.exit_with(e)
+  except IncompatibleCheckpoint as e:
+    common.fail(str(e), 2)
   except TrainingHalted as e:
     common.fail(str(e), 1)
   logging.info('finished at step %d: %s', final['step'], final)

@@ -58,6 +58,15 @@ def vocab_size(config) -> int:
   return tasks.get(config.data.source).vocab_size(config)
 
 
+def rows_hold_several_documents(config) -> bool:
+  """False where every row is one document, so attention needs no segment ids (and may use faster kernels)."""
+  if config.data.source in TEXT_SOURCES:
+    return True
+  if config.data.source == 'tokens':
+    return config.data.eos_id >= 0
+  return getattr(tasks.get(config.data.source), 'packed', True)
+
+
 def is_byte_level(config) -> bool:
   return config.data.source in TEXT_SOURCES
 

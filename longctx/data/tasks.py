@@ -2,7 +2,8 @@
 
 A task is registered with `@register_task(name)` on a class with `vocab_size(config) -> int`,
 `check_config(config)` and `rows(config, split) -> grain.MapDataset` of dicts with int32 arrays `tokens`,
-`segment_ids`, `positions` (and optionally `loss_mask`) of length `data.seq_len`.
+`segment_ids`, `positions` (and optionally `loss_mask`) of length `data.seq_len`; `packed = False` declares that
+every row is a single document.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def names() -> list[str]:
 @register_task('random')
 class RandomTokens:
   """Uniform random tokens in one segment per row: throughput benchmarks with nothing to learn and no I/O."""
+
+  packed = False
 
   @staticmethod
   def vocab_size(config):

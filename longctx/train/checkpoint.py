@@ -15,13 +15,40 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class IncompatibleCheckpoint(ValueError):
+  """A readable checkpoint whose state tree differs from what this config builds (an optimizer change, say)."""
+
+  def __init__(self, step, directory, saved, wanted):
+    only_saved = sorted(set(saved) - set(wanted))[:3]
+    only_wanted = sorted(set(wanted) - set(saved))[:3]
+    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])[:3]
+    super().__init__(
+        f'checkpoint step {step} in {directory} does not fit this config: saved only {only_saved}, '
+        f'config only {only_wanted}, shapes differ at {reshaped}. Optimizer settings that change the optimizer '
+        'state (train.optimizer, train.clip_norm on/off) cannot change on resume; use a new --workdir with '
+        '--config.init_from to start from its parameters.')
+
+
+def _layout(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{path: shape} with keys of every kind (dict, index, attribute) spelled as strings, as orbax spells them."""
+  def name(k):
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
 class Checkpoints:
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                            enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
+                'config': ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -36,7 +63,15 @@ class Checkpoints:
 
   def restore_latest(self, abstract_state, data_iterator=None):
     """(state, step) from the newest readable step, or (None, None) when there is none."""
+    wanted = _layout(abstract_state)
     for step in reversed(self.steps()):
+      try:
+        saved = _layout(self._manager.item_metadata(step)['state'])
+      except Exception as e:  # unreadable metadata: a damaged step
+        self._set_aside(step, e)
+        continue
+      if saved != wanted:
+        raise IncompatibleCheckpoint(step, self.directory, saved, wanted)
       items = {'state': ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -21,6 +21,9 @@ from longctx.train.state import TrainSetup
 from longctx.train.step import make_eval_step, make_train_step
 
 
+IncompatibleCheckpoint = ckpt_lib.IncompatibleCheckpoint
+
+
 class TrainingHalted(RuntimeError):
   """Loss or gradients stopped being finite (train.nan_policy = halt)."""
 
@@ -77,15 +80,22 @@ class _Interval:
     self.nan_policy = nan_policy
     self.pending = []
     self.timer = time.perf_counter()
+    self.untimed = 0
     self.skipped = 0
 
   def add(self, step, metrics):
     self.pending.append((step, metrics))
 
+  def restart_clock(self):
+    """Steps so far stay in the averages but out of the timing (the first one includes compilation)."""
+    self.timer, self.untimed = time.perf_counter(), len(self.pending)
+
   def flush(self):
+    """(rows, finite rows, seconds per timed step)."""
     rows = [(s, jax.device_get(m)) for s, m in self.pending]
-    elapsed = time.perf_counter() - self.timer
-    self.pending, self.timer = [], time.perf_counter()
+    timed = len(rows) - self.untimed
+    step_time = (time.perf_counter() - self.timer) / timed if timed else float('nan')
+    self.pending, self.timer, self.untimed = [], time.perf_counter(), 0
     for step, m in rows:
       if not m['finite']:
         if self.nan_policy == 'halt':
@@ -95,7 +105,7 @@ class _Interval:
         self.skipped += 1
         logging.warning('step %d: loss or gradients not finite; update skipped', step)
     finite = [m for _, m in rows if m['finite']] or [m for _, m in rows]
-    return rows, finite, elapsed
+    return rows, finite, step_time
 
 
 def train(config, workdir: str) -> dict:
@@ -153,7 +163,7 @@ def train(config, workdir: str) -> dict:
         bar.update(1)
         if step == start + 1:  # compile time stays out of the throughput figures
           jax.block_until_ready(state)
-          interval.flush()
+          interval.restart_clock()
         if profile and step == profile[1] + 1:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
@@ -162,13 +172,13 @@ def train(config, workdir: str) -> dict:
         eval_due = t.eval_every and (step % t.eval_every == 0 or last)
         save_due = (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stop
         if interval.pending and (step % t.log_every == 0 or last or stop or save_due or eval_due):
-          rows, finite, elapsed = interval.flush()
+          rows, finite, step_time = interval.flush()
           row = {**metrics_lib.loss_metrics(float(np.mean([m['loss'] for m in finite])), byte_level),
                  'learning_rate': float(rows[-1][1]['learning_rate']),
                  'grad_norm': float(rows[-1][1]['grad_norm']), 'param_norm': float(rows[-1][1]['param_norm']),
-                 'step_time': elapsed / len(rows), 'tokens_per_s': tokens_per_step * len(rows) / elapsed,
+                 'step_time': step_time, 'tokens_per_s': tokens_per_step / step_time,
                  'skipped_steps': interval.skipped}
-          if peak:
+          if peak and np.isfinite(step_time):
             row['mfu'] = step_flops / row['step_time'] / (peak * jax.device_count())
           memory = metrics_lib.peak_memory_bytes()
           if memory is not None:

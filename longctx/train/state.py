@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from longctx import data
 from longctx.models.transformer import LanguageModel
 from longctx.parallel import mesh as mesh_lib
 from longctx.train import optimizer
@@ -22,6 +23,7 @@ class TrainSetup:
     self.config, self.mesh = config, mesh
     abstract = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
     self.layer_names = abstract.layer_names
+    self.uses_segments = data.rows_hold_several_documents(config)
     self.graphdef, abs_params = nnx.split(abstract, nnx.Param)
     self.param_dtype = jnp.dtype(config.model.param_dtype)
     pure = nnx.to_pure_dict(abs_params)

@@ -25,7 +25,8 @@ def targets_and_weights(batch):
 def token_nll(setup, params, batch):
   """Per-token negative log-likelihood (fp32) and log-partition, [B, T] each."""
   model = setup.model(params)
-  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+  segment_ids = batch['segment_ids'] if setup.uses_segments else None
+  logits = model(batch['tokens'], batch['positions'], segment_ids)
   targets, _ = targets_and_weights(batch)
   logz = jax.nn.logsumexp(logits, axis=-1)
   return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], logz
@@ -63,7 +64,7 @@ def make_train_step(setup):
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     loss = nll / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
@@ -71,7 +72,7 @@ def make_train_step(setup):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {'step': state['step'] + 1, 'params': keep(new_params, params),
                  'opt_state': keep(opt_state, state['opt_state']), 'rng': state['rng']}
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': optax.global_norm(new_state['params']),
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(new_state['params']),
                'learning_rate': setup.schedule(state['step']), 'tokens': count, 'finite': finite}
     return new_state, metrics
 

@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from longctx import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg=None, **overrides):
+  """configs/default.py with dotted-key overrides, as `--config.a.b=v` would give."""
+  path = os.path.join(ROOT, 'configs', 'default.py')
+  cfg = config_lib.load_file(f'{path}:{arg}' if arg else path)
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def small_config(**overrides):
+  """A model small enough that a training step takes milliseconds on one CPU core."""
+  base = {'model.num_layers': 2, 'model.d_model': 64, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+          'model.mlp_dim': 128, 'data.seq_len': 64, 'train.batch_size': 4, 'train.num_steps': 40,
+          'train.log_every': 5, 'train.eval_every': 0, 'train.checkpoint_every': 10, 'train.progress_bar': False,
+          'data.num_threads': 1, 'data.prefetch': 2, 'model.attention.chunk_size': 32}
+  base.update(overrides)
+  return load_config(**base)
+
+
+def run_script(args, env=None, timeout=300, **kwargs):
+  environ = {**os.environ, 'PYTHONPATH': ROOT, **(env or {})}
+  return subprocess.run([sys.executable] + args, capture_output=True, text=True, env=environ, timeout=timeout,
+                        cwd=ROOT, **kwargs)
+
+
+@pytest.fixture
+def small():
+  return small_config

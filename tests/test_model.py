@@ -1,0 +1,92 @@
+"""The language model: parameter metadata, document isolation, remat and accumulation leave the math unchanged."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from longctx import config as config_lib
+from longctx.models import pattern
+from longctx.models.transformer import LanguageModel
+from longctx.parallel.mesh import make_mesh
+from longctx.train import flops
+from longctx.train.state import TrainSetup
+from longctx.train.step import make_train_step
+from tests.conftest import small_config
+
+LOGICAL = {'embed', 'vocab', 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm', 'layers'}
+
+
+def test_every_parameter_carries_logical_axes():
+  model = LanguageModel(small_config(), rngs=nnx.Rngs(0))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert params
+  for p in params:
+    axes = p.get_metadata()['logical_axes']
+    assert len(axes) == p[...].ndim and set(axes) <= LOGICAL
+
+
+def test_a_document_never_sees_another_document():
+  cfg = small_config()
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  t = cfg.data.seq_len
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 256, (1, t)), jnp.int32)
+  seg = jnp.asarray([[1] * 20 + [2] * 30 + [3] * (t - 50)], jnp.int32)
+  pos = jnp.asarray([list(range(20)) + list(range(30)) + list(range(t - 50))], jnp.int32)
+  base = model(tokens, pos, seg)
+  changed = model(tokens.at[0, 25].set((tokens[0, 25] + 1) % 256), pos, seg)
+  diff = np.abs(np.asarray(changed - base)).max(axis=(0, 2))
+  assert (diff[:25] == 0).all() and (diff[50:] == 0).all() and (diff[25:50] > 0).all()
+
+
+def test_pattern_resolution():
+  assert pattern.resolve('attention', 3) == ['attention'] * 3
+  assert pattern.resolve('attention, attention', 2) == ['attention', 'attention']
+  with pytest.raises(config_lib.ConfigError, match='model.num_layers=3'):
+    pattern.resolve('attention,attention', 3)
+
+
+def _one_step(cfg, seed=0):
+  mesh = make_mesh(cfg.parallel, jax.devices()[:1])
+  setup = TrainSetup(cfg, mesh)
+  state = setup.init(cfg.seed)
+  rng = np.random.default_rng(seed)
+  b, t = cfg.train.batch_size, cfg.data.seq_len
+  batch = {'tokens': jnp.asarray(rng.integers(0, 256, (b, t)), jnp.int32),
+           'segment_ids': jnp.asarray(np.repeat([[1] * (t // 2) + [2] * (t - t // 2)], b, 0), jnp.int32),
+           'positions': jnp.asarray(np.repeat([list(range(t // 2)) + list(range(t - t // 2))], b, 0), jnp.int32)}
+  new_state, metrics = make_train_step(setup)(state, batch)
+  return new_state, metrics
+
+
+def rel(a, b):
+  a, b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)]), np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)])
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots_saveable'])
+def test_remat_policies_do_not_change_the_step(remat):
+  ref, m_ref = _one_step(small_config())
+  out, m = _one_step(small_config(**{'model.remat': remat}))
+  assert rel(out['params'], ref['params']) < 1e-6
+  assert abs(float(m['loss']) - float(m_ref['loss'])) < 1e-6
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+  ref, m_ref = _one_step(small_config())
+  out, m = _one_step(small_config(**{'train.grad_accum': 2}))
+  assert abs(float(m['grad_norm']) - float(m_ref['grad_norm'])) < 1e-5 * float(m_ref['grad_norm'])
+  assert rel(out['params'], ref['params']) < 1e-6
+
+
+def test_flops_count_causal_attention_halved_and_windowed():
+  assert flops.causal_pairs(4) == 10
+  assert flops.causal_pairs(6, window=2) == 3 + 4 * 2
+  cfg = small_config()
+  setup = TrainSetup(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+  m = cfg.model
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  per_layer_attention = 4 * flops.causal_pairs(cfg.data.seq_len) * m.num_heads * (m.d_model // m.num_heads)
+  expected = 6 * setup.matmul_param_count() * tokens + 3 * m.num_layers * per_layer_attention * cfg.train.batch_size
+  assert flops.train_flops_per_step(setup) == pytest.approx(expected)

@@ -1,0 +1,33 @@
+"""The train step on 8 fake devices (data, fsdp, tensor meshes) equals the 1-device step."""
+import json
+
+import pytest
+
+from longctx.parallel.rules import logical_to_spec
+from tests.conftest import run_script
+
+
+@pytest.fixture(scope='module')
+def sharded():
+  result = run_script(['tests/helpers/sharded_step.py'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('mesh', ['data2_fsdp4', 'data2_fsdp2_tensor2', 'data8'])
+def test_sharded_step_equals_one_device(sharded, mesh):
+  assert sharded[mesh]['loss_diff'] < 1e-5
+  assert sharded[mesh]['param_rel'] < 1e-5
+
+
+def test_fsdp_and_tensor_axes_really_shard_parameters(sharded):
+  assert any('fsdp' in s for s in sharded['data2_fsdp4']['specs'])
+  assert any('tensor' in s for s in sharded['data2_fsdp2_tensor2']['specs'])
+
+
+def test_rules_map_logical_names_to_mesh_axes():
+  assert logical_to_spec(('batch', 'length')) == logical_to_spec(('batch', 'length'))
+  spec = logical_to_spec(('embed', 'heads', 'head_dim'))
+  assert tuple(spec) == ('fsdp', 'tensor', None)
+  with pytest.raises(KeyError):
+    logical_to_spec(('nonsense',))

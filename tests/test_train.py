@@ -1,0 +1,151 @@
+"""Training: learns, resumes exactly, survives preemption and damaged checkpoints, halts on non-finite loss."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from longctx import config as config_lib
+from longctx.parallel.mesh import make_mesh
+from longctx.train.checkpoint import Checkpoints
+from longctx.train.loop import IncompatibleCheckpoint, TrainingHalted, train
+from longctx.train.state import TrainSetup
+from tests.conftest import ROOT, load_config, run_script, small_config
+
+
+def rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_state(cfg, workdir):
+  setup = TrainSetup(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+  manager = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  state, step = manager.restore_latest(setup.abstract_state)
+  manager.close()
+  return state, step
+
+
+def test_loss_falls_on_the_default_config_within_100_steps(tmp_path):
+  cfg = load_config(**{'train.num_steps': 100, 'train.eval_every': 0, 'train.progress_bar': False,
+                       'data.num_threads': 2})
+  train(cfg, str(tmp_path))
+  losses = [r['loss'] for r in rows(tmp_path) if 'loss' in r]
+  assert losses[-1] < losses[0] - 1.5, losses
+  assert losses[-1] < 3.0
+
+
+def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+  cfg = small_config()
+  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+  train(cfg, straight)
+  first = train(small_config(**{'train.stop_after': 20}), split)
+  assert first['step'] == 20
+  train(cfg, split)
+  a, step_a = final_state(cfg, straight)
+  b, step_b = final_state(cfg, split)
+  assert step_a == step_b == 40
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Every logged step after the resume saw the same batch (same loss to the bit).
+  late = lambda w: [(r['step'], r['loss']) for r in rows(w) if 'loss' in r and r['step'] > 20]
+  assert late(straight) == late(split)
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
+  workdir = str(tmp_path)
+  args = [sys.executable, 'scripts/train.py', '--config', 'configs/default.py', '--workdir', workdir,
+          '--config.train.num_steps=100000', '--config.train.log_every=1', '--config.train.eval_every=0',
+          '--config.train.checkpoint_every=0', '--config.train.progress_bar=False', '--config.model.d_model=64',
+          '--config.data.seq_len=64']
+  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 120
+  while time.time() < deadline and (not os.path.exists(metrics) or len(open(metrics).readlines()) < 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  cfg = load_config(**{'model.d_model': 64, 'data.seq_len': 64})
+  state, step = final_state(cfg, workdir)
+  assert step is not None and step >= 3 and int(state['step']) == step
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
+  workdir = str(tmp_path)
+  train(small_config(**{'train.num_steps': 30}), workdir)
+  for path in glob.glob(os.path.join(workdir, 'checkpoints', '30', 'state', '**', '*'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 3)
+  final = train(small_config(**{'train.num_steps': 35}), workdir)
+  assert final['step'] == 35
+  assert glob.glob(os.path.join(workdir, 'checkpoints', 'corrupt-30-*'))
+  logged = [r['step'] for r in rows(workdir) if 'loss' in r]
+  assert logged[-2:] == [25, 30] or 25 in logged[logged.index(30) + 1:]   # steps 21..30 were trained again
+
+
+def test_non_finite_loss_halts_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  exploding = {'train.learning_rate': 1e30, 'train.schedule': 'constant', 'train.warmup_steps': 0}
+  train(small_config(**{'train.num_steps': 10, 'train.learning_rate': 1e-3, 'train.schedule': 'constant',
+                        'train.warmup_steps': 0}), workdir)
+  saved = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  cfg = small_config(**{'train.num_steps': 20, 'train.checkpoint_every': 1, **exploding})
+  with pytest.raises(TrainingHalted, match=r'not finite at step (1[1-9]|20)') as err:
+    train(cfg, workdir)
+  halted_at = int(err.value.args[0].split('at step ')[1].split()[0])
+  state, step = final_state(cfg, workdir)
+  assert step == halted_at - 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
+  assert set(saved) <= set(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
+def test_resume_with_an_incompatible_optimizer_state_is_refused_and_keeps_the_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  train(small_config(**{'train.num_steps': 5}), workdir)
+  with pytest.raises(IncompatibleCheckpoint, match='clip_norm'):
+    train(small_config(**{'train.num_steps': 10, 'train.clip_norm': 0.0}), workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['5']
+
+
+def test_skip_policy_steps_over_non_finite_updates(tmp_path):
+  cfg = small_config(**{'train.num_steps': 6, 'train.learning_rate': 1e30, 'train.clip_norm': 0.0,
+                        'train.schedule': 'constant', 'train.warmup_steps': 0, 'train.nan_policy': 'skip'})
+  final = train(cfg, str(tmp_path))
+  assert final['step'] == 6 and final['skipped_steps'] > 0
+
+
+def test_resume_with_a_different_architecture_is_refused(tmp_path):
+  train(small_config(**{'train.num_steps': 5}), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError) as err:
+    train(small_config(**{'train.num_steps': 10, 'model.mlp_dim': 256}), str(tmp_path))
+  assert err.value.field == 'model.mlp_dim'
+
+
+def test_init_from_loads_another_runs_parameters(tmp_path):
+  source, target = str(tmp_path / 'a'), str(tmp_path / 'b')
+  cfg = small_config(**{'train.num_steps': 5})
+  train(cfg, source)
+  frozen = small_config(**{'train.num_steps': 1, 'train.learning_rate': 0.0, 'init_from': source})
+  train(frozen, target)
+  a, _ = final_state(cfg, source)
+  b, _ = final_state(frozen, target)
+  for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_evaluate_reports_loss_by_position(tmp_path):
+  train(small_config(**{'train.num_steps': 5}), str(tmp_path))
+  result = run_script(['scripts/evaluate.py', '--workdir', str(tmp_path), '--batches', '2'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.load(open(tmp_path / 'eval.json'))
+  assert np.isfinite(report['loss']) and report['by_position'][0]['positions'] == '0-0'
+  assert '| positions | tokens | loss |' in result.stdout
