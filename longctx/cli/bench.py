@@ -25,11 +25,13 @@ from longctx import config as config_lib
 from longctx.cli import common
 
 common.define_config_flag(required=False)
-_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: ' + ', '.join(['dense125m', 'tiny']))
+_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention')
 _NAME = flags.DEFINE_string('name', 'custom', 'case name when --config is given')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per case')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
 _OUT = flags.DEFINE_string('out', 'benchmarks', 'directory for the JSON and markdown results')
+_CASES = flags.DEFINE_list('cases', [], 'run only these cases of the suite')
+_PROFILE = flags.DEFINE_integer('profile', 0, 'also trace this many steps per case and summarise kernel time')
 
 _DENSE125M = {'data.source': 'random', 'model.tie_embeddings': False, 'train.eval_every': 0}
 # (case name, config spec, overrides). The 125M cases match shared/gpu/bare_dense_step.py's model and shapes.
@@ -60,7 +62,7 @@ def apply_overrides(cfg, overrides: dict):
   return cfg
 
 
-def bench_case(name: str, cfg, steps: int, warmup: int) -> dict:
+def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, out: str = '') -> dict:
   from longctx.ops.attention import chosen_paths
   from longctx.parallel.mesh import batch_sharding, make_mesh
   from longctx.train import flops as flops_lib
@@ -95,6 +97,23 @@ def bench_case(name: str, cfg, steps: int, warmup: int) -> dict:
     jax.block_until_ready(m['loss'])
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
+  profile = {}
+  if profile_steps:
+    from longctx.train import profiling
+    logdir = os.path.join(out, f'profile-{name}')
+    holder = {'state': state}
+
+    def one():
+      holder['state'], metrics = compiled(holder['state'], batches[0])
+      return metrics['loss']
+    profiling.trace(one, profile_steps, logdir)
+    state = holder['state']
+    profile = profiling.summarize(logdir, profile_steps)
+  analysis = compiled.memory_analysis()
+  step_bytes = None
+  if analysis is not None:
+    step_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+                  - analysis.alias_size_in_bytes)
   flops = flops_lib.train_flops_per_step(setup)
   peak = flops_lib.peak_flops()
   memory = peak_memory_bytes()
@@ -104,9 +123,73 @@ def bench_case(name: str, cfg, steps: int, warmup: int) -> dict:
       'step_ms': step_s * 1e3, 'step_ms_min': min(times) * 1e3, 'step_ms_max': max(times) * 1e3,
       'tokens_per_s': b * t / step_s, 'model_tflops_per_s': flops / step_s / 1e12,
       'mfu': flops / step_s / (peak * jax.device_count()) if peak else None,
-      'peak_memory_gib': memory / 2 ** 30 if memory is not None else None,
+      'step_memory_gib': step_bytes / 2 ** 30 if step_bytes is not None else None,
+      'process_peak_memory_gib': memory / 2 ** 30 if memory is not None else None,
       'compile_s': compile_s, 'attention': ','.join(chosen_paths()), 'loss': float(m['loss']),
+      **({'profile': profile} if profile else {}),
   }
+
+
+def bench_attention(steps: int) -> list[dict]:
+  """Each attention path: error against the fp32 reference (B2 T2048, forward and gradients), then forward and
+  forward+backward time at B4 T8192 H16 D128 bf16. FLOPs: causal forward 2·B·H·T²·D, forward+backward 3.5× that
+  (FlashAttention's convention)."""
+  from longctx.ops import attention as attn
+
+  def inputs(b, t, h, d, dtype):
+    ks = jax.random.split(jax.random.PRNGKey(t), 4)
+    return [jax.random.normal(k, (b, t, h, d), dtype) for k in ks]
+
+  def run(impl, q, k, v, do):
+    f = lambda q, k, v: attn.attention(q, k, v, impl=impl, chunk_size=512)
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(do)
+
+  rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
+  q, k, v, do = inputs(2, 2048, 16, 128, jnp.bfloat16)
+  ref, ref_grads = jax.jit(lambda *a: run('naive', *a))(*(x.astype(jnp.float32) for x in (q, k, v, do)))
+  impls = [i for i in ('cudnn', 'xla', 'chunked') if i != 'cudnn' or jax.default_backend() == 'gpu']
+  errors = {}
+  for impl in impls:
+    out, grads = jax.jit(lambda *a, impl=impl: run(impl, *a))(q, k, v, do)
+    errors[impl] = {'out': rel(out, ref), **{f'd{n}': rel(g, r) for n, g, r in zip('qkv', grads, ref_grads)}}
+
+  b, t, h, d = 4, 8192, 16, 128
+  q, k, v, do = inputs(b, t, h, d, jnp.bfloat16)
+  fwd_flops = 2 * b * h * t * t * d
+  results = []
+  for impl in impls:
+    fwd = jax.jit(lambda q, k, v, impl=impl: attn.attention(q, k, v, impl=impl, chunk_size=512))
+    both = jax.jit(lambda q, k, v, do, impl=impl: run(impl, q, k, v, do))
+    row = {'case': f'attention_{impl}', 'impl': impl, 'shape': f'B{b} T{t} H{h} D{d} bf16', 'error_vs_fp32': errors[impl]}
+    for label, fn, args, mult in (('fwd', fwd, (q, k, v), 1.0), ('fwd_bwd', both, (q, k, v, do), 3.5)):
+      try:
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(steps):
+          start = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          times.append(time.perf_counter() - start)
+        ms = statistics.median(times) * 1e3
+        row[f'{label}_ms'], row[f'{label}_tflops_per_s'] = ms, mult * fwd_flops / ms / 1e9
+      except Exception as e:  # e.g. out of memory on the xla path
+        row[f'{label}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  return results
+
+
+def attention_markdown(env: dict, results: list[dict]) -> str:
+  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
+           '| path | shape | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out / dq / dk / dv (B2 T2048) |',
+           '|---|---|---|---|---|---|---|']
+  for r in results:
+    e = r['error_vs_fp32']
+    cell = lambda k: f'{r[k]:.2f}' if k in r else 'failed'
+    tf = lambda k: f'{r[k]:.0f}' if k in r else '-'
+    lines.append(f'| {r["impl"]} | {r["shape"]} | {cell("fwd_ms")} | {tf("fwd_tflops_per_s")} | {cell("fwd_bwd_ms")} | '
+                 f'{tf("fwd_bwd_tflops_per_s")} | {e["out"]:.1e} / {e["dq"]:.1e} / {e["dk"]:.1e} / {e["dv"]:.1e} |')
+  return '\n'.join(lines) + '\n'
 
 
 def environment() -> dict:
@@ -118,7 +201,7 @@ def environment() -> dict:
 
 def markdown(env: dict, results: list[dict]) -> str:
   head = (f'Device: {env["device"]} ×{env["device_count"]}; jax {env["jax"]}; {env["date"]}\n\n'
-          '| case | seq | batch | remat | step ms | tokens/s | TFLOP/s | MFU | peak GiB | attention |\n'
+          '| case | seq | batch | remat | step ms | tokens/s | TFLOP/s | MFU | step memory GiB | attention |\n'
           '|---|---|---|---|---|---|---|---|---|---|\n')
   rows = []
   for r in results:
@@ -126,7 +209,7 @@ def markdown(env: dict, results: list[dict]) -> str:
       rows.append(f'| {r["case"]} | | | | failed: {r["error"][:80]} | | | | | |')
       continue
     mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else '-'
-    mem = f'{r["peak_memory_gib"]:.1f}' if r['peak_memory_gib'] is not None else '-'
+    mem = f'{r["step_memory_gib"]:.1f}' if r['step_memory_gib'] is not None else '-'
     rows.append(f'| {r["case"]} | {r["seq_len"]} | {r["batch_size"]} | {r["remat"]} | {r["step_ms"]:.1f} | '
                 f'{r["tokens_per_s"]:.0f} | {r["model_tflops_per_s"]:.0f} | {mfu} | {mem} | {r["attention"]} |')
   return head + '\n'.join(rows) + '\n'
@@ -136,33 +219,50 @@ def main(argv):
   if len(argv) > 1:
     common.fail(f'unexpected arguments {argv[1:]}', 2)
   common.quiet_library_logs()
+  env = environment()
+  if _SUITE.value == 'attention':
+    results = bench_attention(_STEPS.value)
+    write(env, 'attention', results, attention_markdown(env, results))
+    return
   if _SUITE.value:
     if _SUITE.value not in SUITES:
       config_lib.exit_with(config_lib.ConfigError('--suite', _SUITE.value, f'one of {", ".join(SUITES)}'))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cases = [(n, apply_overrides(config_lib.load_file(os.path.join(repo, spec)), o))
-             for n, spec, o in SUITES[_SUITE.value]]
+             for n, spec, o in SUITES[_SUITE.value] if not _CASES.value or n in _CASES.value]
     title = _SUITE.value
   elif 'config' in flags.FLAGS and flags.FLAGS['config'].present:
     cases, title = [(_NAME.value, common.load_config(None))], _NAME.value
   else:
     common.fail('give --suite NAME or --config FILE', 2)
-  env = environment()
   results = []
   for name, cfg in cases:
     try:
-      results.append(bench_case(name, cfg, _STEPS.value, _WARMUP.value))
+      results.append(bench_case(name, cfg, _STEPS.value, _WARMUP.value, _PROFILE.value, _OUT.value))
     except config_lib.ConfigError as e:
       config_lib.exit_with(e)
     except Exception as e:  # an out-of-memory case is a result, not the end of the suite
       logging.warning('case %s failed: %s', name, e)
       results.append({'case': name, 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'})
     print(json.dumps(results[-1]), flush=True)
+  table = markdown(env, results)
+  profiled = [r for r in results if r.get('profile', {}).get('by_kind_ms')]
+  if profiled:
+    table += '\nDevice time per step by kind of kernel (ms), from a jax.profiler trace:\n\n'
+    kinds = sorted({k for r in profiled for k in r['profile']['by_kind_ms']})
+    table += '| case | total | ' + ' | '.join(kinds) + ' |\n|---|---|' + '---|' * len(kinds) + '\n'
+    for r in profiled:
+      p = r['profile']
+      table += f'| {r["case"]} | {p["device_ms_per_step"]:.1f} | ' + ' | '.join(
+          f'{p["by_kind_ms"].get(k, 0):.1f}' for k in kinds) + ' |\n'
+  write(env, title, results, table)
+
+
+def write(env: dict, title: str, results: list[dict], table: str) -> None:
   os.makedirs(_OUT.value, exist_ok=True)
   stem = os.path.join(_OUT.value, f'{title}-{env["device"].replace(" ", "_")}-{env["date"][:10]}')
   with open(stem + '.json', 'w') as f:
     json.dump({'environment': env, 'results': results}, f, indent=2)
-  table = markdown(env, results)
   with open(stem + '.md', 'w') as f:
     f.write(f'# {title}\n\n' + table)
   print(table)
