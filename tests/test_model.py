@@ -90,3 +90,37 @@ def test_flops_count_causal_attention_halved_and_windowed():
   per_layer_attention = 4 * flops.causal_pairs(cfg.data.seq_len) * m.num_heads * (m.d_model // m.num_heads)
   expected = 6 * setup.matmul_param_count() * tokens + 3 * m.num_layers * per_layer_attention * cfg.train.batch_size
   assert flops.train_flops_per_step(setup) == pytest.approx(expected)
+
+
+def test_fused_cross_entropy_matches_the_reference_forward_and_backward():
+  from longctx.ops import cross_entropy
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  x = jax.random.normal(ks[0], (2, 7, 24))
+  w = jax.random.normal(ks[1], (24, 37))
+  targets = jax.random.randint(ks[2], (2, 7), 0, 37)
+  d_nll, d_logz = jax.random.normal(ks[3], (2, 7)), jax.random.normal(ks[4], (2, 7))
+  out, vjp = jax.vjp(lambda x, w: cross_entropy.fused(x, w, targets), x, w)
+  ref, ref_vjp = jax.vjp(lambda x, w: cross_entropy.reference(x, w, targets), x, w)
+  for a, b in zip(out, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(vjp((d_nll, d_logz)), ref_vjp((d_nll, d_logz))):
+    assert rel(a, b) < 1e-6
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  out, vjp = jax.vjp(lambda x, w: cross_entropy.fused(x, w, targets), xb, wb)
+  assert out[0].dtype == jnp.float32
+  for a, b in zip(vjp((d_nll, d_logz)), ref_vjp((d_nll, d_logz))):
+    assert a.dtype == jnp.bfloat16 and not np.isnan(np.asarray(a, np.float32)).any()
+    assert rel(np.asarray(a, np.float32), b) < 2e-2
+
+
+def test_token_loss_equals_cross_entropy_of_the_logits():
+  cfg = small_config()
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  t = cfg.data.seq_len
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, t)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(t), (2, t))
+  targets = jnp.roll(tokens, -1, axis=1)
+  nll, _ = model.token_loss(tokens, pos, None, targets)
+  logits = model(tokens, pos, None)
+  expected = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-5)

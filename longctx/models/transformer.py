@@ -10,6 +10,7 @@ from flax import nnx
 
 from longctx.layers import registry
 from longctx.layers.common import RMSNorm, SwiGLU, param
+from longctx.ops import cross_entropy
 from longctx.models.pattern import resolve
 from longctx.parallel.rules import constrain
 
@@ -36,7 +37,8 @@ class Block(nnx.Module):
 
 
 class LanguageModel(nnx.Module):
-  """Decoder-only LM. `__call__(tokens, positions, segment_ids) -> fp32 logits [B, T, vocab]`."""
+  """Decoder-only LM. `__call__(tokens, positions, segment_ids) -> fp32 logits [B, T, vocab]`;
+  `token_loss(tokens, positions, segment_ids, targets) -> (nll, logz)` [B, T] without returning the logits."""
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     m = config.model
@@ -50,7 +52,8 @@ class LanguageModel(nnx.Module):
     self.remat = m.remat
     self.compute_dtype = jnp.dtype(m.dtype)
 
-  def __call__(self, tokens, positions, segment_ids):
+  def hidden(self, tokens, positions, segment_ids):
+    """Final-norm hidden states [B, T, d] in the compute dtype."""
     x = jnp.take(self.embed[...].astype(self.compute_dtype), tokens, axis=0)
     x = constrain(x, ('batch', 'length', 'act_embed'))
     for block in self.blocks:
@@ -58,11 +61,19 @@ class LanguageModel(nnx.Module):
         x = block(x, positions, segment_ids)
       else:
         x = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(block, x, positions, segment_ids)
-    x = self.final_norm(x)
+    return self.final_norm(x)
+
+  def head_weights(self, dtype):
     if self.tie_embeddings:
-      # Tied head: scale by 1/√d so that logits start at unit variance with the unit-variance embedding.
-      w = self.embed[...].astype(x.dtype).T * (x.shape[-1] ** -0.5)
-    else:
-      w = self.head[...].astype(x.dtype)
-    logits = jnp.einsum('btd,dv->btv', x, w, preferred_element_type=jnp.float32)
+      # Tied head: scaled by 1/√d so that logits start at unit variance with the unit-variance embedding.
+      return self.embed[...].astype(dtype).T * (self.embed.shape[-1] ** -0.5)
+    return self.head[...].astype(dtype)
+
+  def __call__(self, tokens, positions, segment_ids):
+    x = self.hidden(tokens, positions, segment_ids)
+    logits = jnp.einsum('btd,dv->btv', x, self.head_weights(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ('batch', 'length', 'act_vocab'))
+
+  def token_loss(self, tokens, positions, segment_ids, targets):
+    x = self.hidden(tokens, positions, segment_ids)
+    return cross_entropy.fused(x, self.head_weights(x.dtype), targets)

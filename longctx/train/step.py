@@ -26,10 +26,8 @@ def token_nll(setup, params, batch):
   """Per-token negative log-likelihood (fp32) and log-partition, [B, T] each."""
   model = setup.model(params)
   segment_ids = batch['segment_ids'] if setup.uses_segments else None
-  logits = model(batch['tokens'], batch['positions'], segment_ids)
   targets, _ = targets_and_weights(batch)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], logz
+  return model.token_loss(batch['tokens'], batch['positions'], segment_ids, targets)
 
 
 def _loss_sums(setup, params, batch):
