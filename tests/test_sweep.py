@@ -1,0 +1,45 @@
+"""Sweeps: grid expansion with readable names, local runs, skipping finished runs, one results table."""
+import csv
+import os
+
+import ml_collections
+
+from longctx.cli import sweep
+from tests.conftest import ROOT, run_script
+
+SWEEP_FILE = '''
+import ml_collections
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.base = {base!r}
+  c.grid = ml_collections.ConfigDict({{'train.learning_rate': [1e-3, 3e-3]}}, allow_dotted_keys=True)
+  c.fixed = ml_collections.ConfigDict({{'train.num_steps': 3, 'train.eval_every': 0, 'train.checkpoint_every': 0,
+                                       'model.d_model': 32, 'model.num_layers': 1, 'data.seq_len': 32,
+                                       'train.batch_size': 2, 'train.progress_bar': False}}, allow_dotted_keys=True)
+  return c
+'''
+
+
+def test_grid_expands_to_named_runs_with_fixed_overrides():
+  c = ml_collections.ConfigDict()
+  c.grid = ml_collections.ConfigDict({'train.learning_rate': [1e-3, 3e-3], 'seed': [0, 1, 2]}, allow_dotted_keys=True)
+  c.fixed = ml_collections.ConfigDict({'train.num_steps': 7}, allow_dotted_keys=True)
+  runs = sweep.expand(c)
+  assert len(runs) == 6 and len({r['name'] for r in runs}) == 6
+  assert 'learning_rate=0.003' in runs[-1]['name'] and 'seed=2' in runs[-1]['name']
+  assert all(r['overrides']['train.num_steps'] == 7 for r in runs)
+
+
+def test_sweep_runs_gathers_and_skips_finished_runs(tmp_path):
+  path = tmp_path / 'sweep.py'
+  path.write_text(SWEEP_FILE.format(base=os.path.join(ROOT, 'configs', 'default.py')))
+  workdir = tmp_path / 'runs'
+  args = ['scripts/sweep.py', '--sweep', str(path), '--workdir', str(workdir), '--parallel', '2']
+  first = run_script(args, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  with open(workdir / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 and all(r['done'] == 'True' and int(r['step']) == 3 for r in rows)
+  assert (workdir / 'results.md').exists()
+  second = run_script(args, timeout=600)
+  assert second.returncode == 0 and second.stdout.count('skip ') == 2
