@@ -32,8 +32,14 @@ def small_config(**overrides):
   return load_config(**base)
 
 
+def child_env(**extra):
+  """This environment with the repository first on PYTHONPATH (kept, not replaced: installs may live there)."""
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p)
+  return {**os.environ, 'PYTHONPATH': path, **extra}
+
+
 def run_script(args, env=None, timeout=300, **kwargs):
-  environ = {**os.environ, 'PYTHONPATH': ROOT, **(env or {})}
+  environ = child_env(**(env or {}))
   return subprocess.run([sys.executable] + args, capture_output=True, text=True, env=environ, timeout=timeout,
                         cwd=ROOT, **kwargs)
 

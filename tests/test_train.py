@@ -16,7 +16,7 @@ from longctx.parallel.mesh import make_mesh
 from longctx.train.checkpoint import Checkpoints
 from longctx.train.loop import IncompatibleCheckpoint, TrainingHalted, train
 from longctx.train.state import TrainSetup
-from tests.conftest import ROOT, load_config, run_script, small_config
+from tests.conftest import ROOT, child_env, load_config, run_script, small_config
 
 
 def rows(workdir):
@@ -64,7 +64,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
           '--config.train.num_steps=100000', '--config.train.log_every=1', '--config.train.eval_every=0',
           '--config.train.checkpoint_every=0', '--config.train.progress_bar=False', '--config.model.d_model=64',
           '--config.data.seq_len=64']
-  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
+  proc = subprocess.Popen(args, cwd=ROOT, env=child_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + 120
