@@ -124,3 +124,13 @@ def test_token_loss_equals_cross_entropy_of_the_logits():
   logits = model(tokens, pos, None)
   expected = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_decay_skips_norms_and_embeddings_unless_asked():
+  from longctx.train.optimizer import decay_mask
+  params = {'embed': np.zeros((4, 2)), 'blocks': {0: {'mlp': {'up': {'kernel': np.zeros((2, 3))}},
+                                                      'mixer_norm': {'scale': np.zeros(2)}}}}
+  mask = decay_mask(params, decay_embeddings=False)
+  assert mask['embed'] is False and mask['blocks'][0]['mixer_norm']['scale'] is False
+  assert mask['blocks'][0]['mlp']['up']['kernel'] is True
+  assert decay_mask(params, decay_embeddings=True)['embed'] is True

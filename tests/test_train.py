@@ -149,3 +149,19 @@ def test_evaluate_reports_loss_by_position(tmp_path):
   report = json.load(open(tmp_path / 'eval.json'))
   assert np.isfinite(report['loss']) and report['by_position'][0]['positions'] == '0-0'
   assert '| positions | tokens | loss |' in result.stdout
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  train(small_config(**{'train.num_steps': 4, 'train.profile_steps': '2,3'}), str(tmp_path))
+  assert glob.glob(os.path.join(tmp_path, 'profile', '**', '*.xplane.pb'), recursive=True)
+
+
+def test_metric_rows_carry_step_loss_and_throughput(tmp_path):
+  train(small_config(**{'train.num_steps': 10, 'train.eval_every': 10}), str(tmp_path))
+  logged = rows(tmp_path)
+  training = [r for r in logged if 'loss' in r]
+  assert [r['step'] for r in training] == [5, 10]
+  for key in ('bits_per_byte', 'perplexity', 'learning_rate', 'grad_norm', 'param_norm', 'tokens_per_s', 'step_time'):
+    assert np.isfinite(training[-1][key]), key
+  assert [r['step'] for r in logged if 'val_loss' in r] == [10]
+  assert glob.glob(os.path.join(tmp_path, 'tb', 'events.out.tfevents.*'))
