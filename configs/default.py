@@ -44,6 +44,7 @@ def get_config(arg=None):
   c.model.attention.impl = 'auto'     # auto | cudnn | xla | chunked | naive
   c.model.attention.window = 0        # 0: full causal; w > 0: each token sees itself and w - 1 before it
   c.model.attention.chunk_size = 256
+  c.model.attention.max_segments = 64 # packed rows with more documents than this skip cuDNN for the chunked path
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'            # stdlib | text | tokens | a synthetic task name

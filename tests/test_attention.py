@@ -72,9 +72,17 @@ def test_auto_dispatch_by_platform_and_shape():
   choose = attn.choose_impl
   kw = dict(dtype=jnp.bfloat16, head_dim=128, seq_len=8192, has_segments=False)
   assert choose('auto', platform='gpu', **kw) == 'cudnn'
-  assert choose('auto', platform='gpu', **{**kw, 'has_segments': True}) == 'chunked'
+  assert choose('auto', platform='gpu', **{**kw, 'has_segments': True}) == 'cudnn'
   assert choose('auto', platform='cpu', **{**kw, 'seq_len': 256}) == 'xla'
   assert choose('auto', platform='tpu', **kw) == 'chunked'
   assert choose('naive', platform='gpu', **kw) == 'naive'
   with pytest.raises(ValueError, match='cudnn'):
     choose('cudnn', platform='cpu', **kw)
+
+
+def test_segment_offsets_describe_each_run_and_flag_overflow():
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 3, 3], [5, 5, 5, 5, 5, 5, 5, 5], [1, 2, 3, 4, 5, 6, 7, 8]])
+  starts, lengths, overflow = attn.segment_offsets(seg, max_segments=4)
+  np.testing.assert_array_equal(starts, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, 4]])
+  np.testing.assert_array_equal(lengths, [[3, 2, 3, -1], [8, -1, -1, -1], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(overflow, [False, False, True])

@@ -39,6 +39,8 @@ SUITES = {
     'dense125m': [
         ('T2048_B32', 'configs/default.py:size=125m', {**_DENSE125M, 'data.seq_len': 2048, 'train.batch_size': 32}),
         ('T8192_B8', 'configs/default.py:size=125m', {**_DENSE125M, 'data.seq_len': 8192, 'train.batch_size': 8}),
+        ('T8192_B8_packed', 'configs/default.py:size=125m',
+         {**_DENSE125M, 'data.source': 'stdlib', 'data.seq_len': 8192, 'train.batch_size': 8}),
         ('T8192_B8_dots_saveable', 'configs/default.py:size=125m',
          {**_DENSE125M, 'data.seq_len': 8192, 'train.batch_size': 8, 'model.remat': 'dots_saveable'}),
         ('T8192_B16_dots_saveable', 'configs/default.py:size=125m',
@@ -79,8 +81,12 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
   rng = np.random.default_rng(cfg.seed)
 
   def batch():
-    arrays = {'tokens': rng.integers(0, cfg.model.vocab_size, (b, t)), 'segment_ids': np.ones((b, t)),
-              'positions': np.broadcast_to(np.arange(t), (b, t))}
+    # Sources that pack documents get rows of up to 8 documents; the others one document a row.
+    seg = np.sort(rng.integers(1, 9, (b, t)), axis=1) if setup.uses_segments else np.ones((b, t), np.int64)
+    index = np.broadcast_to(np.arange(t), (b, t))
+    starts = np.concatenate([np.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    arrays = {'tokens': rng.integers(0, cfg.model.vocab_size, (b, t)), 'segment_ids': seg, 'positions': positions}
     return {k: jax.device_put(jnp.asarray(v, jnp.int32), sharding) for k, v in arrays.items()}
 
   batches = [batch() for _ in range(3)]
@@ -131,63 +137,64 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
 
 
 def bench_attention(steps: int) -> list[dict]:
-  """Each attention path: error against the fp32 reference (B2 T2048, forward and gradients), then forward and
-  forward+backward time at B4 T8192 H16 D128 bf16. FLOPs: causal forward 2·B·H·T²·D, forward+backward 3.5× that
-  (FlashAttention's convention)."""
+  """Each attention path, on single-document and on packed rows (up to 8 documents a row): error against the fp32
+  reference (B2 T2048, forward and gradients), then forward and forward+backward time at B4 T8192 H16 D128 bf16.
+  FLOPs: causal forward 2·B·H·T²·D whatever the packing, forward+backward 3.5× that (FlashAttention's convention)."""
   from longctx.ops import attention as attn
 
-  def inputs(b, t, h, d, dtype):
-    ks = jax.random.split(jax.random.PRNGKey(t), 4)
-    return [jax.random.normal(k, (b, t, h, d), dtype) for k in ks]
+  def inputs(b, t, h, d, packed):
+    ks = jax.random.split(jax.random.PRNGKey(t), 5)
+    seg = jnp.sort(jax.random.randint(ks[4], (b, t), 1, 9), axis=1) if packed else None
+    return [jax.random.normal(k, (b, t, h, d), jnp.bfloat16) for k in ks[:4]], seg
 
-  def run(impl, q, k, v, do):
-    f = lambda q, k, v: attn.attention(q, k, v, impl=impl, chunk_size=512)
-    out, vjp = jax.vjp(f, q, k, v)
+  def run(impl, seg, q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: attn.attention(q, k, v, seg, impl=impl, chunk_size=512), q, k, v)
     return out, vjp(do)
 
   rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
-  q, k, v, do = inputs(2, 2048, 16, 128, jnp.bfloat16)
-  ref, ref_grads = jax.jit(lambda *a: run('naive', *a))(*(x.astype(jnp.float32) for x in (q, k, v, do)))
   impls = [i for i in ('cudnn', 'xla', 'chunked') if i != 'cudnn' or jax.default_backend() == 'gpu']
-  errors = {}
-  for impl in impls:
-    out, grads = jax.jit(lambda *a, impl=impl: run(impl, *a))(q, k, v, do)
-    errors[impl] = {'out': rel(out, ref), **{f'd{n}': rel(g, r) for n, g, r in zip('qkv', grads, ref_grads)}}
-
   b, t, h, d = 4, 8192, 16, 128
-  q, k, v, do = inputs(b, t, h, d, jnp.bfloat16)
   fwd_flops = 2 * b * h * t * t * d
   results = []
-  for impl in impls:
-    fwd = jax.jit(lambda q, k, v, impl=impl: attn.attention(q, k, v, impl=impl, chunk_size=512))
-    both = jax.jit(lambda q, k, v, do, impl=impl: run(impl, q, k, v, do))
-    row = {'case': f'attention_{impl}', 'impl': impl, 'shape': f'B{b} T{t} H{h} D{d} bf16', 'error_vs_fp32': errors[impl]}
-    for label, fn, args, mult in (('fwd', fwd, (q, k, v), 1.0), ('fwd_bwd', both, (q, k, v, do), 3.5)):
-      try:
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(steps):
-          start = time.perf_counter()
+  for packed in (False, True):
+    (q, k, v, do), seg = inputs(2, 2048, 16, 128, packed)
+    ref, ref_grads = jax.jit(lambda *a: run('naive', seg, *a))(*(x.astype(jnp.float32) for x in (q, k, v, do)))
+    errors = {}
+    for impl in impls:
+      out, grads = jax.jit(lambda *a, impl=impl: run(impl, seg, *a))(q, k, v, do)
+      errors[impl] = {'out': rel(out, ref), **{f'd{n}': rel(g, r) for n, g, r in zip('qkv', grads, ref_grads)}}
+    (q, k, v, do), seg = inputs(b, t, h, d, packed)
+    for impl in impls:
+      fwd = jax.jit(lambda q, k, v, impl=impl: attn.attention(q, k, v, seg, impl=impl, chunk_size=512))
+      both = jax.jit(lambda q, k, v, do, impl=impl: run(impl, seg, q, k, v, do))
+      row = {'case': f'attention_{impl}{"_packed" if packed else ""}', 'impl': impl, 'packed': packed,
+             'shape': f'B{b} T{t} H{h} D{d} bf16', 'error_vs_fp32': errors[impl]}
+      for label, fn, args, mult in (('fwd', fwd, (q, k, v), 1.0), ('fwd_bwd', both, (q, k, v, do), 3.5)):
+        try:
           jax.block_until_ready(fn(*args))
-          times.append(time.perf_counter() - start)
-        ms = statistics.median(times) * 1e3
-        row[f'{label}_ms'], row[f'{label}_tflops_per_s'] = ms, mult * fwd_flops / ms / 1e9
-      except Exception as e:  # e.g. out of memory on the xla path
-        row[f'{label}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
-    results.append(row)
-    print(json.dumps(row), flush=True)
+          times = []
+          for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+          ms = statistics.median(times) * 1e3
+          row[f'{label}_ms'], row[f'{label}_tflops_per_s'] = ms, mult * fwd_flops / ms / 1e9
+        except Exception as e:  # e.g. out of memory on the xla path
+          row[f'{label}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+      results.append(row)
+      print(json.dumps(row), flush=True)
   return results
 
 
 def attention_markdown(env: dict, results: list[dict]) -> str:
   lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
-           '| path | shape | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out / dq / dk / dv (B2 T2048) |',
-           '|---|---|---|---|---|---|---|']
+           '| path | rows | shape | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out / dq / dk / dv (B2 T2048) |',
+           '|---|---|---|---|---|---|---|---|']
   for r in results:
     e = r['error_vs_fp32']
     cell = lambda k: f'{r[k]:.2f}' if k in r else 'failed'
     tf = lambda k: f'{r[k]:.0f}' if k in r else '-'
-    lines.append(f'| {r["impl"]} | {r["shape"]} | {cell("fwd_ms")} | {tf("fwd_tflops_per_s")} | {cell("fwd_bwd_ms")} | '
+    lines.append(f'| {r["impl"]} | {"packed" if r["packed"] else "one document"} | {r["shape"]} | {cell("fwd_ms")} | {tf("fwd_tflops_per_s")} | {cell("fwd_bwd_ms")} | '
                  f'{tf("fwd_bwd_tflops_per_s")} | {e["out"]:.1e} / {e["dq"]:.1e} / {e["dk"]:.1e} / {e["dv"]:.1e} |')
   return '\n'.join(lines) + '\n'
 

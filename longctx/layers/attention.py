@@ -16,8 +16,8 @@ class Attention(registry.Mixer):
   """softmax(q kᵀ/√d + causal/window/segment mask) v with q, k rotated by RoPE (Vaswani et al. 2017; Su et al. 2021).
 
   Config (`model.*`): d_model, num_heads, num_kv_heads (GQA: kv heads are shared by num_heads/num_kv_heads query
-  heads), head_dim (0 = d_model / num_heads), rope_theta, attention.window (0 = full causal), attention.impl and
-  attention.chunk_size (see longctx.ops.attention). Output projection initialised with std 0.02/√(2·layers)
+  heads), head_dim (0 = d_model / num_heads), rope_theta, attention.window (0 = full causal), attention.impl,
+  attention.chunk_size and attention.max_segments (see longctx.ops.attention). Output projection initialised with std 0.02/√(2·layers)
   (GPT-2's residual scaling).
   """
 
@@ -34,11 +34,14 @@ class Attention(registry.Mixer):
     self.window = m.attention.window
     self.impl = m.attention.impl
     self.chunk_size = m.attention.chunk_size
+    self.max_segments = m.attention.max_segments
 
   @classmethod
   def check_config(cls, config, layer_index):
     if config.model.rope_theta <= 0:
       raise ConfigError('model.rope_theta', config.model.rope_theta, 'a positive base')
+    if config.model.attention.max_segments < 1:
+      raise ConfigError('model.attention.max_segments', config.model.attention.max_segments, 'a positive count')
 
   @classmethod
   def flops(cls, config, seq_len):
@@ -56,5 +59,6 @@ class Attention(registry.Mixer):
     q = constrain(q, ('batch', 'length', 'act_heads', None))
     k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
-    o = attention(q, k, v, segment_ids, window=self.window, impl=self.impl, chunk_size=self.chunk_size)
+    o = attention(q, k, v, segment_ids, window=self.window, impl=self.impl, chunk_size=self.chunk_size,
+                  max_segments=self.max_segments)
     return self.o(o), None

@@ -6,7 +6,9 @@ Arrays are [batch, time, heads, head_dim]; kv heads divide query heads (GQA).
 Paths, equal up to floating-point rounding:
   naive    the reference: full fp32 score matrix.
   xla      `jax.nn.dot_product_attention(implementation='xla')`.
-  cudnn    the same call with `implementation='cudnn'` (GPU, 16-bit inputs, no segment ids).
+  cudnn    cuDNN flash attention (GPU, 16-bit inputs). Packed rows go to cuDNN as ragged sequences (each row's
+           segment starts and lengths, at most `max_segments` of them); a batch with a row holding more segments
+           than that takes the chunked path instead, so results never depend on the data.
   chunked  online softmax over key chunks (Rabe & Staats; FlashAttention-2's recurrences), memory linear in
            length, fully masked chunks skipped; its backward is a custom_vjp that recomputes scores chunk by chunk
            from the saved output and log-sum-exp instead of storing them.
@@ -55,13 +57,41 @@ def naive(q, k, v, segment_ids=None, *, window=0, scale=None):
   return o.reshape(b, t, h, d).astype(q.dtype)
 
 
+def segment_offsets(segment_ids, max_segments: int):
+  """Runs of equal id in each row as (starts [B, M+1], lengths [B, M], overflow [B]), -1 padded.
+
+  `overflow` marks rows with more than `max_segments` runs, whose tail the first two do not cover.
+  """
+  b, t = segment_ids.shape
+  is_start = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  first = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=t)[0])(is_start)
+  lengths = first[:, 1:] - first[:, :-1]
+  starts = jnp.where(first < t, first, -1).astype(jnp.int32)
+  return starts, jnp.where(lengths > 0, lengths, -1).astype(jnp.int32), jnp.sum(is_start, axis=1) > max_segments
+
+
+def cudnn_packed(q, k, v, segment_ids, *, window=0, scale=None, max_segments=64, chunk_size=512):
+  """cuDNN attention over packed rows (each segment its own causal sequence), chunked where a row overflows."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # the ragged (packed) form is not public API
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  starts, lengths, overflow = segment_offsets(segment_ids, max_segments)
+
+  def fast(q, k, v):
+    return cudnn.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts, scale=scale,
+        mask_type=cudnn.MaskType.PADDING_CAUSAL, sliding_window_length=window or None)
+
+  def safe(q, k, v):
+    return chunked(q, k, v, segment_ids, window=window, scale=scale, chunk_size=chunk_size)
+
+  return jax.lax.cond(jnp.any(overflow), safe, fast, q, k, v)
+
+
 def library(q, k, v, segment_ids=None, *, window=0, scale=None, implementation='xla'):
-  """`jax.nn.dot_product_attention`, with segments as a boolean mask (xla only; cuDNN takes no segments here)."""
+  """`jax.nn.dot_product_attention`; segments as a boolean mask (xla; cuDNN takes them through `cudnn_packed`)."""
   t = q.shape[1]
   mask = None
   if segment_ids is not None:
-    if implementation == 'cudnn':
-      raise ValueError('the cudnn attention path takes no segment ids; use xla or chunked')
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, scale=scale, is_causal=True,
@@ -219,12 +249,12 @@ def chunked(q, k, v, segment_ids=None, *, window=0, scale=None, chunk_size=512):
 
 def choose_impl(requested: str, *, platform: str, dtype, head_dim: int, seq_len: int, has_segments: bool) -> str:
   """The attention path for these inputs; `requested` other than 'auto' is honoured or refused with a reason."""
+  del has_segments  # every path takes segment ids
   cudnn_ok = (platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-              and head_dim <= 128 and head_dim % 8 == 0 and not has_segments)
+              and head_dim <= 128 and head_dim % 8 == 0)
   if requested == 'cudnn' and not cudnn_ok:
     raise ValueError('model.attention.impl = cudnn needs a GPU, bf16/fp16 inputs, head_dim <= 128 and a multiple '
-                     f'of 8, and no segment ids; got platform={platform}, dtype={jnp.dtype(dtype).name}, '
-                     f'head_dim={head_dim}, segments={has_segments}')
+                     f'of 8; got platform={platform}, dtype={jnp.dtype(dtype).name}, head_dim={head_dim}')
   if requested != 'auto':
     return requested
   if cudnn_ok:
@@ -232,7 +262,7 @@ def choose_impl(requested: str, *, platform: str, dtype, head_dim: int, seq_len:
   return 'xla' if seq_len <= XLA_MAX_LEN else 'chunked'
 
 
-def attention(q, k, v, segment_ids=None, *, window=0, impl='auto', chunk_size=512, scale=None):
+def attention(q, k, v, segment_ids=None, *, window=0, impl='auto', chunk_size=512, scale=None, max_segments=64):
   """Causal attention by the path `choose_impl` picks; see the module docstring."""
   platform = jax.default_backend()
   choice = choose_impl(impl, platform=platform, dtype=q.dtype, head_dim=q.shape[-1], seq_len=q.shape[1],
@@ -246,6 +276,9 @@ def attention(q, k, v, segment_ids=None, *, window=0, impl='auto', chunk_size=51
     return naive(q, k, v, segment_ids, window=window, scale=scale)
   if choice == 'chunked':
     return chunked(q, k, v, segment_ids, window=window, scale=scale, chunk_size=chunk_size)
+  if choice == 'cudnn' and segment_ids is not None:
+    return cudnn_packed(q, k, v, segment_ids, window=window, scale=scale, max_segments=max_segments,
+                        chunk_size=chunk_size)
   return library(q, k, v, segment_ids, window=window, scale=scale, implementation=choice)
 
 
