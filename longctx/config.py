@@ -26,8 +26,11 @@ DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('auto', 'cudnn', 'xla', 'chunked', 'naive')
 PARALLEL_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 
-# Fields that define the network and its input; a resume that changes one of them is refused.
+# Fields that define the network and its input; a resume that changes one of them is refused. The exceptions
+# change how the same function is computed, not which function.
 ARCHITECTURE_FIELDS = ('model', 'data.seq_len', 'data.source')
+COMPUTE_FIELDS = ('model.remat', 'model.dtype', 'model.attention.impl', 'model.attention.chunk_size',
+                  'model.attention.max_segments')
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,17 @@ def parse_variant(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def override(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys (`{'train.num_steps': 5}`) in place, as `--config.train.num_steps=5` would."""
+  for key, value in values.items():
+    *parents, leaf = key.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
 def field(cfg: ml_collections.ConfigDict, path: str) -> Any:
   node = cfg
   for part in path.split('.'):
@@ -97,6 +111,8 @@ def architecture_changes(saved: dict, new: ml_collections.ConfigDict) -> list[tu
   new_flat = flatten(new)
   changes = []
   for key in sorted(set(old_flat) | set(new_flat)):
+    if key in COMPUTE_FIELDS:
+      continue
     if any(key == f or key.startswith(f + '.') for f in ARCHITECTURE_FIELDS):
       a, b = old_flat.get(key), new_flat.get(key)
       if _normalise(a) != _normalise(b):

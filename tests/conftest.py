@@ -12,14 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(arg=None, **overrides):
   """configs/default.py with dotted-key overrides, as `--config.a.b=v` would give."""
   path = os.path.join(ROOT, 'configs', 'default.py')
-  cfg = config_lib.load_file(f'{path}:{arg}' if arg else path)
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return config_lib.override(config_lib.load_file(f'{path}:{arg}' if arg else path), overrides)
 
 
 def small_config(**overrides):

@@ -70,6 +70,8 @@ def test_warmup_follows_num_steps_override():
 def test_architecture_change_is_detected_but_schedule_change_is_not():
   saved = small_config().to_dict()
   assert config_lib.architecture_changes(saved, small_config(**{'train.num_steps': 99})) == []
+  compute_only = {'model.remat': 'full', 'model.attention.impl': 'chunked', 'model.dtype': 'bfloat16'}
+  assert config_lib.architecture_changes(saved, small_config(**compute_only)) == []
   changes = config_lib.architecture_changes(saved, small_config(**{'model.d_model': 128}))
   assert [c[0] for c in changes] == ['model.d_model']
 

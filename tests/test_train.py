@@ -130,6 +130,12 @@ def test_resume_with_a_different_architecture_is_refused(tmp_path):
   assert err.value.field == 'model.mlp_dim'
 
 
+def test_a_workdir_without_checkpoints_accepts_a_new_architecture(tmp_path):
+  with open(tmp_path / 'config.json', 'w') as f:
+    f.write(config_lib.to_json(small_config(**{'model.mlp_dim': 256})))
+  assert train(small_config(**{'train.num_steps': 2}), str(tmp_path))['step'] == 2
+
+
 def test_init_from_loads_another_runs_parameters(tmp_path):
   source, target = str(tmp_path / 'a'), str(tmp_path / 'b')
   cfg = small_config(**{'train.num_steps': 5})

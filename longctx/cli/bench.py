@@ -54,16 +54,6 @@ SUITES = {
 }
 
 
-def apply_overrides(cfg, overrides: dict):
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
-
-
 def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, out: str = '') -> dict:
   from longctx.ops.attention import chosen_paths
   from longctx.parallel.mesh import batch_sharding, make_mesh
@@ -235,7 +225,7 @@ def main(argv):
     if _SUITE.value not in SUITES:
       config_lib.exit_with(config_lib.ConfigError('--suite', _SUITE.value, f'one of {", ".join(SUITES)}'))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cases = [(n, apply_overrides(config_lib.load_file(os.path.join(repo, spec)), o))
+    cases = [(n, config_lib.override(config_lib.load_file(os.path.join(repo, spec)), o))
              for n, spec, o in SUITES[_SUITE.value] if not _CASES.value or n in _CASES.value]
     title = _SUITE.value
   elif 'config' in flags.FLAGS and flags.FLAGS['config'].present:

@@ -31,7 +31,9 @@ class TrainingHalted(RuntimeError):
 def check_resume(config, workdir: str) -> None:
   """Refuses to resume a workdir with a config whose architecture differs from the one it was started with."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  saved_steps = [n for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(checkpoints) else []
+  if not os.path.exists(path) or not saved_steps:
     return
   with open(path) as f:
     saved = json.load(f)
@@ -74,10 +76,12 @@ def _profile_range(spec: str):
 
 
 class _Interval:
-  """Device metrics of the steps since the last flush, reduced on the host into one row."""
+  """Device metrics of the steps since the last row, reduced on the host into one metric row."""
 
-  def __init__(self, nan_policy: str):
-    self.nan_policy = nan_policy
+  def __init__(self, nan_policy: str, tokens_per_step: int, step_flops: float, peak_flops: float | None,
+               byte_level: bool):
+    self.nan_policy, self.tokens_per_step, self.byte_level = nan_policy, tokens_per_step, byte_level
+    self.step_flops, self.peak_flops = step_flops, peak_flops
     self.pending = []
     self.timer = time.perf_counter()
     self.untimed = 0
@@ -90,11 +94,11 @@ class _Interval:
     """Steps so far stay in the averages but out of the timing (the first one includes compilation)."""
     self.timer, self.untimed = time.perf_counter(), len(self.pending)
 
-  def flush(self):
-    """(rows, finite rows, seconds per timed step)."""
+  def row(self) -> dict:
+    """The metric row of the pending steps; raises TrainingHalted on a non-finite step under nan_policy=halt."""
     rows = [(s, jax.device_get(m)) for s, m in self.pending]
     timed = len(rows) - self.untimed
-    step_time = (time.perf_counter() - self.timer) / timed if timed else float('nan')
+    elapsed = time.perf_counter() - self.timer
     self.pending, self.timer, self.untimed = [], time.perf_counter(), 0
     for step, m in rows:
       if not m['finite']:
@@ -105,7 +109,19 @@ class _Interval:
         self.skipped += 1
         logging.warning('step %d: loss or gradients not finite; update skipped', step)
     finite = [m for _, m in rows if m['finite']] or [m for _, m in rows]
-    return rows, finite, step_time
+    last = rows[-1][1]
+    out = {**metrics_lib.loss_metrics(float(np.mean([m['loss'] for m in finite])), self.byte_level),
+           'learning_rate': float(last['learning_rate']), 'grad_norm': float(last['grad_norm']),
+           'param_norm': float(last['param_norm']), 'skipped_steps': self.skipped}
+    if timed:
+      out['step_time'] = elapsed / timed
+      out['tokens_per_s'] = self.tokens_per_step / out['step_time']
+      if self.peak_flops:
+        out['mfu'] = self.step_flops / out['step_time'] / (self.peak_flops * jax.device_count())
+    memory = metrics_lib.peak_memory_bytes()
+    if memory is not None:
+      out['peak_memory_gib'] = memory / 2 ** 30
+    return out
 
 
 def train(config, workdir: str) -> dict:
@@ -140,15 +156,13 @@ def train(config, workdir: str) -> dict:
   batch_sharding = mesh_lib.batch_sharding(mesh)
   byte_level = data.is_byte_level(config)
   val_batches = None
-  step_flops = flops_lib.train_flops_per_step(setup)
-  peak = flops_lib.peak_flops()
-  tokens_per_step = t.batch_size * config.data.seq_len
   profile = _profile_range(t.profile_steps)
   stop_at = start + t.stop_after if t.stop_after else None
 
   writer = metrics_lib.MetricWriter(workdir)
   bar = metrics_lib.progress_bar(t.num_steps, start, t.progress_bar)
-  interval = _Interval(t.nan_policy)
+  interval = _Interval(t.nan_policy, t.batch_size * config.data.seq_len, flops_lib.train_flops_per_step(setup),
+                       flops_lib.peak_flops(), byte_level)
   row: dict = {}
   step = start
   try:
@@ -172,19 +186,9 @@ def train(config, workdir: str) -> dict:
         eval_due = t.eval_every and (step % t.eval_every == 0 or last)
         save_due = (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stop
         if interval.pending and (step % t.log_every == 0 or last or stop or save_due or eval_due):
-          rows, finite, step_time = interval.flush()
-          row = {**metrics_lib.loss_metrics(float(np.mean([m['loss'] for m in finite])), byte_level),
-                 'learning_rate': float(rows[-1][1]['learning_rate']),
-                 'grad_norm': float(rows[-1][1]['grad_norm']), 'param_norm': float(rows[-1][1]['param_norm']),
-                 'step_time': step_time, 'tokens_per_s': tokens_per_step / step_time,
-                 'skipped_steps': interval.skipped}
-          if peak and np.isfinite(step_time):
-            row['mfu'] = step_flops / row['step_time'] / (peak * jax.device_count())
-          memory = metrics_lib.peak_memory_bytes()
-          if memory is not None:
-            row['peak_memory_gib'] = memory / 2 ** 30
+          row = interval.row()
           writer.write(step, row)
-          bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{row["tokens_per_s"]:.0f}')
+          bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{row.get("tokens_per_s", 0):.0f}')
         if eval_due:
           if val_batches is None:
             val_batches = perplexity.validation(config, t.eval_batches)
