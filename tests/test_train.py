@@ -171,3 +171,9 @@ def test_metric_rows_carry_step_loss_and_throughput(tmp_path):
     assert np.isfinite(training[-1][key]), key
   assert [r['step'] for r in logged if 'val_loss' in r] == [10]
   assert glob.glob(os.path.join(tmp_path, 'tb', 'events.out.tfevents.*'))
+
+
+def test_checkpoints_keep_the_newest_k_and_every_mth(tmp_path):
+  train(small_config(**{'train.num_steps': 40, 'train.keep': 2, 'train.keep_every': 20}), str(tmp_path))
+  steps = sorted(int(n) for n in os.listdir(tmp_path / 'checkpoints') if n.isdigit())
+  assert steps == [20, 30, 40]
