@@ -1,0 +1,39 @@
+"""What the chunked linear-attention forms share: cutting time into chunks, and segment (document) masks.
+
+Packed rows reset a recurrent state where a new document starts. Inside a chunk that is expressed without
+touching the gates: two positions interact only when no document starts between them, and the state entering the
+chunk reaches a position only when no document starts before it in the chunk.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def pad_to_multiple(x, multiple: int, axis: int = 1, value=0):
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def to_chunks(x, chunk: int):
+  """[B, T, ...] -> [B, T/chunk, chunk, ...]."""
+  return x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
+
+
+def resets(segment_ids, length: int, batch: int):
+  """[B, T] bool: a new document starts here (never at t = 0, where the initial state applies)."""
+  if segment_ids is None:
+    return jnp.zeros((batch, length), bool)
+  r = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros((batch, 1), bool), r], axis=1)
+
+
+def chunk_segment_masks(reset_chunks):
+  """From resets [B, N, C]: (same [B, N, C, C]: j and i in one document, from_start [B, N, C]: the incoming state
+  reaches i, to_end [B, N, C]: position j's update reaches the chunk's last state)."""
+  count = jnp.cumsum(reset_chunks.astype(jnp.int32), axis=-1)
+  same = count[..., :, None] == count[..., None, :]
+  return same, count == 0, count == count[..., -1:]

@@ -1,0 +1,63 @@
+"""Chunkwise-parallel gated delta rule (the WY/UT form of Yang et al. 2024/2025), fp32 states.
+
+Within a chunk of C tokens with cumulative log-gates G (γ = e^G) and the incoming state S:
+    A = strictLower(diag(β) (Γ ⊙ K Kᵀ)),  Γ_ij = e^{G_i − G_j}
+    T = (I + A)⁻¹ diag(β),   W = T (γ ⊙ K),   Ũ = T V                      (no dependence on S: all chunks at once)
+    U = Ũ − W S                                                          (the per-token corrections)
+    O = (scale · Q ⊙ γ) S + (scale · Q Kᵀ ⊙ Γ ⊙ M) U                        (M: j ≤ i)
+    S ← e^{G_C} S + (K ⊙ e^{G_C − G})ᵀ U
+Only the last three lines run in the sequential scan over chunks. Document starts zero Γ across them and cut the
+incoming state off (see longctx.ops.chunking), which is exact where a −∞ gate would make G − G undefined.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from longctx.ops.chunking import chunk_segment_masks, pad_to_multiple, resets, to_chunks
+
+
+def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  scale = dk ** -0.5 if scale is None else scale
+  c = min(chunk_size, t)
+  out_dtype = v.dtype
+  f32 = lambda x: x.astype(jnp.float32)
+  g = jnp.zeros((b, t, h), jnp.float32) if g is None else f32(g)
+  reset = resets(segment_ids, t, b)
+  # Padding tokens have β = 0 and g = 0: they leave the state as it is.
+  q, k, v, beta, g, reset = (pad_to_multiple(x, c) for x in (f32(q), f32(k), f32(v), f32(beta), g, reset))
+  heads_first = lambda x: jnp.moveaxis(to_chunks(x, c), 3, 1)              # [B, H, N, C, ...]
+  q, k, v, beta, g = (heads_first(x) for x in (q, k, v, beta, g))
+  same, from_start, to_end = (x[:, None] for x in chunk_segment_masks(to_chunks(reset, c)))
+
+  causal = jnp.tril(jnp.ones((c, c), bool))
+  G = jnp.cumsum(g, axis=-1)
+  gamma = jnp.where(causal & same, jnp.exp(jnp.where(causal, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
+  gamma_start = jnp.where(from_start, jnp.exp(G), 0.0)
+  A = jnp.where(jnp.tril(causal, -1), beta[..., :, None] * gamma * jnp.einsum('...id,...jd->...ij', k, k), 0.0)
+  L = A + jnp.eye(c)
+  W = solve_triangular(L, beta[..., None] * gamma_start[..., None] * k, lower=True, unit_diagonal=True)
+  U_tilde = solve_triangular(L, beta[..., None] * v, lower=True, unit_diagonal=True)
+  qs = q * scale
+  P = jnp.einsum('...id,...jd->...ij', qs, k) * gamma
+  Q_start = qs * gamma_start[..., None]
+  K_end = k * jnp.where(to_end, jnp.exp(G[..., -1:] - G), 0.0)[..., None]
+  state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
+
+  @jax.checkpoint
+  def body(state, xs):
+    W_n, U_n, P_n, Q_n, K_n, decay_n = xs
+    U = U_n - jnp.einsum('bhcd,bhde->bhce', W_n, state)
+    o = jnp.einsum('bhcd,bhde->bhce', Q_n, state) + jnp.einsum('bhij,bhje->bhie', P_n, U)
+    state = decay_n[..., None, None] * state + jnp.einsum('bhcd,bhce->bhde', K_n, U)
+    return state, o
+
+  chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
+  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else f32(initial_state)
+  state, o = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (W, U_tilde, P, Q_start, K_end, state_decay)))
+  o = jnp.moveaxis(o, 0, 2)                                                  # [B, H, N, C, Dv]
+  o = jnp.moveaxis(o, 1, 3).reshape(b, -1, h, dv)[:, :t]
+  return o.astype(out_dtype), state
