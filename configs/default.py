@@ -46,6 +46,13 @@ def get_config(arg=None):
   c.model.attention.chunk_size = 256
   c.model.attention.max_segments = 64 # packed rows with more documents than this skip cuDNN for the chunked path
 
+  c.model.linear = ml_collections.ConfigDict()   # linear-attention mixers (deltanet, gated_deltanet)
+  c.model.linear.num_heads = 0        # 0: model.num_heads
+  c.model.linear.head_dim = 0         # 0: the attention head dim
+  c.model.linear.expand_v = 1         # value head dim = head_dim * expand_v
+  c.model.linear.conv_size = 4
+  c.model.linear.chunk_size = 64
+
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'            # stdlib | text | tokens | a synthetic task name
   c.data.path = ''                    # glob of text files (text) or token files (tokens)

@@ -1,0 +1,120 @@
+"""DeltaNet and Gated DeltaNet mixers: the (gated) delta rule with its papers' parametrisation.
+
+    q, k, v = SiLU(ShortConv(W x));  q, k ← q/‖q‖, k/‖k‖;  β = σ(W_β x)
+    DeltaNet (Yang et al. 2024):        S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ
+    Gated DeltaNet (Yang et al. 2025):  S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,
+                                        log α_t = −exp(A_log) · softplus(W_a x_t + dt_bias)  (Mamba2's decay)
+    o_t = S_tᵀ q_t / √d_k;  y = W_o (RMSNorm(o) ⊙ SiLU(W_g x))  (DeltaNet: no gate, RMSNorm(o) alone)
+
+Config `model.linear`: num_heads (0 = model.num_heads), head_dim (0 = model head dim), expand_v (value head dim =
+head_dim · expand_v), conv_size, chunk_size. Initialisation as flash-linear-attention's: A ~ U(0, 16),
+dt ~ logU(1e-3, 0.1) with dt_bias its inverse softplus. The cache is {'conv': [B, K−1, channels], 'state': fp32 S}.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.config import ConfigError
+from longctx.layers import registry
+from longctx.layers.common import Dense, RMSNorm
+from longctx.layers.conv import ShortConv
+from longctx.ops.delta_rule import chunk_delta_rule
+
+
+def linear_dims(config):
+  m = config.model
+  heads = m.linear.num_heads or m.num_heads
+  dk = m.linear.head_dim or (m.head_dim or m.d_model // m.num_heads)
+  return heads, dk, dk * m.linear.expand_v
+
+
+class _DeltaRuleMixer(registry.Mixer):
+  gated = False
+
+  def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
+    del layer_index
+    m = config.model
+    self.heads, self.dk, self.dv = h, dk, dv = linear_dims(config)
+    d = m.d_model
+    self.q = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.k = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.v = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.conv = ShortConv(h * (2 * dk + dv), m.linear.conv_size, ('heads',), rngs=rngs)
+    self.beta = Dense((d,), (h,), ('embed', 'heads'), rngs=rngs)
+    self.o_norm = RMSNorm(dv, eps=m.norm_eps)
+    self.o = Dense((h, dv), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
+    if self.gated:
+      self.a = Dense((d,), (h,), ('embed', 'heads'), rngs=rngs)
+      self.gate = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
+      self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (h,), jnp.float32, 1e-4, 16.0)),
+                             logical_axes=('heads',))
+      dt = jnp.exp(jax.random.uniform(rngs.params(), (h,), jnp.float32, math.log(1e-3), math.log(0.1)))
+      self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), logical_axes=('heads',))
+    self.chunk_size = m.linear.chunk_size
+
+  @classmethod
+  def check_config(cls, config, layer_index):
+    lin = config.model.linear
+    if lin.conv_size < 1:
+      raise ConfigError('model.linear.conv_size', lin.conv_size, 'a positive kernel size (4 in the papers)')
+    if lin.expand_v < 1:
+      raise ConfigError('model.linear.expand_v', lin.expand_v, 'a positive integer')
+    chunk, seq = lin.chunk_size, config.data.seq_len
+    if chunk < 1 or (seq > chunk and seq % chunk):
+      raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
+    if lin.num_heads < 0 or lin.head_dim < 0:
+      raise ConfigError('model.linear.num_heads', lin.num_heads, 'a count >= 0 (0: model.num_heads)')
+
+  @classmethod
+  def flops(cls, config, seq_len):
+    """Chunked form, forward, per sequence: per chunk of C tokens and head 4C²dk (KKᵀ, QKᵀ) + C²(dk+dv) (two
+    triangular solves) + 2C²dv (intra-chunk output) + 6C·dk·dv (state reads and update)."""
+    h, dk, dv = linear_dims(config)
+    c = min(config.model.linear.chunk_size, seq_len)
+    per_token = 4 * c * dk + c * (dk + dv) + 2 * c * dv + 6 * dk * dv
+    return float(seq_len * h * per_token)
+
+  def __call__(self, x, *, positions, segment_ids, cache=None):
+    del positions
+    b, t, _ = x.shape
+    h, dk, dv = self.heads, self.dk, self.dv
+    qkv = jnp.concatenate([self.q(x).reshape(b, t, -1), self.k(x).reshape(b, t, -1), self.v(x).reshape(b, t, -1)],
+                          axis=-1)
+    qkv, conv_cache = self.conv(qkv, segment_ids, None if cache is None else cache['conv'])
+    qkv = jax.nn.silu(qkv)
+    q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
+    l2 = lambda z: z * jax.lax.rsqrt(jnp.sum(jnp.square(z.astype(jnp.float32)), -1, keepdims=True) + 1e-6).astype(z.dtype)
+    q, k = l2(q.reshape(b, t, h, dk)), l2(k.reshape(b, t, h, dk))
+    v = v.reshape(b, t, h, dv)
+    beta = jax.nn.sigmoid(self.beta(x).astype(jnp.float32))
+    g = None
+    if self.gated:
+      g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
+    o, state = chunk_delta_rule(q, k, v, beta, g, initial_state=None if cache is None else cache['state'],
+                                segment_ids=segment_ids, chunk_size=self.chunk_size)
+    o = self.o_norm(o)
+    if self.gated:
+      o = o * jax.nn.silu(self.gate(x))
+    y = self.o(o)
+    return y, (None if cache is None else {'conv': conv_cache, 'state': state})
+
+  def init_cache(self, batch: int, dtype=jnp.float32):
+    channels = self.heads * (2 * self.dk + self.dv)
+    return {'conv': jnp.zeros((batch, self.conv.size - 1, channels), dtype),
+            'state': jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)}
+
+
+@registry.register('deltanet')
+class DeltaNet(_DeltaRuleMixer):
+  """The delta rule without decay (module docstring)."""
+  gated = False
+
+
+@registry.register('gated_deltanet')
+class GatedDeltaNet(_DeltaRuleMixer):
+  """The delta rule with Mamba2's data-dependent decay and an output gate (module docstring)."""
+  gated = True
