@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.model.head_dim = 0                # 0: d_model // num_heads
   c.model.mlp_dim = mlp
   c.model.vocab_size = vocab
-  c.model.pattern = 'attention'       # one mixer for every layer, or a comma-separated list per layer
+  c.model.pattern = 'attention'       # a mixer for every layer, a comma-separated list per layer, or 'hybrid'
   c.model.tie_embeddings = True
   c.model.rope_theta = 10000.0
   c.model.norm_eps = 1e-6
@@ -46,6 +46,12 @@ def get_config(arg=None):
   c.model.attention.chunk_size = 256
   c.model.attention.max_segments = 64 # packed rows with more documents than this skip cuDNN for the chunked path
 
+  c.model.attention.swa_window = 2048 # window of the 'swa' mixer (sliding-window attention layers in hybrids)
+  c.model.hybrid = ml_collections.ConfigDict()   # the rule behind model.pattern = 'hybrid'
+  c.model.hybrid.linear = 'gated_deltanet'
+  c.model.hybrid.ratio = '3:1'        # r:1 = groups of r linear layers and one attention layer; 1:0 = no attention
+  c.model.hybrid.placement = 'last'   # last | first | middle | comma-separated attention layer indices
+  c.model.hybrid.attention = 'attention'   # attention | swa
   c.model.linear = ml_collections.ConfigDict()   # linear-attention mixers (deltanet, gated_deltanet)
   c.model.linear.num_heads = 0        # 0: model.num_heads
   c.model.linear.head_dim = 0         # 0: the attention head dim

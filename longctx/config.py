@@ -195,7 +195,7 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
   if t.batch_size % t.grad_accum:
     raise ConfigError('train.grad_accum', t.grad_accum, f'a divisor of train.batch_size={t.batch_size}')
 
-  layers = pattern_lib.resolve(m.pattern, m.num_layers)
+  layers = pattern_lib.resolve(m.pattern, m.num_layers, m.get('hybrid'))
   from longctx.layers import registry
   for i, name in enumerate(layers):
     registry.get(name).check_config(cfg, layer_index=i)

@@ -1,4 +1,6 @@
 """Linear-attention mixers: documents stay apart, cached decoding equals the full forward, hybrids train."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,10 +68,22 @@ def test_linear_chunk_must_divide_the_sequence():
   assert err.value.field == 'model.linear.chunk_size'
 
 
-def test_a_hybrid_stack_trains(tmp_path):
-  cfg = small_config(**{'model.pattern': 'gated_deltanet,attention', 'train.num_steps': 30,
-                        'model.linear.chunk_size': 16, 'train.checkpoint_every': 0})
+def test_a_hybrid_stack_with_sliding_window_layers_trains(tmp_path):
+  cfg = small_config(**{'model.pattern': 'hybrid', 'model.hybrid.ratio': '1:1', 'model.hybrid.attention': 'swa',
+                        'model.attention.swa_window': 16, 'train.num_steps': 30, 'model.linear.chunk_size': 16,
+                        'train.checkpoint_every': 0})
+  config_lib.validate(cfg, 1)
   train(cfg, str(tmp_path))
-  import json
-  losses = [json.loads(l)['loss'] for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
+  losses = [json.loads(line)['loss'] for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
   assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5
+  saved = json.load(open(tmp_path / 'config.json'))
+  assert saved['model']['pattern'] == 'hybrid'
+
+
+def test_sliding_window_layer_sees_only_its_window():
+  mixer, cfg = make('swa', **{'model.attention.swa_window': 5})
+  x, pos = inputs(cfg, 30, seed=3)
+  y, _ = mixer(x, positions=pos, segment_ids=None)
+  y2, _ = mixer(x.at[:, 10].add(1.0), positions=pos, segment_ids=None)
+  changed = np.abs(np.asarray(y2 - y)).max(axis=(0, 2)) > 0
+  np.testing.assert_array_equal(changed, (np.arange(30) >= 10) & (np.arange(30) < 15))

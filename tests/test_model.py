@@ -47,6 +47,26 @@ def test_pattern_resolution():
     pattern.resolve('attention,attention', 3)
 
 
+@pytest.mark.parametrize('ratio,placement,expected', [
+    ('3:1', 'last', 'LLLA' * 2),
+    ('3:1', 'first', 'ALLL' * 2),
+    ('1:1', 'middle', 'LA' * 4),
+    ('1:0', 'last', 'L' * 8),
+    ('7:1', 'last', 'LLLLLLLA'),
+    ('3:1', '0,5', 'ALLLLALL'),
+])
+def test_hybrid_rule_places_attention_layers(ratio, placement, expected):
+  names = pattern.hybrid(8, 'gated_deltanet', ratio, placement, 'swa')
+  assert ''.join('A' if n == 'swa' else 'L' for n in names) == expected
+
+
+def test_a_ratio_that_does_not_fit_lists_the_ones_that_do():
+  with pytest.raises(config_lib.ConfigError) as err:
+    pattern.hybrid(24, 'gated_deltanet', '6:1', 'last', 'attention')
+  assert err.value.field == 'model.hybrid.ratio'
+  assert '3:1' in err.value.allowed and '5:1' in err.value.allowed and '23:1' in err.value.allowed
+
+
 def _one_step(cfg, seed=0):
   mesh = make_mesh(cfg.parallel, jax.devices()[:1])
   setup = TrainSetup(cfg, mesh)

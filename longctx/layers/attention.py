@@ -31,10 +31,14 @@ class Attention(registry.Mixer):
     self.o = Dense((h, hd), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs,
                    std=0.02 / (2 * m.num_layers) ** 0.5)
     self.rope_theta = m.rope_theta
-    self.window = m.attention.window
+    self.window = self.window_of(config)
     self.impl = m.attention.impl
     self.chunk_size = m.attention.chunk_size
     self.max_segments = m.attention.max_segments
+
+  @staticmethod
+  def window_of(config) -> int:
+    return config.model.attention.window
 
   @classmethod
   def check_config(cls, config, layer_index):
@@ -48,7 +52,7 @@ class Attention(registry.Mixer):
     from longctx.train.flops import causal_pairs
     m = config.model
     head_dim = m.head_dim or m.d_model // m.num_heads
-    return 4.0 * causal_pairs(seq_len, m.attention.window) * m.num_heads * head_dim
+    return 4.0 * causal_pairs(seq_len, cls.window_of(config)) * m.num_heads * head_dim
 
   def __call__(self, x, *, positions, segment_ids, cache=None):
     if cache is not None:
@@ -62,3 +66,19 @@ class Attention(registry.Mixer):
     o = attention(q, k, v, segment_ids, window=self.window, impl=self.impl, chunk_size=self.chunk_size,
                   max_segments=self.max_segments)
     return self.o(o), None
+
+
+@registry.register('swa')
+class SlidingWindowAttention(Attention):
+  """Attention over the last `model.attention.swa_window` tokens: the local layers of hybrid stacks (Gated DeltaNet's
+  H1/H2 use 2048)."""
+
+  @staticmethod
+  def window_of(config) -> int:
+    return config.model.attention.swa_window
+
+  @classmethod
+  def check_config(cls, config, layer_index):
+    super().check_config(config, layer_index)
+    if config.model.attention.swa_window < 1:
+      raise ConfigError('model.attention.swa_window', config.model.attention.swa_window, 'a positive window')

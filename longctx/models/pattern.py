@@ -1,6 +1,13 @@
 """`model.pattern` -> one mixer name per layer.
 
-Accepted forms: a single mixer name (every layer), or a comma-separated list of exactly `num_layers` names.
+Forms:
+  'attention'                      one mixer name: every layer
+  'gated_deltanet,attention,...'   exactly `num_layers` names
+  'hybrid'                         the rule in `model.hybrid`: `linear` layers and `attention` layers (a mixer name:
+                                   'attention' or 'swa') in groups of r + 1 for `ratio` 'r:1' (r linear, one
+                                   attention), the attention layer `placement` 'last' | 'first' | 'middle' in each
+                                   group, or placement = comma-separated attention layer indices (ratio unused).
+                                   Ratio '1:0' is a pure linear stack.
 """
 from __future__ import annotations
 
@@ -9,7 +16,39 @@ from typing import Sequence
 from longctx.config import ConfigError
 
 
-def resolve(pattern: str | Sequence[str], num_layers: int) -> list[str]:
+def _fitting_ratios(num_layers: int) -> list[str]:
+  return ['1:0'] + [f'{g - 1}:1' for g in range(2, num_layers + 1) if num_layers % g == 0]
+
+
+def hybrid(num_layers: int, linear: str, ratio: str, placement: str, attention: str) -> list[str]:
+  if placement not in ('last', 'first', 'middle'):
+    try:
+      indices = sorted({int(i) for i in placement.split(',')})
+    except ValueError:
+      raise ConfigError('model.hybrid.placement', placement,
+                        'last, first, middle, or comma-separated attention layer indices') from None
+    if indices[0] < 0 or indices[-1] >= num_layers:
+      raise ConfigError('model.hybrid.placement', placement, f'layer indices in [0, {num_layers})')
+    return [attention if i in indices else linear for i in range(num_layers)]
+  r, sep, one = ratio.partition(':')
+  if not sep or not r.isdigit() or one not in ('0', '1') or (one == '0' and r != '1'):
+    raise ConfigError('model.hybrid.ratio', ratio, "'r:1' (r linear layers per attention layer) or '1:0' (no attention)")
+  if one == '0':
+    return [linear] * num_layers
+  group = int(r) + 1
+  if num_layers % group:
+    raise ConfigError('model.hybrid.ratio', ratio,
+                      f'a ratio whose groups divide model.num_layers={num_layers}: {", ".join(_fitting_ratios(num_layers))}')
+  at = {'last': group - 1, 'first': 0, 'middle': group // 2}[placement]
+  return [attention if i % group == at else linear for i in range(num_layers)]
+
+
+def resolve(pattern: str | Sequence[str], num_layers: int, rule=None) -> list[str]:
+  """The per-layer mixer names; `rule` is `model.hybrid` (needed for pattern 'hybrid')."""
+  if pattern == 'hybrid':
+    if rule is None:
+      raise ConfigError('model.pattern', pattern, 'a config with a model.hybrid section')
+    return hybrid(num_layers, rule.linear, rule.ratio, str(rule.placement), rule.attention)
   names = [p.strip() for p in (pattern.split(',') if isinstance(pattern, str) else pattern)]
   if any(not n for n in names):
     raise ConfigError('model.pattern', pattern, 'mixer names separated by commas, none empty')

@@ -42,7 +42,7 @@ class LanguageModel(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     m = config.model
-    self.layer_names = tuple(resolve(m.pattern, m.num_layers))
+    self.layer_names = tuple(resolve(m.pattern, m.num_layers, m.get('hybrid')))
     self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), std=1.0)
     self.blocks = nnx.List([Block(config, name, i, rngs=rngs) for i, name in enumerate(self.layer_names)])
     self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps)
