@@ -1,0 +1,50 @@
+"""Chunkwise-parallel scalar-decay linear attention (RetNet's chunkwise form; Mamba2's SSD), fp32 states.
+
+Within a chunk with cumulative log-decays G (γ = e^G) and incoming state S:
+    O = (scale · Q ⊙ γ) S + (scale · Q Kᵀ ⊙ Γ ⊙ M) V,     Γ_ij = e^{G_i − G_j},  M: j ≤ i
+    S ← e^{G_C} S + (K ⊙ e^{G_C − G})ᵀ V
+The intra-chunk term needs no state and is computed for all chunks at once; the scan carries S only.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longctx.ops.chunking import chunk_segment_masks, pad_to_multiple, resets, to_chunks
+
+
+def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  scale = dk ** -0.5 if scale is None else scale
+  c = min(chunk_size, t)
+  out_dtype = v.dtype
+  f32 = lambda x: x.astype(jnp.float32)
+  reset = resets(segment_ids, t, b)
+  # Padding tokens have k = v = 0 and g = 0: they leave the state as it is.
+  q, k, v, g, reset = (pad_to_multiple(x, c) for x in (f32(q), f32(k), f32(v), f32(g), reset))
+  heads_first = lambda x: jnp.moveaxis(to_chunks(x, c), 3, 1)              # [B, H, N, C, ...]
+  q, k, v, g = (heads_first(x) for x in (q, k, v, g))
+  same, from_start, to_end = (x[:, None] for x in chunk_segment_masks(to_chunks(reset, c)))
+
+  causal = jnp.tril(jnp.ones((c, c), bool))
+  G = jnp.cumsum(g, axis=-1)
+  gamma = jnp.where(causal & same, jnp.exp(jnp.where(causal, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
+  qs = q * scale
+  intra = jnp.einsum('...ij,...je->...ie', jnp.einsum('...id,...jd->...ij', qs, k) * gamma, v)
+  Q_start = qs * jnp.where(from_start, jnp.exp(G), 0.0)[..., None]
+  K_end = k * jnp.where(to_end, jnp.exp(G[..., -1:] - G), 0.0)[..., None]
+  state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
+
+  @jax.checkpoint
+  def body(state, xs):
+    Q_n, K_n, V_n, decay_n = xs
+    o = jnp.einsum('bhcd,bhde->bhce', Q_n, state)
+    return decay_n[..., None, None] * state + jnp.einsum('bhcd,bhce->bhde', K_n, V_n), o
+
+  chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
+  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else f32(initial_state)
+  state, inter = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (Q_start, K_end, v, state_decay)))
+  o = intra + jnp.moveaxis(inter, 0, 2)                                     # [B, H, N, C, Dv]
+  o = jnp.moveaxis(o, 1, 3).reshape(b, -1, h, dv)[:, :t]
+  return o.astype(out_dtype), state
