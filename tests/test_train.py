@@ -154,7 +154,7 @@ def test_evaluate_reports_loss_by_position(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.load(open(tmp_path / 'eval.json'))
   assert np.isfinite(report['loss']) and report['by_position'][0]['positions'] == '0-0'
-  assert '| positions | tokens | loss |' in result.stdout
+  assert '| positions | tokens | loss | accuracy |' in result.stdout and 0 <= report['accuracy'] <= 1
 
 
 def test_profile_steps_write_a_trace(tmp_path):

@@ -49,10 +49,11 @@ def evaluate_run(workdir: str, batches: int, seq_len: int = 0) -> dict:
 
 
 def table(result: dict) -> str:
-  lines = [f'validation loss {result["loss"]:.4f} over {result["tokens"]} tokens (seq_len {result["seq_len"]})',
-           '| positions | tokens | loss |', '|---|---|---|']
-  lines += [f'| {r["positions"]} | {r["tokens"]} | {r["loss"]:.4f} |' if r['loss'] is not None
-            else f'| {r["positions"]} | 0 | - |' for r in result['by_position']]
+  lines = [f'validation loss {result["loss"]:.4f}, accuracy {result["accuracy"]:.4f} over {result["tokens"]} '
+           f'scored tokens (seq_len {result["seq_len"]})',
+           '| positions | tokens | loss | accuracy |', '|---|---|---|---|']
+  lines += [f'| {r["positions"]} | {r["tokens"]} | {r["loss"]:.4f} | {r["accuracy"]:.4f} |' if r['loss'] is not None
+            else f'| {r["positions"]} | 0 | - | - |' for r in result['by_position']]
   return '\n'.join(lines)
 
 

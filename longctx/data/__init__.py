@@ -14,7 +14,7 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from longctx.config import ConfigError
-from longctx.data import sources, tasks
+from longctx.data import mqar, sources, tasks  # noqa: F401  (mqar registers its task)
 
 TEXT_SOURCES = ('stdlib', 'text')
 TOKEN_DTYPES = ('uint16', 'uint32', 'int32')

@@ -1,4 +1,5 @@
-"""Validation loss overall and by in-document position bucket: how the loss falls as context grows."""
+"""Validation loss and next-token accuracy, overall and by in-document position bucket: how the loss falls as
+context grows. On tasks that score only answers (MQAR, needle retrieval) the accuracy is the recall."""
 from __future__ import annotations
 
 import jax
@@ -14,16 +15,18 @@ def global_batch(batch, sharding):
 
 
 def evaluate(eval_step, buckets, params, batches, sharding, byte_level: bool) -> dict:
-  sums = np.zeros(len(buckets))
-  counts = np.zeros(len(buckets))
+  sums, hits, counts = (np.zeros(len(buckets)) for _ in range(3))
   for batch in batches:
-    s, c = eval_step(params, global_batch(batch, sharding))
+    s, h, c = eval_step(params, global_batch(batch, sharding))
     sums += np.asarray(s)
+    hits += np.asarray(h)
     counts += np.asarray(c)
-  loss = float(sums.sum() / max(counts.sum(), 1))
-  by_position = [{'positions': f'{lo}-{hi - 1}', 'tokens': int(n), 'loss': float(s / n) if n else None}
-                 for (lo, hi), s, n in zip(buckets, sums, counts)]
-  return {**loss_metrics(loss, byte_level), 'tokens': int(counts.sum()), 'by_position': by_position}
+  total = max(counts.sum(), 1)
+  by_position = [{'positions': f'{lo}-{hi - 1}', 'tokens': int(n), 'loss': float(s / n) if n else None,
+                  'accuracy': float(a / n) if n else None}
+                 for (lo, hi), s, a, n in zip(buckets, sums, hits, counts)]
+  return {**loss_metrics(float(sums.sum() / total), byte_level), 'accuracy': float(hits.sum() / total),
+          'tokens': int(counts.sum()), 'by_position': by_position}
 
 
 def validation(config, num_batches):

@@ -88,19 +88,23 @@ def position_buckets(seq_len: int) -> list[tuple[int, int]]:
 
 
 def make_eval_step(setup):
-  """(params, batch) -> (nll sum, token count) per position bucket, arrays [num_buckets]."""
+  """(params, batch) -> (nll sum, correct next-token predictions, token count), each [num_buckets]."""
   buckets = position_buckets(setup.config.data.seq_len)
   lo = jnp.array([b[0] for b in buckets])
   hi = jnp.array([b[1] for b in buckets])
 
   def step(params, batch):
+    targets, w = targets_and_weights(batch)
     with activation_sharding(setup.mesh):
-      nll, _ = token_nll(setup, params, batch)
-    _, w = targets_and_weights(batch)
+      segment_ids = batch['segment_ids'] if setup.uses_segments else None
+      logits = setup.model(params)(batch['tokens'], batch['positions'], segment_ids)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     pos = batch['positions'][..., None]
     member = ((pos >= lo) & (pos < hi)).astype(jnp.float32) * w[..., None]     # B, T, buckets
-    return jnp.einsum('btk,bt->k', member, nll), jnp.sum(member, axis=(0, 1))
+    return (jnp.einsum('btk,bt->k', member, nll), jnp.einsum('btk,bt->k', member, correct),
+            jnp.sum(member, axis=(0, 1)))
 
   rep = mesh_lib.replicated(setup.mesh)
   data = mesh_lib.batch_sharding(setup.mesh)
-  return jax.jit(step, in_shardings=(setup.shardings['params'], data), out_shardings=(rep, rep)), buckets
+  return jax.jit(step, in_shardings=(setup.shardings['params'], data), out_shardings=(rep, rep, rep)), buckets
