@@ -25,7 +25,7 @@ from longctx import config as config_lib
 from longctx.cli import common
 
 common.define_config_flag(required=False)
-_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention')
+_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention, linear')
 _NAME = flags.DEFINE_string('name', 'custom', 'case name when --config is given')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per case')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
@@ -176,6 +176,53 @@ def bench_attention(steps: int) -> list[dict]:
   return results
 
 
+def bench_linear(steps: int) -> list[dict]:
+  """The chunked linear-attention forms, forward and forward+backward, B4 T8192 H16 D128 bf16, chunk 64: the shape
+  flash-linear-attention is compared at (scripts/peers/fla_linear.py times it in the same device call)."""
+  from longctx.ops.delta_rule import chunk_delta_rule
+  from longctx.ops.scalar_decay import chunk_scalar_decay
+
+  b, t, h, d = 4, 8192, 16, 128
+  ks = jax.random.split(jax.random.PRNGKey(0), 6)
+  q, k, v, do = (jax.random.normal(key, (b, t, h, d), jnp.bfloat16) for key in ks[:4])
+  k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(jnp.bfloat16)
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h))).astype(jnp.bfloat16)
+  g = -jax.nn.softplus(jax.random.normal(ks[5], (b, t, h))) * 0.1
+  # Gates are arguments, not closed-over constants, which XLA would spend seconds constant-folding.
+  cases = {
+      'gated_delta_rule': lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, chunk_size=64)[0],
+      'delta_rule': lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, None, chunk_size=64)[0],
+      'scalar_decay': lambda q, k, v, beta, g: chunk_scalar_decay(q, k, v, g, chunk_size=64)[0],
+  }
+  results = []
+  for name, fn in cases.items():
+    fwd = jax.jit(fn)
+    both = jax.jit(lambda q, k, v, beta, g, fn=fn: jax.vjp(lambda q, k, v: fn(q, k, v, beta, g), q, k, v)[1](do))
+    row = {'case': f'linear_{name}', 'shape': f'B{b} T{t} H{h} D{d} bf16, chunk 64'}
+    for label, f in (('fwd', fwd), ('fwd_bwd', both)):
+      try:
+        jax.block_until_ready(f(q, k, v, beta, g))
+        times = []
+        for _ in range(steps):
+          start = time.perf_counter()
+          jax.block_until_ready(f(q, k, v, beta, g))
+          times.append(time.perf_counter() - start)
+        row[f'{label}_ms'] = statistics.median(times) * 1e3
+      except Exception as e:  # out of memory is a result
+        row[f'{label}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  return results
+
+
+def linear_markdown(env: dict, results: list[dict]) -> str:
+  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n', '| form | shape | fwd ms | fwd+bwd ms |',
+           '|---|---|---|---|']
+  cell = lambda r, k: f'{r[k]:.2f}' if k in r else 'failed'
+  lines += [f'| {r["case"]} | {r["shape"]} | {cell(r, "fwd_ms")} | {cell(r, "fwd_bwd_ms")} |' for r in results]
+  return '\n'.join(lines) + '\n'
+
+
 def attention_markdown(env: dict, results: list[dict]) -> str:
   lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
            '| path | rows | shape | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err out / dq / dk / dv (B2 T2048) |',
@@ -220,6 +267,10 @@ def main(argv):
   if _SUITE.value == 'attention':
     results = bench_attention(_STEPS.value)
     write(env, 'attention', results, attention_markdown(env, results))
+    return
+  if _SUITE.value == 'linear':
+    results = bench_linear(_STEPS.value)
+    write(env, 'linear', results, linear_markdown(env, results))
     return
   if _SUITE.value:
     if _SUITE.value not in SUITES:
