@@ -4,7 +4,7 @@ import os
 
 import ml_collections
 
-from longctx.cli import sweep
+from longctx import sweep
 from tests.conftest import ROOT, run_script
 
 SWEEP_FILE = '''

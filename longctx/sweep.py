@@ -1,0 +1,124 @@
+"""Sweeps: a grid of config overrides expanded into named runs, run locally K at a time, gathered into one table.
+
+A sweep file's get_config returns `base` (a config spec), `grid` (key -> list of values) and `fixed` (key -> value).
+Each combination becomes a run in WORKDIR/NAME, NAME spelling its values (`learning_rate=0.003,seed=1`). Finished
+runs (marked DONE) are skipped; interrupted ones resume from their checkpoints.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from longctx import config as config_lib
+
+TABLE_KEYS = ('step', 'loss', 'bits_per_byte', 'val_loss', 'val_bits_per_byte', 'tokens_per_s', 'mfu')
+
+
+def _value_text(v) -> str:
+  return f'{v:g}' if isinstance(v, float) else str(v)
+
+
+def expand(sweep) -> list[dict]:
+  """[{'name', 'overrides'}] for every combination of the grid, fixed overrides included."""
+  grid = {k: list(v) for k, v in sweep.grid.items()} if 'grid' in sweep else {}
+  for key, values in grid.items():
+    if not values:
+      raise config_lib.ConfigError(f'grid.{key}', values, 'a non-empty list of values')
+  fixed = dict(sweep.fixed.items()) if 'fixed' in sweep else {}
+  runs = []
+  for combo in itertools.product(*grid.values()) if grid else [()]:
+    chosen = dict(zip(grid, combo))
+    name = ','.join(f'{k.split(".")[-1]}={_value_text(v)}' for k, v in chosen.items()) or 'base'
+    runs.append({'name': name, 'overrides': {**fixed, **chosen}})
+  if len({r['name'] for r in runs}) != len(runs):
+    runs = [{**r, 'name': ','.join(f'{k}={_value_text(v)}' for k, v in r['overrides'].items() if k in grid)}
+            for r in runs]
+  return runs
+
+
+def train_args(base: str, workdir: str, overrides: dict) -> list[str]:
+  return (['--config', base, '--workdir', workdir] +
+          [f'--config.{k}={_value_text(v)}' for k, v in overrides.items()])
+
+
+def last_rows(workdir: str) -> dict:
+  """The run's last training row merged with its last validation row."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  out: dict = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        out.update({k: v for k, v in row.items() if k in TABLE_KEYS})
+  return out
+
+
+def gather(workdir: str, runs: list[dict]) -> list[dict]:
+  table = []
+  for run in runs:
+    rundir = os.path.join(workdir, run['name'])
+    table.append({'run': run['name'], 'done': os.path.exists(os.path.join(rundir, 'DONE')),
+                  **{k: run['overrides'][k] for k in run['overrides']}, **last_rows(rundir)})
+  keys = list(dict.fromkeys(k for row in table for k in row))
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(table)
+  cell = lambda v: f'{v:.4g}' if isinstance(v, float) else ('' if v is None else str(v))
+  lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
+  lines += ['| ' + ' | '.join(cell(row.get(k)) for k in keys) + ' |' for row in table]
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  return table
+
+
+def run_local(base: str, workdir: str, runs: list[dict], parallel: int) -> None:
+  pending = [r for r in runs if not os.path.exists(os.path.join(workdir, r['name'], 'DONE'))]
+  for r in runs:
+    if r not in pending:
+      print(f'skip {r["name"]} (done)', flush=True)
+  active: list[tuple[dict, subprocess.Popen, int]] = []
+  free = list(range(parallel))
+  while pending or active:
+    while pending and free:
+      run, slot = pending.pop(0), free.pop(0)
+      rundir = os.path.join(workdir, run['name'])
+      os.makedirs(rundir, exist_ok=True)
+      env = dict(os.environ)
+      if parallel > 1:
+        env['CUDA_VISIBLE_DEVICES'] = str(slot)
+      cmd = [sys.executable, '-m', 'longctx.cli.train'] + train_args(base, rundir, run['overrides'])
+      print(f'start {run["name"]}: {shlex.join(cmd)}', flush=True)
+      log = open(os.path.join(rundir, 'train.log'), 'a')
+      active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), slot))
+    time.sleep(0.5)
+    for item in list(active):
+      run, proc, slot = item
+      if proc.poll() is None:
+        continue
+      active.remove(item)
+      free.append(slot)
+      rundir = os.path.join(workdir, run['name'])
+      if proc.returncode == 0:
+        open(os.path.join(rundir, 'DONE'), 'w').close()
+        print(f'done {run["name"]}', flush=True)
+      else:
+        print(f'FAILED {run["name"]} (exit {proc.returncode}); see {rundir}/train.log', flush=True)
+
+
+def tpu_commands(base: str, workdir: str, runs: list[dict], tpu_name: str, zone: str, repo: str) -> list[str]:
+  """One `gcloud compute tpus tpu-vm ssh ... --worker=all` launch command per run."""
+  out = []
+  for run in runs:
+    inner = f'cd {repo} && python3 scripts/train.py ' + shlex.join(
+        train_args(base, f'{workdir.rstrip("/")}/{run["name"]}', run['overrides']))
+    out.append(shlex.join(['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', tpu_name, f'--zone={zone}', '--worker=all',
+                           f'--command={inner}']))
+  return out
