@@ -12,7 +12,7 @@ from longctx.layers import registry
 from longctx.train.loop import train
 from tests.conftest import small_config
 
-MIXERS = ['deltanet', 'gated_deltanet']
+MIXERS = ['deltanet', 'gated_deltanet', 'retnet', 'lightning']
 
 
 def make(name, **overrides):
@@ -68,6 +68,13 @@ def test_linear_chunk_must_divide_the_sequence():
   assert err.value.field == 'model.linear.chunk_size'
 
 
+@pytest.mark.parametrize('name', MIXERS)
+def test_every_mixer_builds_into_a_trainable_model(name):
+  from tests.test_model import _one_step
+  state, metrics = _one_step(small_config(**{'model.pattern': f'{name},attention', 'model.linear.chunk_size': 16}))
+  assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))
+
+
 def test_a_hybrid_stack_with_sliding_window_layers_trains(tmp_path):
   cfg = small_config(**{'model.pattern': 'hybrid', 'model.hybrid.ratio': '1:1', 'model.hybrid.attention': 'swa',
                         'model.attention.swa_window': 16, 'train.num_steps': 30, 'model.linear.chunk_size': 16,
@@ -87,3 +94,11 @@ def test_sliding_window_layer_sees_only_its_window():
   y2, _ = mixer(x.at[:, 10].add(1.0), positions=pos, segment_ids=None)
   changed = np.abs(np.asarray(y2 - y)).max(axis=(0, 2)) > 0
   np.testing.assert_array_equal(changed, (np.arange(30) >= 10) & (np.arange(30) < 15))
+
+
+def test_fixed_decays_follow_the_papers():
+  from longctx.layers.retention import lightning_log_decay, retnet_log_decay
+  np.testing.assert_allclose(np.exp(retnet_log_decay(4)), 1 - 2.0 ** -np.arange(5, 9), rtol=1e-6)
+  first, last = lightning_log_decay(8, 0, 12), lightning_log_decay(8, 11, 12)
+  np.testing.assert_allclose(-first, 2.0 ** (-8 * np.arange(1, 9) / 8) * (1 + 1e-5), rtol=1e-6)
+  assert (np.abs(last) < 1e-4 * np.abs(first)).all()      # the deepest layer barely decays

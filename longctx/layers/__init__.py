@@ -1,3 +1,4 @@
 """Sequence mixers and the layers around them. Importing this package registers every mixer."""
 from longctx.layers import attention  # noqa: F401  (registers 'attention')
 from longctx.layers import delta_net  # noqa: F401  (registers 'deltanet', 'gated_deltanet')
+from longctx.layers import retention  # noqa: F401  (registers 'retnet', 'lightning')

@@ -1,0 +1,112 @@
+"""Linear attention with fixed per-head decays: RetNet and Lightning (TransNormerLLM / Lightning Attention).
+
+    S_t = γ_h S_{t−1} + k_t v_tᵀ,   o_t = S_tᵀ q_t / √d_k           (longctx.ops.scalar_decay)
+
+RetNet (Sun et al. 2023): γ_h = 1 − 2^{−5−h}; q, k rotated by RoPE (the paper's xPos is RoPE with a decay this
+recurrence already applies); y = W_o (GroupNorm(o) ⊙ swish(W_g x)), GroupNorm per head as an RMSNorm.
+Lightning (Qin et al. 2024): q, k, v = SiLU(W x); log γ_h = −2^{−8(h+1)/H} · (1 − l/(L−1) + 1e-5) for layer l of L
+(TNL/MiniMax's geometric slopes, decaying less in deeper layers; for head counts that are not powers of two the
+slopes follow the same formula rather than ALiBi's interleaving); y = W_o (RMSNorm(o) ⊙ σ(W_g x)).
+The cache is {'state': fp32 S}.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from longctx.config import ConfigError
+from longctx.layers import registry
+from longctx.layers.common import Dense, RMSNorm, rope
+from longctx.layers.delta_net import linear_dims
+from longctx.ops.scalar_decay import chunk_scalar_decay
+
+
+# Decays are constants of the architecture, computed in numpy so that building a model under jit stays concrete.
+def retnet_log_decay(heads: int) -> np.ndarray:
+  return np.log1p(-2.0 ** (-5.0 - np.arange(heads)))
+
+
+def lightning_log_decay(heads: int, layer: int, num_layers: int) -> np.ndarray:
+  depth = 1.0 - layer / max(num_layers - 1, 1) + 1e-5
+  return -(2.0 ** (-8.0 * (np.arange(heads) + 1) / heads)) * depth
+
+
+class _FixedDecayMixer(registry.Mixer):
+  rotary = False
+
+  def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
+    m = config.model
+    self.heads, self.dk, self.dv = h, dk, dv = linear_dims(config)
+    d = m.d_model
+    self.q = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.k = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.v = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.gate = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.o_norm = RMSNorm(dv, eps=m.norm_eps)
+    self.o = Dense((h, dv), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
+    # Kept out of the parameters: a tuple is static to NNX, an array would be state.
+    self.log_decay = tuple(float(x) for x in self.decay(h, layer_index, m.num_layers))
+    self.rope_theta = m.rope_theta
+    self.chunk_size = m.linear.chunk_size
+
+  @classmethod
+  def check_config(cls, config, layer_index):
+    chunk, seq = config.model.linear.chunk_size, config.data.seq_len
+    if chunk < 1 or (seq > chunk and seq % chunk):
+      raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
+
+  @classmethod
+  def flops(cls, config, seq_len):
+    """Chunked form, forward: per chunk of C tokens and head 2C²dk (QKᵀ) + 2C²dv (intra output) + 4C·dk·dv."""
+    h, dk, dv = linear_dims(config)
+    c = min(config.model.linear.chunk_size, seq_len)
+    return float(seq_len * h * (2 * c * dk + 2 * c * dv + 4 * dk * dv))
+
+  def features(self, x, positions):
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.rotary:
+      return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+    return jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+
+  def __call__(self, x, *, positions, segment_ids, cache=None):
+    b, t, _ = x.shape
+    q, k, v = self.features(x, positions)
+    g = jnp.broadcast_to(jnp.asarray(self.log_decay, jnp.float32), (b, t, self.heads))
+    o, state = chunk_scalar_decay(q, k, v, g, initial_state=None if cache is None else cache['state'],
+                                  segment_ids=segment_ids, chunk_size=self.chunk_size)
+    y = self.o(self.o_norm(o) * self.output_gate(self.gate(x)))
+    return y, (None if cache is None else {'state': state})
+
+  def init_cache(self, batch: int, dtype=jnp.float32):
+    del dtype
+    return {'state': jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)}
+
+
+@registry.register('retnet')
+class RetNet(_FixedDecayMixer):
+  """Retention with γ_h = 1 − 2^{−5−h}, RoPE on q and k, a swish output gate (module docstring)."""
+  rotary = True
+
+  @staticmethod
+  def decay(heads, layer, num_layers):
+    del layer, num_layers
+    return retnet_log_decay(heads)
+
+  @staticmethod
+  def output_gate(z):
+    return jax.nn.silu(z)
+
+
+@registry.register('lightning')
+class Lightning(_FixedDecayMixer):
+  """Lightning attention: SiLU features, depth-dependent geometric decays, a sigmoid output gate."""
+
+  @staticmethod
+  def decay(heads, layer, num_layers):
+    return lightning_log_decay(heads, layer, num_layers)
+
+  @staticmethod
+  def output_gate(z):
+    return jax.nn.sigmoid(z)
