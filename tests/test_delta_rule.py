@@ -5,7 +5,8 @@ import pytest
 
 from longctx.ops.delta_rule import chunk_delta_rule, naive_delta_rule, step
 
-from tests.helpers.linear import assert_chunked_matches_naive, inputs, rel
+from tests.helpers.linear import (assert_chunked_matches_naive, assert_decoding_continues_the_chunked_state,
+                                  assert_extreme_gates_stay_finite, inputs, rel)
 
 NAMES = ('q', 'k', 'v', 'beta', 'g')
 
@@ -46,23 +47,12 @@ def test_state_restarts_at_document_boundaries():
 
 @pytest.mark.parametrize('g_value', [-1e-7, -30.0, -1e4])
 def test_no_nan_with_gates_near_zero_or_very_negative(g_value):
-  x = inputs(3, 1, 96, 2, 16, 16, strength=1.0)
-  x['g'] = jnp.full_like(x['g'], g_value)
-  check(x, chunk_size=32)
+  chunked = lambda *a, **kw: chunk_delta_rule(*a, chunk_size=32, **kw)
+  assert_extreme_gates_stay_finite(naive_delta_rule, chunked, NAMES, g_value)
 
 
 def test_decoding_from_the_chunked_state_continues_the_sequence():
-  x = inputs(4, 2, 90, 2, 16, 24, strength=1.0)
-  full, full_state = chunk_delta_rule(x['q'], x['k'], x['v'], x['beta'], x['g'], initial_state=x['initial_state'])
-  split = 70
-  _, state = chunk_delta_rule(*(x[n][:, :split] for n in ('q', 'k', 'v', 'beta', 'g')),
-                              initial_state=x['initial_state'])
-  outs = []
-  for t in range(split, 90):
-    state, o = step(state, *(x[n][:, t] for n in ('q', 'k', 'v', 'beta', 'g')), scale=16 ** -0.5)
-    outs.append(o)
-  assert rel(jnp.stack(outs, axis=1), full[:, split:]) < 1e-5
-  assert rel(state, full_state) < 1e-5
+  assert_decoding_continues_the_chunked_state(chunk_delta_rule, step, NAMES)
 
 
 def test_bf16_inputs_keep_fp32_states():

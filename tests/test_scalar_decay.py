@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import pytest
 
 from longctx.ops.scalar_decay import chunk_scalar_decay, naive_scalar_decay, step
-from tests.helpers.linear import assert_chunked_matches_naive, inputs, rel
+from tests.helpers.linear import (assert_chunked_matches_naive, assert_decoding_continues_the_chunked_state,
+                                  assert_extreme_gates_stay_finite, inputs, rel)
 
 NAMES = ('q', 'k', 'v', 'g')
 
@@ -29,17 +30,9 @@ def test_state_restarts_at_document_boundaries():
 
 @pytest.mark.parametrize('g_value', [-1e-7, -30.0, -1e4])
 def test_no_nan_with_gates_near_zero_or_very_negative(g_value):
-  x = inputs(3, 1, 96, 2, 16, 16, strength=1.0)
-  x['g'] = jnp.full_like(x['g'], g_value)
-  check(x, chunk_size=32)
+  chunked = lambda *a, **kw: chunk_scalar_decay(*a, chunk_size=32, **kw)
+  assert_extreme_gates_stay_finite(naive_scalar_decay, chunked, NAMES, g_value)
 
 
 def test_decoding_from_the_chunked_state_continues_the_sequence():
-  x = inputs(4, 2, 90, 2, 16, 24, strength=1.0)
-  full, full_state = chunk_scalar_decay(x['q'], x['k'], x['v'], x['g'], initial_state=x['initial_state'])
-  _, state = chunk_scalar_decay(*(x[n][:, :70] for n in NAMES), initial_state=x['initial_state'])
-  outs = []
-  for t in range(70, 90):
-    state, o = step(state, *(x[n][:, t] for n in NAMES), scale=16 ** -0.5)
-    outs.append(o)
-  assert rel(jnp.stack(outs, axis=1), full[:, 70:]) < 1e-5 and rel(state, full_state) < 1e-5
+  assert_decoding_continues_the_chunked_state(chunk_scalar_decay, step, NAMES)

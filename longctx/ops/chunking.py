@@ -37,3 +37,20 @@ def chunk_segment_masks(reset_chunks):
   count = jnp.cumsum(reset_chunks.astype(jnp.int32), axis=-1)
   same = count[..., :, None] == count[..., None, :]
   return same, count == 0, count == count[..., -1:]
+
+
+def chunked_inputs(arrays, segment_ids, chunk: int):
+  """fp32, zero-padded to a whole number of chunks and laid out [B, H, N, C, ...] (arrays are [B, T, H, ...]),
+  with the document masks of `chunk_segment_masks` broadcast over heads. Zero padding must leave the state as it
+  is (zero keys and values, zero log-gates, zero β)."""
+  b, t = arrays[0].shape[:2]
+  reset = pad_to_multiple(resets(segment_ids, t, b), chunk)
+  heads_first = lambda x: jnp.moveaxis(to_chunks(pad_to_multiple(x.astype(jnp.float32), chunk), chunk), 3, 1)
+  masks = tuple(m[:, None] for m in chunk_segment_masks(to_chunks(reset, chunk)))
+  return tuple(heads_first(x) for x in arrays), masks
+
+
+def unchunk(o, length: int):
+  """[B, H, N, C, D] -> [B, length, H, D]."""
+  b, h = o.shape[:2]
+  return jnp.moveaxis(o, 1, 3).reshape(b, -1, h, o.shape[-1])[:, :length]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from longctx.ops.chunking import chunk_segment_masks, pad_to_multiple, resets, to_chunks
+from longctx.ops.chunking import chunked_inputs, unchunk
 
 
 def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64):
@@ -24,14 +24,8 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   out_dtype = v.dtype
-  f32 = lambda x: x.astype(jnp.float32)
-  g = jnp.zeros((b, t, h), jnp.float32) if g is None else f32(g)
-  reset = resets(segment_ids, t, b)
-  # Padding tokens have β = 0 and g = 0: they leave the state as it is.
-  q, k, v, beta, g, reset = (pad_to_multiple(x, c) for x in (f32(q), f32(k), f32(v), f32(beta), g, reset))
-  heads_first = lambda x: jnp.moveaxis(to_chunks(x, c), 3, 1)              # [B, H, N, C, ...]
-  q, k, v, beta, g = (heads_first(x) for x in (q, k, v, beta, g))
-  same, from_start, to_end = (x[:, None] for x in chunk_segment_masks(to_chunks(reset, c)))
+  g = jnp.zeros((b, t, h), jnp.float32) if g is None else g
+  (q, k, v, beta, g), (same, from_start, to_end) = chunked_inputs((q, k, v, beta, g), segment_ids, c)
 
   causal = jnp.tril(jnp.ones((c, c), bool))
   G = jnp.cumsum(g, axis=-1)
@@ -56,8 +50,6 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
     return state, o
 
   chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
-  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else f32(initial_state)
+  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
   state, o = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (W, U_tilde, P, Q_start, K_end, state_decay)))
-  o = jnp.moveaxis(o, 0, 2)                                                  # [B, H, N, C, Dv]
-  o = jnp.moveaxis(o, 1, 3).reshape(b, -1, h, dv)[:, :t]
-  return o.astype(out_dtype), state
+  return unchunk(jnp.moveaxis(o, 0, 2), t).astype(out_dtype), state

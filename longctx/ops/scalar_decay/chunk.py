@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longctx.ops.chunking import chunk_segment_masks, pad_to_multiple, resets, to_chunks
+from longctx.ops.chunking import chunked_inputs, unchunk
 
 
 def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64):
@@ -19,13 +19,7 @@ def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   out_dtype = v.dtype
-  f32 = lambda x: x.astype(jnp.float32)
-  reset = resets(segment_ids, t, b)
-  # Padding tokens have k = v = 0 and g = 0: they leave the state as it is.
-  q, k, v, g, reset = (pad_to_multiple(x, c) for x in (f32(q), f32(k), f32(v), f32(g), reset))
-  heads_first = lambda x: jnp.moveaxis(to_chunks(x, c), 3, 1)              # [B, H, N, C, ...]
-  q, k, v, g = (heads_first(x) for x in (q, k, v, g))
-  same, from_start, to_end = (x[:, None] for x in chunk_segment_masks(to_chunks(reset, c)))
+  (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
 
   causal = jnp.tril(jnp.ones((c, c), bool))
   G = jnp.cumsum(g, axis=-1)
@@ -43,8 +37,6 @@ def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None
     return decay_n[..., None, None] * state + jnp.einsum('bhcd,bhce->bhde', K_n, V_n), o
 
   chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
-  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else f32(initial_state)
+  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
   state, inter = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (Q_start, K_end, v, state_decay)))
-  o = intra + jnp.moveaxis(inter, 0, 2)                                     # [B, H, N, C, Dv]
-  o = jnp.moveaxis(o, 1, 3).reshape(b, -1, h, dv)[:, :t]
-  return o.astype(out_dtype), state
+  return unchunk(intra + jnp.moveaxis(inter, 0, 2), t).astype(out_dtype), state
