@@ -102,3 +102,18 @@ def test_fixed_decays_follow_the_papers():
   first, last = lightning_log_decay(8, 0, 12), lightning_log_decay(8, 11, 12)
   np.testing.assert_allclose(-first, 2.0 ** (-8 * np.arange(1, 9) / 8) * (1 + 1e-5), rtol=1e-6)
   assert (np.abs(last) < 1e-4 * np.abs(first)).all()      # the deepest layer barely decays
+
+
+@pytest.mark.parametrize('arg,attention_layers', [
+    ('linear=gated_deltanet,ratio=3:1,size=340m', [3, 7, 11, 15, 19, 23]),
+    ('linear=retnet,ratio=1:0,size=tiny', []),
+    ('linear=deltanet,ratio=1:1,attention=swa,size=tiny', [1, 3]),
+])
+def test_hybrid_config_variants_resolve_and_validate(arg, attention_layers):
+  import os
+  from longctx.models.pattern import resolve
+  from tests.conftest import ROOT
+  cfg = config_lib.load_file(os.path.join(ROOT, 'configs', f'hybrid.py:{arg}'))
+  config_lib.validate(cfg, 1)
+  layers = resolve(cfg.model.pattern, cfg.model.num_layers, cfg.model.hybrid)
+  assert [i for i, n in enumerate(layers) if n in ('attention', 'swa')] == attention_layers
