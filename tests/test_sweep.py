@@ -43,3 +43,14 @@ def test_sweep_runs_gathers_and_skips_finished_runs(tmp_path):
   assert (workdir / 'results.md').exists()
   second = run_script(args, timeout=600)
   assert second.returncode == 0 and second.stdout.count('skip ') == 2
+
+
+def test_shipped_sweeps_expand_into_valid_configs():
+  import os
+  from longctx import config as config_lib
+  from tests.conftest import ROOT
+  for name in ('learning_rate.py', 'hybrid_ratio.py'):
+    spec = config_lib.load_file(os.path.join(ROOT, 'configs', 'sweeps', name))
+    for run in sweep.expand(spec):
+      cfg = config_lib.override(config_lib.load_file(os.path.join(ROOT, spec.base)), run['overrides'])
+      config_lib.validate(cfg, 1)
