@@ -13,6 +13,7 @@ from longctx.train.loop import train
 from tests.conftest import small_config
 
 MIXERS = ['deltanet', 'gated_deltanet', 'retnet', 'lightning']
+CACHED = MIXERS + ['attention', 'swa']
 
 
 def make(name, **overrides):
@@ -36,12 +37,12 @@ def test_documents_do_not_see_each_other(name):
   assert (diff[:3] == 0).all() and (diff[15:] == 0).all() and (diff[3:15] > 0).all()
 
 
-@pytest.mark.parametrize('name', MIXERS)
+@pytest.mark.parametrize('name', CACHED)
 def test_prefill_then_token_by_token_decoding_equals_the_full_forward(name):
-  mixer, cfg = make(name)
+  mixer, cfg = make(name, **{'model.attention.swa_window': 6})
   x, pos = inputs(cfg, 37, seed=1)
   full, _ = mixer(x, positions=pos, segment_ids=None)
-  cache = mixer.init_cache(2)
+  cache = mixer.init_cache(2, 37)
   out, cache = mixer(x[:, :20], positions=pos[:, :20], segment_ids=None, cache=cache)
   outs = [out]
   for t in range(20, 37):
@@ -117,3 +118,21 @@ def test_hybrid_config_variants_resolve_and_validate(arg, attention_layers):
   config_lib.validate(cfg, 1)
   layers = resolve(cfg.model.pattern, cfg.model.num_layers, cfg.model.hybrid)
   assert [i for i, n in enumerate(layers) if n in ('attention', 'swa')] == attention_layers
+
+
+def test_a_hybrid_model_decodes_as_it_computes_the_whole_sequence():
+  from longctx.models.transformer import LanguageModel
+  cfg = small_config(**{'model.pattern': 'gated_deltanet,swa,retnet,attention', 'model.num_layers': 4,
+                        'model.linear.chunk_size': 16, 'model.attention.swa_window': 8})
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  t = 30
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, t)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(t), (2, t))
+  full = model(tokens, pos, None)
+  caches = model.init_cache(2, t)
+  logits, caches = model.decode(tokens[:, :12], pos[:, :12], caches)
+  steps = [logits]
+  for i in range(12, t):
+    logits, caches = model.decode(tokens[:, i:i + 1], pos[:, i:i + 1], caches)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4)

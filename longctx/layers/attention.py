@@ -1,13 +1,14 @@
 """Causal softmax attention mixer: RoPE, grouped-query heads, optional sliding window, packed documents."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense, rope
-from longctx.ops.attention import attention
+from longctx.ops.attention import attention, cached
 from longctx.parallel.rules import constrain
 
 
@@ -54,12 +55,22 @@ class Attention(registry.Mixer):
     head_dim = m.head_dim or m.d_model // m.num_heads
     return 4.0 * causal_pairs(seq_len, cls.window_of(config)) * m.num_heads * head_dim
 
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+    """Keys and values of up to max_len tokens, and how many are filled."""
+    shape = (batch, max_len) + self.k.kernel.shape[1:]
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype), 'end': jnp.zeros((), jnp.int32)}
+
   def __call__(self, x, *, positions, segment_ids, cache=None):
-    if cache is not None:
-      raise NotImplementedError('cached decoding for attention arrives with generation')
     q = rope(self.q(x), positions, self.rope_theta)
     k = rope(self.k(x), positions, self.rope_theta)
     v = self.v(x)
+    if cache is not None:
+      # Decoding one document: the new keys and values join the cache, the queries read it.
+      end = cache['end']
+      k_cache = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, end, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, end, 0, 0))
+      o = cached(q, k_cache, v_cache, end, window=self.window)
+      return self.o(o), {'k': k_cache, 'v': v_cache, 'end': end + x.shape[1]}
     q = constrain(q, ('batch', 'length', 'act_heads', None))
     k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))

@@ -102,7 +102,8 @@ class _DeltaRuleMixer(registry.Mixer):
     y = self.o(o)
     return y, (None if cache is None else {'conv': conv_cache, 'state': state})
 
-  def init_cache(self, batch: int, dtype=jnp.float32):
+  def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
+    del max_len  # a recurrent state does not grow
     channels = self.heads * (2 * self.dk + self.dv)
     return {'conv': jnp.zeros((batch, self.conv.size - 1, channels), dtype),
             'state': jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)}

@@ -11,8 +11,10 @@ _MIXERS: dict[str, type] = {}
 class Mixer(nnx.Module):
   """A sequence mixer: `Mixer(config, *, layer_index, rngs)`; `__call__(x, *, positions, segment_ids, cache=None)`.
 
-  x is [batch, time, d_model]; the result is `(y, cache)` with y of the same shape. `config` is the whole run config
-  (mixers read `config.model` and their own section). `check_config` validates the fields the mixer reads, before
+  x is [batch, time, d_model]; the result is `(y, cache)` with y of the same shape. `init_cache(batch, max_len)`
+  makes the cache that decoding threads through calls (KV cache, recurrent state); with a cache, calls continue one
+  document from where the last stopped. `config` is the whole run config (mixers read `config.model` and their own
+  section). `check_config` validates the fields the mixer reads, before
   any compute, raising `longctx.config.ConfigError`.
   """
 

@@ -79,8 +79,8 @@ class _FixedDecayMixer(registry.Mixer):
     y = self.o(self.o_norm(o) * self.output_gate(self.gate(x)))
     return y, (None if cache is None else {'state': state})
 
-  def init_cache(self, batch: int, dtype=jnp.float32):
-    del dtype
+  def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
+    del max_len, dtype
     return {'state': jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)}
 
 

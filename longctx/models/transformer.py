@@ -30,10 +30,13 @@ class Block(nnx.Module):
     self.mlp = SwiGLU(m.d_model, m.mlp_dim, rngs=rngs, out_std=0.02 / (2 * m.num_layers) ** 0.5)
 
   def __call__(self, x, positions, segment_ids):
-    y, _ = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids)
+    return self.decode(x, positions, segment_ids, None)[0]
+
+  def decode(self, x, positions, segment_ids, cache):
+    y, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
     x = constrain(x + y, ('batch', 'length', 'act_embed'))
     x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ('batch', 'length', 'act_embed'))
+    return constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
 class LanguageModel(nnx.Module):
@@ -73,6 +76,23 @@ class LanguageModel(nnx.Module):
     x = self.hidden(tokens, positions, segment_ids)
     logits = jnp.einsum('btd,dv->btv', x, self.head_weights(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ('batch', 'length', 'act_vocab'))
+
+  def init_cache(self, batch: int, max_len: int):
+    """One cache per layer, for `decode`."""
+    return [block.mixer.init_cache(batch, max_len, self.compute_dtype) for block in self.blocks]
+
+  def decode(self, tokens, positions, caches):
+    """Continue one document per row: logits [B, T, vocab] of the new tokens and the updated caches.
+
+    Prefill is a call with the prompt; generation calls with one token at a time."""
+    x = jnp.take(self.embed[...].astype(self.compute_dtype), tokens, axis=0)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block.decode(x, positions, None, cache)
+      new_caches.append(cache)
+    x = self.final_norm(x)
+    logits = jnp.einsum('btd,dv->btv', x, self.head_weights(x.dtype), preferred_element_type=jnp.float32)
+    return logits, new_caches
 
   def token_loss(self, tokens, positions, segment_ids, targets):
     x = self.hidden(tokens, positions, segment_ids)

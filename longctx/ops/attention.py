@@ -99,6 +99,26 @@ def library(q, k, v, segment_ids=None, *, window=0, scale=None, implementation='
       implementation=implementation)
 
 
+def cached(q, k_cache, v_cache, start, *, window=0, scale=None):
+  """Queries at cache positions start, start+1, ... against a KV cache [B, S, KV, D] already holding them (decoding).
+
+  Key j is seen by the query at position i when j <= i (and i − j < window); fp32 scores, one document.
+  """
+  b, t, h, d = q.shape
+  kv, s = k_cache.shape[2], k_cache.shape[1]
+  scale = d ** -0.5 if scale is None else scale
+  qf = q.astype(jnp.float32).reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum('btkgd,bskd->bkgts', qf, k_cache.astype(jnp.float32)) * scale
+  q_idx = start + jnp.arange(t)
+  k_idx = jnp.arange(s)
+  mask = k_idx[None, :] <= q_idx[:, None]
+  if window:
+    mask = mask & (q_idx[:, None] - k_idx[None, :] < window)
+  p = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+  o = jnp.einsum('bkgts,bskd->btkgd', p, v_cache.astype(jnp.float32))
+  return o.reshape(b, t, h, d).astype(q.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Chunked: online softmax, custom_vjp.
 
