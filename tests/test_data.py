@@ -1,7 +1,4 @@
 """Data pipelines: reproducible, resumable, packed without crossing documents, clear errors."""
-import os
-
-import grain
 import numpy as np
 import pytest
 

@@ -1,13 +1,10 @@
-"""MQAR rows as Zoology defines them, and attention learning the task."""
-import json
-
+"""MQAR rows as Zoology defines them: disjoint key and value ranges, power-law gaps, only answers scored."""
 import numpy as np
 import pytest
 
 from longctx import config as config_lib
 from longctx import data
 from longctx.data.mqar import mqar_row
-from longctx.train.loop import train
 from tests.conftest import small_config
 
 

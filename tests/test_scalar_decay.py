@@ -1,10 +1,9 @@
 """Chunked scalar-decay linear attention equals the token-by-token recurrence (SPEC.md tolerances)."""
-import jax.numpy as jnp
 import pytest
 
 from longctx.ops.scalar_decay import chunk_scalar_decay, naive_scalar_decay, step
 from tests.helpers.linear import (assert_chunked_matches_naive, assert_decoding_continues_the_chunked_state,
-                                  assert_extreme_gates_stay_finite, inputs, rel)
+                                  assert_extreme_gates_stay_finite, inputs)
 
 NAMES = ('q', 'k', 'v', 'g')
 

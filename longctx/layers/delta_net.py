@@ -6,8 +6,7 @@
                                         log α_t = −exp(A_log) · softplus(W_a x_t + dt_bias)  (Mamba2's decay)
     o_t = S_tᵀ q_t / √d_k;  y = W_o (RMSNorm(o) ⊙ SiLU(W_g x))  (DeltaNet: no gate, RMSNorm(o) alone)
 
-Config `model.linear`: num_heads (0 = model.num_heads), head_dim (0 = model head dim), expand_v (value head dim =
-head_dim · expand_v), conv_size, chunk_size. Initialisation as flash-linear-attention's: A ~ U(0, 16),
+Config `model.linear` (longctx.layers.linear). Initialisation as flash-linear-attention's: A ~ U(0, 16),
 dt ~ logU(1e-3, 0.1) with dt_bias its inverse softplus. The cache is {'conv': [B, K−1, channels], 'state': fp32 S}.
 """
 from __future__ import annotations
@@ -20,33 +19,21 @@ from flax import nnx
 
 from longctx.config import ConfigError
 from longctx.layers import registry
-from longctx.layers.common import Dense, RMSNorm
+from longctx.layers.common import Dense
 from longctx.layers.conv import ShortConv
+from longctx.layers.linear import LinearMixer, linear_dims
 from longctx.ops.delta_rule import chunk_delta_rule
 
 
-def linear_dims(config):
-  m = config.model
-  heads = m.linear.num_heads or m.num_heads
-  dk = m.linear.head_dim or (m.head_dim or m.d_model // m.num_heads)
-  return heads, dk, dk * m.linear.expand_v
-
-
-class _DeltaRuleMixer(registry.Mixer):
+class _DeltaRuleMixer(LinearMixer):
   gated = False
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
-    del layer_index
+    super().__init__(config, layer_index=layer_index, rngs=rngs)
     m = config.model
-    self.heads, self.dk, self.dv = h, dk, dv = linear_dims(config)
-    d = m.d_model
-    self.q = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
-    self.k = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
-    self.v = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    h, dk, dv, d = self.heads, self.dk, self.dv, m.d_model
     self.conv = ShortConv(h * (2 * dk + dv), m.linear.conv_size, ('heads',), rngs=rngs)
     self.beta = Dense((d,), (h,), ('embed', 'heads'), rngs=rngs)
-    self.o_norm = RMSNorm(dv, eps=m.norm_eps)
-    self.o = Dense((h, dv), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
     if self.gated:
       self.a = Dense((d,), (h,), ('embed', 'heads'), rngs=rngs)
       self.gate = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
@@ -54,20 +41,13 @@ class _DeltaRuleMixer(registry.Mixer):
                              logical_axes=('heads',))
       dt = jnp.exp(jax.random.uniform(rngs.params(), (h,), jnp.float32, math.log(1e-3), math.log(0.1)))
       self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), logical_axes=('heads',))
-    self.chunk_size = m.linear.chunk_size
 
   @classmethod
   def check_config(cls, config, layer_index):
-    lin = config.model.linear
-    if lin.conv_size < 1:
-      raise ConfigError('model.linear.conv_size', lin.conv_size, 'a positive kernel size (4 in the papers)')
-    if lin.expand_v < 1:
-      raise ConfigError('model.linear.expand_v', lin.expand_v, 'a positive integer')
-    chunk, seq = lin.chunk_size, config.data.seq_len
-    if chunk < 1 or (seq > chunk and seq % chunk):
-      raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
-    if lin.num_heads < 0 or lin.head_dim < 0:
-      raise ConfigError('model.linear.num_heads', lin.num_heads, 'a count >= 0 (0: model.num_heads)')
+    super().check_config(config, layer_index)
+    if config.model.linear.conv_size < 1:
+      raise ConfigError('model.linear.conv_size', config.model.linear.conv_size,
+                        'a positive kernel size (4 in the papers)')
 
   @classmethod
   def flops(cls, config, seq_len):
@@ -105,8 +85,7 @@ class _DeltaRuleMixer(registry.Mixer):
   def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
     del max_len  # a recurrent state does not grow
     channels = self.heads * (2 * self.dk + self.dv)
-    return {'conv': jnp.zeros((batch, self.conv.size - 1, channels), dtype),
-            'state': jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)}
+    return {'conv': jnp.zeros((batch, self.conv.size - 1, channels), dtype), 'state': self.state_cache(batch)}
 
 
 @registry.register('deltanet')

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from longctx.config import ConfigError
 from longctx.layers import registry
-from longctx.layers.common import Dense, RMSNorm, rope
-from longctx.layers.delta_net import linear_dims
+from longctx.layers.common import Dense, rope
+from longctx.layers.linear import LinearMixer, linear_dims
 from longctx.ops.scalar_decay import chunk_scalar_decay
 
 
@@ -33,29 +32,16 @@ def lightning_log_decay(heads: int, layer: int, num_layers: int) -> np.ndarray:
   return -(2.0 ** (-8.0 * (np.arange(heads) + 1) / heads)) * depth
 
 
-class _FixedDecayMixer(registry.Mixer):
+class _FixedDecayMixer(LinearMixer):
   rotary = False
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
+    super().__init__(config, layer_index=layer_index, rngs=rngs)
     m = config.model
-    self.heads, self.dk, self.dv = h, dk, dv = linear_dims(config)
-    d = m.d_model
-    self.q = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
-    self.k = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
-    self.v = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
-    self.gate = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
-    self.o_norm = RMSNorm(dv, eps=m.norm_eps)
-    self.o = Dense((h, dv), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
+    self.gate = Dense((m.d_model,), (self.heads, self.dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
     # Kept out of the parameters: a tuple is static to NNX, an array would be state.
-    self.log_decay = tuple(float(x) for x in self.decay(h, layer_index, m.num_layers))
+    self.log_decay = tuple(float(x) for x in self.decay(self.heads, layer_index, m.num_layers))
     self.rope_theta = m.rope_theta
-    self.chunk_size = m.linear.chunk_size
-
-  @classmethod
-  def check_config(cls, config, layer_index):
-    chunk, seq = config.model.linear.chunk_size, config.data.seq_len
-    if chunk < 1 or (seq > chunk and seq % chunk):
-      raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
 
   @classmethod
   def flops(cls, config, seq_len):
@@ -81,7 +67,7 @@ class _FixedDecayMixer(registry.Mixer):
 
   def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
     del max_len, dtype
-    return {'state': jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)}
+    return {'state': self.state_cache(batch)}
 
 
 @registry.register('retnet')

@@ -1,0 +1,54 @@
+"""What the linear-attention mixers share: head sizes from `model.linear`, their checks, and the q/k/v and output
+projections around the recurrence (y = W_o (RMSNorm(o) ⊙ gate)).
+
+Config `model.linear`: num_heads (0 = model.num_heads), head_dim (0 = the attention head dim), expand_v (value head
+dim = head_dim · expand_v), conv_size, chunk_size (of the chunked training form; divides data.seq_len).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.config import ConfigError
+from longctx.layers import registry
+from longctx.layers.common import Dense, RMSNorm
+
+
+def linear_dims(config):
+  """(heads, key head dim, value head dim)."""
+  m = config.model
+  heads = m.linear.num_heads or m.num_heads
+  dk = m.linear.head_dim or (m.head_dim or m.d_model // m.num_heads)
+  return heads, dk, dk * m.linear.expand_v
+
+
+class LinearMixer(registry.Mixer):
+  """Projections q, k [h, dk], v [h, dv], the per-head output norm and W_o; subclasses add their gates and state."""
+
+  def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
+    del layer_index
+    m = config.model
+    self.heads, self.dk, self.dv = h, dk, dv = linear_dims(config)
+    d = m.d_model
+    self.q = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.k = Dense((d,), (h, dk), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.v = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.o_norm = RMSNorm(dv, eps=m.norm_eps)
+    self.o = Dense((h, dv), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
+    self.chunk_size = m.linear.chunk_size
+
+  @classmethod
+  def check_config(cls, config, layer_index):
+    lin = config.model.linear
+    if lin.num_heads < 0:
+      raise ConfigError('model.linear.num_heads', lin.num_heads, 'a count >= 0 (0: model.num_heads)')
+    if lin.head_dim < 0:
+      raise ConfigError('model.linear.head_dim', lin.head_dim, 'a size >= 0 (0: the attention head dim)')
+    if lin.expand_v < 1:
+      raise ConfigError('model.linear.expand_v', lin.expand_v, 'a positive integer')
+    chunk, seq = lin.chunk_size, config.data.seq_len
+    if chunk < 1 or (seq > chunk and seq % chunk):
+      raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
+
+  def state_cache(self, batch: int):
+    return jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)
