@@ -52,7 +52,7 @@ def get_config(arg=None):
   c.model.hybrid.ratio = '3:1'        # r:1 = groups of r linear layers and one attention layer; 1:0 = no attention
   c.model.hybrid.placement = 'last'   # last | first | middle | comma-separated attention layer indices
   c.model.hybrid.attention = 'attention'   # attention | swa
-  c.model.linear = ml_collections.ConfigDict()   # linear-attention mixers (deltanet, gated_deltanet)
+  c.model.linear = ml_collections.ConfigDict()   # linear-attention mixers (longctx.layers.linear)
   c.model.linear.num_heads = 0        # 0: model.num_heads
   c.model.linear.head_dim = 0         # 0: the attention head dim
   c.model.linear.expand_v = 1         # value head dim = head_dim * expand_v

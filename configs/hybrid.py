@@ -1,6 +1,6 @@
 """Hybrid linear/full-attention stacks: `configs/hybrid.py:linear=gated_deltanet,ratio=3:1,size=340m`.
 
-Variants: linear (a linear mixer: deltanet, gated_deltanet, retnet, lightning), ratio ('r:1' = groups of r linear
+Variants: linear (a linear mixer: hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2), ratio ('r:1' = groups of r linear
 layers closed by one attention layer; '1:0' = pure linear), attention (attention | swa: sliding window of
 model.attention.swa_window tokens), size (tiny | 125m | 340m | 1.3b). Everything else is configs/default.py.
 """

@@ -2,3 +2,5 @@
 from longctx.layers import attention  # noqa: F401  (registers 'attention')
 from longctx.layers import delta_net  # noqa: F401  (registers 'deltanet', 'gated_deltanet')
 from longctx.layers import retention  # noqa: F401  (registers 'retnet', 'lightning')
+from longctx.layers import gated_linear  # noqa: F401  (registers 'gla', 'hgrn2', 'hgrn')
+from longctx.layers import mamba2  # noqa: F401  (registers 'mamba2')

@@ -11,17 +11,14 @@ dt ~ logU(1e-3, 0.1) with dt_bias its inverse softplus. The cache is {'conv': [B
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense
 from longctx.layers.conv import ShortConv
-from longctx.layers.linear import LinearMixer, linear_dims
+from longctx.layers.linear import LinearMixer, dt_bias_init, linear_dims
 from longctx.ops.delta_rule import chunk_delta_rule
 
 
@@ -39,15 +36,7 @@ class _DeltaRuleMixer(LinearMixer):
       self.gate = Dense((d,), (h, dv), ('embed', 'heads', 'head_dim'), rngs=rngs)
       self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (h,), jnp.float32, 1e-4, 16.0)),
                              logical_axes=('heads',))
-      dt = jnp.exp(jax.random.uniform(rngs.params(), (h,), jnp.float32, math.log(1e-3), math.log(0.1)))
-      self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), logical_axes=('heads',))
-
-  @classmethod
-  def check_config(cls, config, layer_index):
-    super().check_config(config, layer_index)
-    if config.model.linear.conv_size < 1:
-      raise ConfigError('model.linear.conv_size', config.model.linear.conv_size,
-                        'a positive kernel size (4 in the papers)')
+      self.dt_bias = nnx.Param(dt_bias_init(rngs.params(), (h,)), logical_axes=('heads',))
 
   @classmethod
   def flops(cls, config, seq_len):

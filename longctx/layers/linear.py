@@ -6,6 +6,9 @@ dim = head_dim · expand_v), conv_size, chunk_size (of the chunked training form
 """
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -20,6 +23,35 @@ def linear_dims(config):
   heads = m.linear.num_heads or m.num_heads
   dk = m.linear.head_dim or (m.head_dim or m.d_model // m.num_heads)
   return heads, dk, dk * m.linear.expand_v
+
+
+def dt_bias_init(key, shape, low=1e-3, high=0.1):
+  """Mamba's step-size bias: Δ ~ logU(low, high) at init, stored as softplus⁻¹(Δ)."""
+  dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(low), math.log(high)))
+  return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def check_linear_config(config):
+  """The `model.linear` fields every linear mixer reads."""
+  lin = config.model.linear
+  if lin.num_heads < 0:
+    raise ConfigError('model.linear.num_heads', lin.num_heads, 'a count >= 0 (0: model.num_heads)')
+  if lin.head_dim < 0:
+    raise ConfigError('model.linear.head_dim', lin.head_dim, 'a size >= 0 (0: the attention head dim)')
+  if lin.expand_v < 1:
+    raise ConfigError('model.linear.expand_v', lin.expand_v, 'a positive integer')
+  if lin.conv_size < 1:
+    raise ConfigError('model.linear.conv_size', lin.conv_size, 'a positive kernel size (4 in the papers)')
+  chunk, seq = lin.chunk_size, config.data.seq_len
+  if chunk < 1 or (seq > chunk and seq % chunk):
+    raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
+
+
+def decay_flops(config, seq_len: int, dk: int, dv: int, heads: int) -> float:
+  """Forward FLOPs of a chunked decay form (scalar or per-channel gates), per sequence: per chunk of C tokens and
+  head 2C²dk (QKᵀ) + 2C²dv (intra-chunk output) + 4C·dk·dv (state read and update)."""
+  c = min(config.model.linear.chunk_size, seq_len)
+  return float(seq_len * heads * (2 * c * dk + 2 * c * dv + 4 * dk * dv))
 
 
 class LinearMixer(registry.Mixer):
@@ -39,16 +71,8 @@ class LinearMixer(registry.Mixer):
 
   @classmethod
   def check_config(cls, config, layer_index):
-    lin = config.model.linear
-    if lin.num_heads < 0:
-      raise ConfigError('model.linear.num_heads', lin.num_heads, 'a count >= 0 (0: model.num_heads)')
-    if lin.head_dim < 0:
-      raise ConfigError('model.linear.head_dim', lin.head_dim, 'a size >= 0 (0: the attention head dim)')
-    if lin.expand_v < 1:
-      raise ConfigError('model.linear.expand_v', lin.expand_v, 'a positive integer')
-    chunk, seq = lin.chunk_size, config.data.seq_len
-    if chunk < 1 or (seq > chunk and seq % chunk):
-      raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
+    del layer_index
+    check_linear_config(config)
 
   def state_cache(self, batch: int):
     return jnp.zeros((batch, self.heads, self.dk, self.dv), jnp.float32)

@@ -18,6 +18,11 @@ class Mixer(nnx.Module):
   any compute, raising `longctx.config.ConfigError`.
   """
 
+  # Mixers whose forget gate has a lower bound that rises with depth (HGRN, HGRN2) set this, define
+  # `lower_bound_shape(config)`, and take `lower_bound=` in `__call__`; the model owns the bounds (one softmax
+  # over all such layers).
+  depth_lower_bound = False
+
   @classmethod
   def check_config(cls, config: Any, layer_index: int) -> None:
     del config, layer_index

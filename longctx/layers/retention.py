@@ -18,7 +18,7 @@ from flax import nnx
 
 from longctx.layers import registry
 from longctx.layers.common import Dense, rope
-from longctx.layers.linear import LinearMixer, linear_dims
+from longctx.layers.linear import LinearMixer, decay_flops, linear_dims
 from longctx.ops.scalar_decay import chunk_scalar_decay
 
 
@@ -45,10 +45,8 @@ class _FixedDecayMixer(LinearMixer):
 
   @classmethod
   def flops(cls, config, seq_len):
-    """Chunked form, forward: per chunk of C tokens and head 2C²dk (QKᵀ) + 2C²dv (intra output) + 4C·dk·dv."""
     h, dk, dv = linear_dims(config)
-    c = min(config.model.linear.chunk_size, seq_len)
-    return float(seq_len * h * (2 * c * dk + 2 * c * dv + 4 * dk * dv))
+    return decay_flops(config, seq_len, dk, dv, h)
 
   def features(self, x, positions):
     q, k, v = self.q(x), self.k(x), self.v(x)

@@ -29,11 +29,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps)
     self.mlp = SwiGLU(m.d_model, m.mlp_dim, rngs=rngs, out_std=0.02 / (2 * m.num_layers) ** 0.5)
 
-  def __call__(self, x, positions, segment_ids):
-    return self.decode(x, positions, segment_ids, None)[0]
+  def __call__(self, x, positions, segment_ids, lower_bound=None):
+    return self.decode(x, positions, segment_ids, None, lower_bound)[0]
 
-  def decode(self, x, positions, segment_ids, cache):
-    y, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
+  def decode(self, x, positions, segment_ids, cache, lower_bound=None):
+    extra = {} if lower_bound is None else {'lower_bound': lower_bound}
+    y, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache, **extra)
     x = constrain(x + y, ('batch', 'length', 'act_embed'))
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, ('batch', 'length', 'act_embed')), cache
@@ -48,6 +49,16 @@ class LanguageModel(nnx.Module):
     self.layer_names = tuple(resolve(m.pattern, m.num_layers, m.get('hybrid')))
     self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), std=1.0)
     self.blocks = nnx.List([Block(config, name, i, rngs=rngs) for i, name in enumerate(self.layer_names)])
+    # Forget-gate lower bounds (HGRN, HGRN2): per mixer kind, one row of logits per layer of that kind.
+    groups = {}
+    for i, name in enumerate(self.layer_names):
+      if registry.get(name).depth_lower_bound:
+        groups.setdefault(name, []).append(i)
+    self.bound_groups = tuple((name, tuple(layers)) for name, layers in groups.items())
+    for name, layers in self.bound_groups:
+      shape = (len(layers),) + tuple(registry.get(name).lower_bound_shape(config))
+      setattr(self, f'lower_bounds_{name}',
+              nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=('layers',) + (None,) * (len(shape) - 1)))
     self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps)
     self.tie_embeddings = m.tie_embeddings
     if not m.tie_embeddings:
@@ -55,15 +66,26 @@ class LanguageModel(nnx.Module):
     self.remat = m.remat
     self.compute_dtype = jnp.dtype(m.dtype)
 
+  def lower_bounds(self):
+    """Per layer: its forget-gate lower bound, or None. Softmax over the layers of one kind, cumulative sum, minus
+    the first: 0 in the first such layer, rising with depth, below 1."""
+    bounds = [None] * len(self.blocks)
+    for name, layers in self.bound_groups:
+      p = jax.nn.softmax(getattr(self, f'lower_bounds_{name}')[...], axis=0)
+      cumulative = jnp.cumsum(p, axis=0) - p[0]
+      for row, i in enumerate(layers):
+        bounds[i] = cumulative[row]
+    return bounds
+
   def hidden(self, tokens, positions, segment_ids):
     """Final-norm hidden states [B, T, d] in the compute dtype."""
     x = jnp.take(self.embed[...].astype(self.compute_dtype), tokens, axis=0)
     x = constrain(x, ('batch', 'length', 'act_embed'))
-    for block in self.blocks:
+    for block, bound in zip(self.blocks, self.lower_bounds()):
       if self.remat == 'none':
-        x = block(x, positions, segment_ids)
+        x = block(x, positions, segment_ids, bound)
       else:
-        x = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(block, x, positions, segment_ids)
+        x = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(block, x, positions, segment_ids, bound)
     return self.final_norm(x)
 
   def head_weights(self, dtype):
@@ -87,8 +109,8 @@ class LanguageModel(nnx.Module):
     Prefill is a call with the prompt; generation calls with one token at a time."""
     x = jnp.take(self.embed[...].astype(self.compute_dtype), tokens, axis=0)
     new_caches = []
-    for block, cache in zip(self.blocks, caches):
-      x, cache = block.decode(x, positions, None, cache)
+    for block, cache, bound in zip(self.blocks, caches, self.lower_bounds()):
+      x, cache = block.decode(x, positions, None, cache, bound)
       new_caches.append(cache)
     x = self.final_norm(x)
     logits = jnp.einsum('btd,dv->btv', x, self.head_weights(x.dtype), preferred_element_type=jnp.float32)

@@ -12,12 +12,14 @@ def rel(a, b, floor=1e-30):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), floor)
 
 
-def inputs(seed, b, t, h, dk, dv, strength, zero_gates=0.0, segments=False):
-  """Fresh random inputs: L2-normalised keys, β in (0, 1), log-gates −strength·softplus(N(0, 1)), some zeroed."""
+def inputs(seed, b, t, h, dk, dv, strength, zero_gates=0.0, segments=False, channel_gates=False):
+  """Fresh random inputs: L2-normalised keys, β in (0, 1), log-gates −strength·softplus(N(0, 1)), some zeroed;
+  one gate per head [B, T, H], or per key channel [B, T, H, Dk] with `channel_gates`."""
   ks = jax.random.split(jax.random.PRNGKey(seed), 9)
   k = jax.random.normal(ks[1], (b, t, h, dk))
-  g = -strength * jax.nn.softplus(jax.random.normal(ks[4], (b, t, h)))
-  g = jnp.where(jax.random.uniform(ks[7], (b, t, h)) < zero_gates, 0.0, g)
+  gate_shape = (b, t, h, dk) if channel_gates else (b, t, h)
+  g = -strength * jax.nn.softplus(jax.random.normal(ks[4], gate_shape))
+  g = jnp.where(jax.random.uniform(ks[7], gate_shape) < zero_gates, 0.0, g)
   return dict(
       q=jax.random.normal(ks[0], (b, t, h, dk)),
       k=k / jnp.linalg.norm(k, axis=-1, keepdims=True),
@@ -34,7 +36,7 @@ def outputs_and_grads(fn, x, names):
     o, s = fn(*args[:-1], initial_state=args[-1], segment_ids=x['segment_ids'])
     return jnp.sum(o * x['cotangent']) + jnp.sum(s * jnp.cos(args[-1])), (o, s)
   args = tuple(x[n] for n in names) + (x['initial_state'],)
-  grads, (o, s) = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+  grads, (o, s) = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
   return o, s, grads
 
 
@@ -53,19 +55,20 @@ def assert_chunked_matches_naive(naive_fn, chunk_fn, x, names):
     assert rel(a, b, f) < tol, name
 
 
-def assert_extreme_gates_stay_finite(naive_fn, chunk_fn, names, g_value):
+def assert_extreme_gates_stay_finite(naive_fn, chunk_fn, names, g_value, **kw):
   """Log-gates all near 0 or very negative: no NaN, and the chunked form still equals the recurrence."""
-  x = inputs(3, 1, 96, 2, 16, 16, strength=1.0)
+  x = inputs(3, 1, 96, 2, 16, 16, strength=1.0, **kw)
   x['g'] = jnp.full_like(x['g'], g_value)
   assert_chunked_matches_naive(naive_fn, chunk_fn, x, names)
 
 
-def assert_decoding_continues_the_chunked_state(chunk_fn, step_fn, names):
+def assert_decoding_continues_the_chunked_state(chunk_fn, step_fn, names, **kw):
   """Chunked over the first 70 tokens, then one token at a time, equals chunked over all 90."""
-  x = inputs(4, 2, 90, 2, 16, 24, strength=1.0)
+  x = inputs(4, 2, 90, 2, 16, 24, strength=1.0, **kw)
   full, full_state = chunk_fn(*(x[n] for n in names), initial_state=x['initial_state'])
   _, state = chunk_fn(*(x[n][:, :70] for n in names), initial_state=x['initial_state'])
   outs = []
+  step_fn = jax.jit(step_fn, static_argnames='scale')
   for t in range(70, 90):
     state, o = step_fn(state, *(x[n][:, t] for n in names), scale=16 ** -0.5)
     outs.append(o)

@@ -1,0 +1,98 @@
+"""Parallel forms of the per-channel decay recurrences, fp32 states.
+
+`channel_decay` (GLA's chunkwise form with secondary chunking). With inclusive cumulative log-gates G inside a
+chunk (G ≤ 0, decreasing), the decay that carries k_j to position i ≥ j is e^{G_i − G_j}, one factor per key
+channel, so the intra-chunk scores A_ij = Σ_d q_id k_jd e^{G_id − G_jd} are no plain matmul. The chunk is cut into
+sub-chunks of `sub_chunk` tokens:
+  * keys in earlier sub-chunks than the query's: both factors taken relative to the query sub-chunk's start r,
+    (q_i e^{G_i − G_r}) · (k_j e^{G_r − G_j}), each exponent ≤ 0, so nothing overflows and the product is a matmul;
+  * keys in the query's own sub-chunk: e^{G_i − G_j} element by element, j ≤ i only, on [s, s, Dk] blocks.
+Across chunks, as for the scalar decay:  O += (scale · Q ⊙ e^G) S,   S ← e^{G_C} ⊙ S + (K ⊙ e^{G_C − G})ᵀ V.
+The intra-chunk part is recomputed in the backward pass (`jax.checkpoint`), as is each step of the state scan.
+
+`vector_decay` (HGRN): h_t = e^{g_t} h_{t−1} + x_t is an associative recurrence over pairs (a, b) ∘ (a', b') =
+(a a', a' b + b'); `lax.associative_scan` evaluates it in log depth with exact gradients by autodiff.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx.ops.chunking import chunked_inputs, resets, unchunk
+
+
+def _masked_exp(mask, exponent):
+  """e^exponent where mask, else 0, with finite gradients where the mask is off."""
+  return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _intra_scores(q, k, G, sub):
+  """A [..., C, C]: Σ_d q_id k_jd e^{G_id − G_jd} for j ≤ i (0 above the diagonal). q, k, G [..., C, Dk]."""
+  c, dk = q.shape[-2:]
+  ns = c // sub
+  lead = q.shape[:-2]
+  split = lambda x: x.reshape(lead + (ns, sub, dk))
+  qs, ks, Gs = split(q), split(k), split(G)
+  # Reference r_a: the cumulative gate just before sub-chunk a (0 at the chunk start).
+  ref = jnp.concatenate([jnp.zeros_like(Gs[..., :1, -1, :]), Gs[..., :-1, -1, :]], axis=-2)   # [..., ns, Dk]
+  q_rel = qs * jnp.exp(Gs - ref[..., None, :])                                                   # [..., ns, s, Dk]
+  earlier = np.arange(c)[None, :] < (np.arange(ns) * sub)[:, None]                               # [ns, C]
+  k_rel = k[..., None, :, :] * _masked_exp(earlier[..., None], ref[..., :, None, :] - G[..., None, :, :])
+  off = jnp.einsum('...asd,...ajd->...asj', q_rel, k_rel).reshape(lead + (c, c))
+  tril = np.tril(np.ones((sub, sub), bool))[..., None]
+  decay = _masked_exp(tril, Gs[..., :, None, :] - Gs[..., None, :, :])                          # [..., ns, s, s, Dk]
+  diag = jnp.einsum('...id,...jd,...ijd->...ij', qs, ks, decay)                                 # [..., ns, s, s]
+  diag = jnp.einsum('...aij,ab->...aibj', diag, jnp.eye(ns, dtype=diag.dtype)).reshape(lead + (c, c))
+  return off + diag
+
+
+def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64, sub_chunk=16):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  scale = dk ** -0.5 if scale is None else scale
+  c = min(chunk_size, t)
+  sub = min(sub_chunk, c)
+  c = -(-c // sub) * sub
+  out_dtype = v.dtype
+  (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
+
+  G = jnp.cumsum(g, axis=-2)                                            # [B, H, N, C, Dk]
+  qs = q * scale
+  intra = jnp.einsum('...ij,...je->...ie', jnp.where(same, _intra_scores(qs, k, G, sub), 0.0), v)
+  Q_start = qs * jnp.where(from_start[..., None], jnp.exp(G), 0.0)
+  K_end = k * _masked_exp(to_end[..., None], G[..., -1:, :] - G)
+  state_decay = jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
+
+  @jax.checkpoint
+  def body(state, xs):
+    Q_n, K_n, V_n, decay_n = xs
+    o = jnp.einsum('bhcd,bhde->bhce', Q_n, state)
+    return decay_n[..., None] * state + jnp.einsum('bhcd,bhce->bhde', K_n, V_n), o
+
+  chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
+  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+  state, inter = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (Q_start, K_end, v, state_decay)))
+  return unchunk(intra + jnp.moveaxis(inter, 0, 2), t).astype(out_dtype), state
+
+
+def vector_decay(x, g, *, initial_state=None, segment_ids=None):
+  """x, g [B, T, D]; initial_state [B, D]. Returns (h [B, T, D], final h fp32)."""
+  b, t, d = x.shape
+  reset = resets(segment_ids, t, b)[..., None]
+  decay = jnp.where(reset, 0.0, jnp.exp(g.astype(jnp.float32)))
+  xf = x.astype(jnp.float32)
+  if initial_state is not None:
+    # The initial state enters as the first step's input: h_0 = α_0 s + x_0.
+    xf = xf.at[:, 0].add(decay[:, 0] * initial_state.astype(jnp.float32))
+
+  def combine(left, right):
+    a1, b1 = left
+    a2, b2 = right
+    return a1 * a2, a2 * b1 + b2
+
+  _, hs = jax.lax.associative_scan(combine, (decay, xf), axis=1)
+  return hs.astype(x.dtype), hs[:, -1]
