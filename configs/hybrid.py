@@ -2,11 +2,18 @@
 
 Variants: linear (a linear mixer: hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2), ratio ('r:1' = groups of r linear
 layers closed by one attention layer; '1:0' = pure linear), attention (attention | swa: sliding window of
-model.attention.swa_window tokens), size (tiny | 125m | 340m | 1.3b). Everything else is configs/default.py.
+model.attention.swa_window tokens), size (tiny | 125m | 340m | 1.3b), preset:
+  study  the hybrid study's grid ("A Systematic Analysis of Hybrid Linear Attention": 24 layers at 24:0, 24:1, 12:1,
+         6:1, 3:1): attention layers spread over the depth (model.hybrid.placement = 'spread'), so any ratio fits;
+  h1     Gated DeltaNet's H1: `linear` layers alternating with sliding-window attention (window 2048);
+  h2     Gated DeltaNet's H2: Mamba2, Gated DeltaNet, sliding-window attention (window 2048), repeated.
+Ratio '24:0' is read as '1:0'. Everything else is configs/default.py.
 """
 import os
 
 from longctx.config import ConfigError, load_file, parse_variant
+
+PRESETS = ('', 'study', 'h1', 'h2')
 
 SIZES = {
     #       layers d_model heads mlp   vocab  seq_len batch lr
@@ -18,9 +25,11 @@ SIZES = {
 
 
 def get_config(arg=None):
-  variant = parse_variant(arg, linear='gated_deltanet', ratio='3:1', attention='attention', size='tiny')
+  variant = parse_variant(arg, linear='gated_deltanet', ratio='3:1', attention='attention', size='tiny', preset='')
   if variant.size not in SIZES:
     raise ConfigError('--config variant size', variant.size, f'one of {", ".join(SIZES)}')
+  if variant.preset not in PRESETS:
+    raise ConfigError('--config variant preset', variant.preset, f'one of {", ".join(p for p in PRESETS if p)}')
   base = 'tiny' if variant.size == 'tiny' else '125m'
   c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), f'default.py:size={base}'))
   layers, d_model, heads, mlp, vocab, seq_len, batch, lr = SIZES[variant.size]
@@ -29,6 +38,16 @@ def get_config(arg=None):
   c.data.seq_len, c.train.batch_size, c.train.learning_rate = seq_len, batch, lr
   c.model.pattern = 'hybrid'
   c.model.hybrid.linear = variant.linear
-  c.model.hybrid.ratio = variant.ratio
+  c.model.hybrid.ratio = '1:0' if variant.ratio.endswith(':0') else variant.ratio
   c.model.hybrid.attention = variant.attention
+  if variant.preset == 'study':
+    c.model.hybrid.placement = 'spread'
+  elif variant.preset == 'h1':
+    c.model.hybrid.ratio, c.model.hybrid.attention = '1:1', 'swa'
+    c.model.attention.swa_window = min(2048, c.data.seq_len // 2)
+  elif variant.preset == 'h2':
+    if layers % 3:
+      raise ConfigError('--config variant size', variant.size, 'a size whose depth is a multiple of 3 for preset=h2')
+    c.model.pattern = ','.join(['mamba2', 'gated_deltanet', 'swa'] * (layers // 3))
+    c.model.attention.swa_window = min(2048, c.data.seq_len // 2)
   return c

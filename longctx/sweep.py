@@ -1,8 +1,12 @@
 """Sweeps: a grid of config overrides expanded into named runs, run locally K at a time, gathered into one table.
 
-A sweep file's get_config returns `base` (a config spec), `grid` (key -> list of values) and `fixed` (key -> value).
-Each combination becomes a run in WORKDIR/NAME, NAME spelling its values (`learning_rate=0.003,seed=1`). Finished
-runs (marked DONE) are skipped; interrupted ones resume from their checkpoints.
+A sweep file's get_config returns `base` (a config spec), `grid` (key -> list of values), `fixed` (key -> value)
+and optionally `evals`: evaluations to run on each finished run, as `scripts/evaluate.py` arguments ('mqar',
+'niah --lengths 512,1024', ...). Each combination becomes a run in WORKDIR/NAME, NAME spelling its values
+(`learning_rate=0.003,seed=1`). Finished runs (marked DONE) are skipped; interrupted ones resume from their
+checkpoints; evaluations already written (WORKDIR/NAME/eval_TASK.json) are not repeated. The table holds each run's
+overrides, its last training and validation metrics, the share of attention layers in its stack
+(`attention_fraction`) and each evaluation's headline number (`mqar_accuracy`, `niah_accuracy`, `eval_loss`).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import shlex
 import subprocess
 import sys
 import time
+
+import ml_collections
 
 from longctx import config as config_lib
 
@@ -59,12 +65,63 @@ def last_rows(workdir: str) -> dict:
   return out
 
 
+ATTENTION_MIXERS = ('attention', 'swa')
+
+
+def eval_task(spec: str) -> str:
+  task = spec.split()[0] if spec.split() else ''
+  if task not in ('perplexity', 'mqar', 'niah'):
+    raise config_lib.ConfigError('evals', spec, 'evaluate.py arguments starting with perplexity, mqar or niah')
+  return task
+
+
+def eval_args(spec: str, rundir: str) -> list[str]:
+  return shlex.split(spec)[:1] + ['--workdir', rundir] + shlex.split(spec)[1:]
+
+
+def run_evals(workdir: str, runs: list[dict], evals) -> None:
+  """Each finished run's missing evaluations, one after another."""
+  for run in runs:
+    rundir = os.path.join(workdir, run['name'])
+    if not os.path.exists(os.path.join(rundir, 'DONE')):
+      continue
+    for spec in evals:
+      if os.path.exists(os.path.join(rundir, f'eval_{eval_task(spec)}.json')):
+        continue
+      cmd = [sys.executable, '-m', 'longctx.cli.evaluate'] + eval_args(spec, rundir)
+      print(f'evaluate {run["name"]}: {shlex.join(cmd)}', flush=True)
+      with open(os.path.join(rundir, 'eval.log'), 'a') as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+          print(f'FAILED evaluation of {run["name"]}; see {rundir}/eval.log', flush=True)
+
+
+def eval_summary(rundir: str) -> dict:
+  """Headline numbers of the run's evaluation files, and the share of attention layers in its stack."""
+  out = {}
+  path = os.path.join(rundir, 'config.json')
+  if os.path.exists(path):
+    from longctx.models.pattern import resolve
+    with open(path) as f:
+      model = json.load(f)['model']
+    hybrid = ml_collections.ConfigDict(model['hybrid']) if 'hybrid' in model else None
+    names = resolve(model['pattern'], model['num_layers'], hybrid)
+    out['attention_fraction'] = sum(n in ATTENTION_MIXERS for n in names) / len(names)
+  for task, key, pick in (('mqar', 'mqar_accuracy', lambda r: sum(x['accuracy'] for x in r['rows']) / len(r['rows'])),
+                          ('niah', 'niah_accuracy', lambda r: r['accuracy']),
+                          ('perplexity', 'eval_loss', lambda r: r['loss'])):
+    path = os.path.join(rundir, f'eval_{task}.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        out[key] = pick(json.load(f))
+  return out
+
+
 def gather(workdir: str, runs: list[dict]) -> list[dict]:
   table = []
   for run in runs:
     rundir = os.path.join(workdir, run['name'])
     table.append({'run': run['name'], 'done': os.path.exists(os.path.join(rundir, 'DONE')),
-                  **{k: run['overrides'][k] for k in run['overrides']}, **last_rows(rundir)})
+                  **{k: run['overrides'][k] for k in run['overrides']}, **last_rows(rundir), **eval_summary(rundir)})
   keys = list(dict.fromkeys(k for row in table for k in row))
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=keys)
@@ -113,12 +170,15 @@ def run_local(base: str, workdir: str, runs: list[dict], parallel: int) -> None:
         print(f'FAILED {run["name"]} (exit {proc.returncode}); see {rundir}/train.log', flush=True)
 
 
-def tpu_commands(base: str, workdir: str, runs: list[dict], tpu_name: str, zone: str, repo: str) -> list[str]:
-  """One `gcloud compute tpus tpu-vm ssh ... --worker=all` launch command per run."""
+def tpu_commands(base: str, workdir: str, runs: list[dict], tpu_name: str, zone: str, repo: str,
+                 evals=()) -> list[str]:
+  """One `gcloud compute tpus tpu-vm ssh ... --worker=all` launch command per run (training, then evaluations)."""
   out = []
   for run in runs:
-    inner = f'cd {repo} && python3 scripts/train.py ' + shlex.join(
-        train_args(base, f'{workdir.rstrip("/")}/{run["name"]}', run['overrides']))
+    rundir = f'{workdir.rstrip("/")}/{run["name"]}'
+    inner = f'cd {repo} && python3 scripts/train.py ' + shlex.join(train_args(base, rundir, run['overrides']))
+    for spec in evals:
+      inner += ' && python3 scripts/evaluate.py ' + shlex.join(eval_args(spec, rundir))
     out.append(shlex.join(['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', tpu_name, f'--zone={zone}', '--worker=all',
                            f'--command={inner}']))
   return out

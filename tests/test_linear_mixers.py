@@ -100,6 +100,9 @@ def test_fixed_decays_follow_the_papers():
     ('linear=gated_deltanet,ratio=3:1,size=340m', [3, 7, 11, 15, 19, 23]),
     ('linear=retnet,ratio=1:0,size=tiny', []),
     ('linear=deltanet,ratio=1:1,attention=swa,size=tiny', [1, 3]),
+    ('linear=hgrn2,ratio=12:1,preset=study,size=340m', [11, 23]),
+    ('preset=h1,size=340m', list(range(1, 24, 2))),
+    ('preset=h2,size=1.3b', list(range(2, 24, 3))),
 ])
 def test_hybrid_config_variants_resolve_and_validate(arg, attention_layers):
   import os

@@ -54,6 +54,7 @@ def test_pattern_resolution():
     ('1:0', 'last', 'L' * 8),
     ('7:1', 'last', 'LLLLLLLA'),
     ('3:1', '0,5', 'ALLLLALL'),
+    ('2:1', 'spread', 'LLALALLA'),
 ])
 def test_hybrid_rule_places_attention_layers(ratio, placement, expected):
   names = pattern.hybrid(8, 'gated_deltanet', ratio, placement, 'swa')
@@ -65,6 +66,14 @@ def test_a_ratio_that_does_not_fit_lists_the_ones_that_do():
     pattern.hybrid(24, 'gated_deltanet', '6:1', 'last', 'attention')
   assert err.value.field == 'model.hybrid.ratio'
   assert '3:1' in err.value.allowed and '5:1' in err.value.allowed and '23:1' in err.value.allowed
+  assert 'spread' in err.value.allowed
+
+
+@pytest.mark.parametrize('ratio,attention_layers', [
+    ('24:1', [23]), ('12:1', [11, 23]), ('6:1', [7, 15, 23]), ('3:1', [3, 7, 11, 15, 19, 23])])
+def test_spread_placement_gives_the_hybrid_studys_24_layer_grid(ratio, attention_layers):
+  names = pattern.hybrid(24, 'hgrn2', ratio, 'spread', 'attention')
+  assert [i for i, n in enumerate(names) if n == 'attention'] == attention_layers
 
 
 def _one_step(cfg, seed=0):

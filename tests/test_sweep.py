@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.fixed = ml_collections.ConfigDict({{'train.num_steps': 3, 'train.eval_every': 0, 'train.checkpoint_every': 0,
                                        'model.d_model': 32, 'model.num_layers': 1, 'data.seq_len': 32,
                                        'train.batch_size': 2, 'train.progress_bar': False}}, allow_dotted_keys=True)
+  c.evals = ['perplexity --batches 1']
   return c
 '''
 
@@ -40,9 +41,10 @@ def test_sweep_runs_gathers_and_skips_finished_runs(tmp_path):
   with open(workdir / 'results.csv') as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 2 and all(r['done'] == 'True' and int(r['step']) == 3 for r in rows)
+  assert all(float(r['attention_fraction']) == 1.0 and float(r['eval_loss']) > 0 for r in rows)
   assert (workdir / 'results.md').exists()
   second = run_script(args, timeout=600)
-  assert second.returncode == 0 and second.stdout.count('skip ') == 2
+  assert second.returncode == 0 and second.stdout.count('skip ') == 2 and 'evaluate ' not in second.stdout
 
 
 def test_shipped_sweeps_expand_into_valid_configs():

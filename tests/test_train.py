@@ -152,7 +152,7 @@ def test_evaluate_reports_loss_by_position(tmp_path):
   train(small_config(**{'train.num_steps': 5}), str(tmp_path))
   result = run_script(['scripts/evaluate.py', '--workdir', str(tmp_path), '--batches', '2'])
   assert result.returncode == 0, result.stderr[-2000:]
-  report = json.load(open(tmp_path / 'eval.json'))
+  report = json.load(open(tmp_path / 'eval_perplexity.json'))
   assert np.isfinite(report['loss']) and report['by_position'][0]['positions'] == '0-0'
   assert '| positions | tokens | loss | accuracy |' in result.stdout and 0 <= report['accuracy'] <= 1
 

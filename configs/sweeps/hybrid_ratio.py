@@ -12,7 +12,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.base = 'configs/hybrid.py:size=tiny'
   c.grid = ml_collections.ConfigDict({
-      'model.hybrid.linear': ['gated_deltanet', 'deltanet', 'retnet', 'lightning'],
+      'model.hybrid.linear': ['hgrn', 'retnet', 'gla', 'hgrn2', 'deltanet', 'gated_deltanet', 'lightning', 'mamba2'],
       'model.hybrid.ratio': ['1:0', '7:1', '3:1', '1:1'],
       'seed': [0],
   }, allow_dotted_keys=True)
@@ -21,4 +21,5 @@ def get_config(arg=None):
       'data.mqar.num_pairs': 16, 'train.num_steps': 2000, 'train.batch_size': 64, 'train.eval_every': 500,
       'train.eval_batches': 8, 'model.linear.chunk_size': 64,
   }, allow_dotted_keys=True)
+  c.evals = ['mqar --grid 256:16,512:64']
   return c

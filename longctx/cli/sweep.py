@@ -35,13 +35,18 @@ def main(argv):
     if 'base' not in spec:
       raise config_lib.ConfigError('base', None, 'a config spec (file.py[:variant]) in the sweep file')
     runs = sweep.expand(spec)
+    evals = list(spec.get('evals', ()))
+    for e in evals:
+      sweep.eval_task(e)
   except config_lib.ConfigError as e:
     config_lib.exit_with(e)
   if _EMIT.value == 'tpu':
-    print('\n'.join(sweep.tpu_commands(spec.base, _WORKDIR.value, runs, _TPU_NAME.value, _ZONE.value, _REPO.value)))
+    print('\n'.join(sweep.tpu_commands(spec.base, _WORKDIR.value, runs, _TPU_NAME.value, _ZONE.value, _REPO.value,
+                                        evals)))
     return
   os.makedirs(_WORKDIR.value, exist_ok=True)
   sweep.run_local(spec.base, _WORKDIR.value, runs, _PARALLEL.value)
+  sweep.run_evals(_WORKDIR.value, runs, evals)
   sweep.gather(_WORKDIR.value, runs)
 
 

@@ -114,7 +114,7 @@ def restore_params(directory: str, abstract_params):
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                        partial_restore=True)))
-      logging.info('init_from: parameters of step %d of %s', step, directory)
+      logging.info('parameters of step %d of %s', step, directory)
       return restored['state']['params']
     except Exception as e:  # see restore_latest
       logging.warning('init_from: step %d of %s is unreadable (%s)', step, directory, e)

@@ -1,0 +1,36 @@
+"""MQAR recall of a run (Zoology's definition, `longctx.data.mqar`): accuracy at the answer positions over fresh
+validation rows, at the run's own (length, pairs) and at any other grid point, e.g. Zoology's
+(64, 4), (128, 8), (256, 16), (512, 64)."""
+from __future__ import annotations
+
+from longctx import data
+from longctx.config import ConfigError
+from longctx.eval import perplexity
+from longctx.eval import run as run_lib
+from longctx.parallel.mesh import batch_sharding
+from longctx.train.step import make_eval_step
+
+ZOOLOGY_GRID = ((64, 4), (128, 8), (256, 16), (512, 64))
+
+
+def evaluate(workdir: str, grid, batches: int = 4, params=None) -> dict:
+  """grid: (seq_len, num_pairs) pairs; params: reuse parameters already loaded for this run."""
+  rows = []
+  for seq_len, pairs in grid:
+    run = run_lib.load(workdir, {'data.source': 'mqar', 'data.seq_len': seq_len, 'data.mqar.num_pairs': pairs},
+                       params=params)
+    if run.config.model.vocab_size < run.config.data.mqar.vocab:
+      raise ConfigError('model.vocab_size', run.config.model.vocab_size,
+                        f'at least data.mqar.vocab={run.config.data.mqar.vocab} to evaluate MQAR')
+    params = run.params
+    eval_step, buckets = make_eval_step(run.setup)
+    result = perplexity.evaluate(eval_step, buckets, params, perplexity.validation(run.config, batches),
+                                 batch_sharding(run.setup.mesh), data.is_byte_level(run.config))
+    rows.append({'seq_len': seq_len, 'num_pairs': pairs, 'accuracy': result['accuracy'], 'answers': result['tokens']})
+  return {'task': 'mqar', 'rows': rows}
+
+
+def table(result: dict) -> str:
+  lines = ['| seq_len | pairs | answers | accuracy |', '|---|---|---|---|']
+  lines += [f'| {r["seq_len"]} | {r["num_pairs"]} | {r["answers"]} | {r["accuracy"]:.4f} |' for r in result['rows']]
+  return '\n'.join(lines)
