@@ -7,7 +7,7 @@ model.attention.swa_window tokens), size (tiny | 125m | 340m | 1.3b), preset:
          6:1, 3:1): attention layers spread over the depth (model.hybrid.placement = 'spread'), so any ratio fits;
   h1     Gated DeltaNet's H1: `linear` layers alternating with sliding-window attention (window 2048);
   h2     Gated DeltaNet's H2: Mamba2, Gated DeltaNet, sliding-window attention (window 2048), repeated.
-Ratio '24:0' is read as '1:0'. Everything else is configs/default.py.
+Everything else is configs/default.py.
 """
 import os
 
@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.data.seq_len, c.train.batch_size, c.train.learning_rate = seq_len, batch, lr
   c.model.pattern = 'hybrid'
   c.model.hybrid.linear = variant.linear
-  c.model.hybrid.ratio = '1:0' if variant.ratio.endswith(':0') else variant.ratio
+  c.model.hybrid.ratio = variant.ratio
   c.model.hybrid.attention = variant.attention
   if variant.preset == 'study':
     c.model.hybrid.placement = 'spread'

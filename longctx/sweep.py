@@ -31,19 +31,28 @@ def _value_text(v) -> str:
 
 
 def expand(sweep) -> list[dict]:
-  """[{'name', 'overrides'}] for every combination of the grid, fixed overrides included."""
+  """[{'name', 'overrides'}] for every combination of the grid, fixed overrides included.
+
+  A grid key joining several config keys with '+' ('model.hybrid.ratio+model.num_layers') takes tuples of values
+  that vary together."""
   grid = {k: list(v) for k, v in sweep.grid.items()} if 'grid' in sweep else {}
   for key, values in grid.items():
     if not values:
       raise config_lib.ConfigError(f'grid.{key}', values, 'a non-empty list of values')
+    width = len(key.split('+'))
+    if width > 1 and any(not isinstance(v, (tuple, list)) or len(v) != width for v in values):
+      raise config_lib.ConfigError(f'grid.{key}', values, f'a list of {width}-tuples, one value per joined key')
   fixed = dict(sweep.fixed.items()) if 'fixed' in sweep else {}
   runs = []
   for combo in itertools.product(*grid.values()) if grid else [()]:
-    chosen = dict(zip(grid, combo))
+    chosen = {}
+    for key, value in zip(grid, combo):
+      chosen.update(zip(key.split('+'), value) if '+' in key else [(key, value)])
     name = ','.join(f'{k.split(".")[-1]}={_value_text(v)}' for k, v in chosen.items()) or 'base'
     runs.append({'name': name, 'overrides': {**fixed, **chosen}})
   if len({r['name'] for r in runs}) != len(runs):
-    runs = [{**r, 'name': ','.join(f'{k}={_value_text(v)}' for k, v in r['overrides'].items() if k in grid)}
+    keys = {part for key in grid for part in key.split('+')}
+    runs = [{**r, 'name': ','.join(f'{k}={_value_text(v)}' for k, v in r['overrides'].items() if k in keys)}
             for r in runs]
   return runs
 

@@ -1,25 +1,40 @@
-"""The hybrid-ratio study on MQAR: linear mixer × linear:attention ratio × seed, 2-layer-group models.
+"""The hybrid study's ratio grid ("A Systematic Analysis of Hybrid Linear Attention"): 24-layer stacks at
+linear:full 24:0, 24:1, 12:1, 6:1 and 3:1 (attention layers spread over the depth: 0, 1, 2, 3 and 6 of them), on MQAR.
 
   python scripts/sweep.py --sweep configs/sweeps/hybrid_ratio.py --workdir runs/hybrid_ratio
+  python scripts/sweep.py --sweep configs/sweeps/hybrid_ratio.py:scale=small --workdir runs/ratio64
 
-Ratios are r:1 groups of an 8-layer stack (1:0 = no attention; 7:1 = one attention layer; 3:1 = two; 1:1 = four).
+Variants: scale (paper: L 256, N 16, d 128; small: L 64, N 4, d 64, vocab 512, CPU-sized) and linear (the linear mixer; default
+hgrn2, the study's recommendation with Gated DeltaNet).
 """
 import ml_collections
 
+from longctx.config import ConfigError, parse_variant
+
+SCALES = {
+    #        vocab seq_len pairs d_model heads steps batch lr    eval grid
+    'paper': (8192, 256, 16, 128, 2, 3000, 64, 1e-3, '256:16,512:64'),
+    'small': (512, 64, 4, 64, 2, 1000, 32, 3e-3, '64:4,128:8'),
+}
+
 
 def get_config(arg=None):
-  del arg
+  variant = parse_variant(arg, scale='paper', linear='hgrn2')
+  if variant.scale not in SCALES:
+    raise ConfigError('--sweep variant scale', variant.scale, f'one of {", ".join(SCALES)}')
+  vocab, seq_len, pairs, d_model, heads, steps, batch, lr, grid = SCALES[variant.scale]
   c = ml_collections.ConfigDict()
-  c.base = 'configs/hybrid.py:size=tiny'
+  c.base = f'configs/hybrid.py:size=tiny,linear={variant.linear},preset=study'
   c.grid = ml_collections.ConfigDict({
-      'model.hybrid.linear': ['hgrn', 'retnet', 'gla', 'hgrn2', 'deltanet', 'gated_deltanet', 'lightning', 'mamba2'],
-      'model.hybrid.ratio': ['1:0', '7:1', '3:1', '1:1'],
+      'model.hybrid.ratio': ['24:0', '24:1', '12:1', '6:1', '3:1'],
       'seed': [0],
   }, allow_dotted_keys=True)
   c.fixed = ml_collections.ConfigDict({
-      'model.num_layers': 8, 'data.source': 'mqar', 'model.vocab_size': 8192, 'data.seq_len': 256,
-      'data.mqar.num_pairs': 16, 'train.num_steps': 2000, 'train.batch_size': 64, 'train.eval_every': 500,
-      'train.eval_batches': 8, 'model.linear.chunk_size': 64,
+      'model.num_layers': 24, 'data.source': 'mqar', 'model.vocab_size': vocab, 'data.mqar.vocab': vocab, 'data.seq_len': seq_len,
+      'data.mqar.num_pairs': pairs, 'model.d_model': d_model, 'model.num_heads': heads, 'model.num_kv_heads': heads,
+      'model.mlp_dim': 2 * d_model, 'train.num_steps': steps, 'train.batch_size': batch,
+      'train.learning_rate': lr, 'train.warmup_steps': 100, 'train.eval_every': 0, 'train.checkpoint_every': 0,
+      'train.progress_bar': False, 'model.linear.chunk_size': min(64, seq_len),
   }, allow_dotted_keys=True)
-  c.evals = ['mqar --grid 256:16,512:64']
+  c.evals = [f'mqar --grid {grid} --batches 8']
   return c

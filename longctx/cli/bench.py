@@ -176,40 +176,56 @@ def bench_attention(steps: int) -> list[dict]:
   return results
 
 
-def bench_linear(steps: int) -> list[dict]:
+def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) -> list[dict]:
   """The chunked linear-attention forms, forward and forward+backward, B4 T8192 H16 D128 bf16, chunk 64: the shape
-  flash-linear-attention is compared at (scripts/peers/fla_linear.py times it in the same device call)."""
+  flash-linear-attention is compared at (scripts/peers/fla_linear.py times it in the same device call). The vector
+  recurrence (HGRN) runs over the same B×T with H·D = 2048 channels. With `profile_steps`, each forward+backward is
+  traced and its device time summarised by kind of kernel."""
+  from longctx.ops.channel_decay import chunk_channel_decay, scan_vector_decay
   from longctx.ops.delta_rule import chunk_delta_rule
   from longctx.ops.scalar_decay import chunk_scalar_decay
+  from longctx.train import profiling
 
   b, t, h, d = 4, 8192, 16, 128
-  ks = jax.random.split(jax.random.PRNGKey(0), 6)
+  ks = jax.random.split(jax.random.PRNGKey(0), 7)
   q, k, v, do = (jax.random.normal(key, (b, t, h, d), jnp.bfloat16) for key in ks[:4])
   k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(jnp.bfloat16)
   beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h))).astype(jnp.bfloat16)
   g = -jax.nn.softplus(jax.random.normal(ks[5], (b, t, h))) * 0.1
+  gk = jax.nn.log_sigmoid(jax.random.normal(ks[6], (b, t, h, d))) / 16     # GLA's gate range
+  flat = lambda x: x.reshape(b, t, h * d)
   # Gates are arguments, not closed-over constants, which XLA would spend seconds constant-folding.
-  cases = {
-      'gated_delta_rule': lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, chunk_size=64)[0],
-      'delta_rule': lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, None, chunk_size=64)[0],
-      'scalar_decay': lambda q, k, v, beta, g: chunk_scalar_decay(q, k, v, g, chunk_size=64)[0],
+  forms = {
+      'gated_delta_rule': lambda q, k, v, beta, g, gk: chunk_delta_rule(q, k, v, beta, g, chunk_size=64)[0],
+      'delta_rule': lambda q, k, v, beta, g, gk: chunk_delta_rule(q, k, v, beta, None, chunk_size=64)[0],
+      'scalar_decay': lambda q, k, v, beta, g, gk: chunk_scalar_decay(q, k, v, g, chunk_size=64)[0],
+      'channel_decay': lambda q, k, v, beta, g, gk: chunk_channel_decay(q, k, v, gk, chunk_size=64)[0],
+      'vector_decay': lambda q, k, v, beta, g, gk: scan_vector_decay(flat(v), flat(gk))[0].reshape(b, t, h, d),
   }
   results = []
-  for name, fn in cases.items():
+  for name, fn in forms.items():
+    if cases and name not in cases:
+      continue
     fwd = jax.jit(fn)
-    both = jax.jit(lambda q, k, v, beta, g, fn=fn: jax.vjp(lambda q, k, v: fn(q, k, v, beta, g), q, k, v)[1](do))
+    both = jax.jit(lambda q, k, v, beta, g, gk, fn=fn:
+                   jax.vjp(lambda q, k, v: fn(q, k, v, beta, g, gk), q, k, v)[1](do))
     row = {'case': f'linear_{name}', 'shape': f'B{b} T{t} H{h} D{d} bf16, chunk 64'}
+    args = (q, k, v, beta, g, gk)
     for label, f in (('fwd', fwd), ('fwd_bwd', both)):
       try:
-        jax.block_until_ready(f(q, k, v, beta, g))
+        jax.block_until_ready(f(*args))
         times = []
         for _ in range(steps):
           start = time.perf_counter()
-          jax.block_until_ready(f(q, k, v, beta, g))
+          jax.block_until_ready(f(*args))
           times.append(time.perf_counter() - start)
         row[f'{label}_ms'] = statistics.median(times) * 1e3
       except Exception as e:  # out of memory is a result
         row[f'{label}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    if profile_steps and 'fwd_bwd_ms' in row:
+      logdir = os.path.join(out or '.', 'profile', f'linear_{name}')
+      profiling.trace(lambda: both(*args), profile_steps, logdir)
+      row['profile'] = profiling.summarize(logdir, profile_steps, top=8)
     results.append(row)
     print(json.dumps(row), flush=True)
   return results
@@ -220,6 +236,13 @@ def linear_markdown(env: dict, results: list[dict]) -> str:
            '|---|---|---|---|']
   cell = lambda r, k: f'{r[k]:.2f}' if k in r else 'failed'
   lines += [f'| {r["case"]} | {r["shape"]} | {cell(r, "fwd_ms")} | {cell(r, "fwd_bwd_ms")} |' for r in results]
+  for r in results:
+    if r.get('profile', {}).get('top_kernels_ms'):
+      p = r['profile']
+      kinds = ', '.join(f'{k} {v:.2f}' for k, v in p['by_kind_ms'].items())
+      lines += [f'\n{r["case"]} forward+backward, device ms by kind: {kinds}. Top kernels:\n',
+                '| kernel | ms |', '|---|---|']
+      lines += [f'| `{n[:90]}` | {ms:.2f} |' for n, ms in p['top_kernels_ms']]
   return '\n'.join(lines) + '\n'
 
 
@@ -269,7 +292,7 @@ def main(argv):
     write(env, 'attention', results, attention_markdown(env, results))
     return
   if _SUITE.value == 'linear':
-    results = bench_linear(_STEPS.value)
+    results = bench_linear(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
     write(env, 'linear', results, linear_markdown(env, results))
     return
   if _SUITE.value:

@@ -11,7 +11,7 @@ Forms:
                                    round(num_layers / (r + 1)) (at least one), evenly spaced, each closing its span:
                                    ratios that do not divide the depth, as in the hybrid study's 24-layer grid
                                    (24:1, 12:1, 6:1, 3:1 -> 1, 2, 3, 6 attention layers).
-                                   Ratio '1:0' is a pure linear stack.
+                                   Ratio 'r:0' ('1:0', '24:0') is a pure linear stack.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def hybrid(num_layers: int, linear: str, ratio: str, placement: str, attention: 
       raise ConfigError('model.hybrid.placement', placement, f'layer indices in [0, {num_layers})')
     return [attention if i in indices else linear for i in range(num_layers)]
   r, sep, one = ratio.partition(':')
-  if not sep or not r.isdigit() or one not in ('0', '1') or (one == '0' and r != '1'):
-    raise ConfigError('model.hybrid.ratio', ratio, "'r:1' (r linear layers per attention layer) or '1:0' (no attention)")
+  if not sep or not r.isdigit() or one not in ('0', '1'):
+    raise ConfigError('model.hybrid.ratio', ratio, "'r:1' (r linear layers per attention layer) or 'r:0' (no attention)")
   if one == '0':
     return [linear] * num_layers
   if placement == 'spread':

@@ -18,6 +18,8 @@ def main():
   args = parser.parse_args()
   from fla.ops.delta_rule import chunk_delta_rule
   from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+  from fla.ops.gla import chunk_gla
+  from fla.ops.hgrn import chunk_hgrn
   from fla.ops.simple_gla import chunk_simple_gla
 
   b, t, h, d = 4, 8192, 16, 128
@@ -26,10 +28,13 @@ def main():
   k = F.normalize(k.float(), dim=-1).to(dt)
   beta = torch.rand(b, t, h, device=dev, dtype=dt).sigmoid()
   g = -F.softplus(torch.randn(b, t, h, device=dev, dtype=torch.float32)) * 0.1
+  gk = F.logsigmoid(torch.randn(b, t, h, d, device=dev, dtype=torch.float32)) / 16
   cases = {
       'gated_delta_rule': lambda q, k, v: chunk_gated_delta_rule(q, k, v, g, beta)[0],
       'delta_rule': lambda q, k, v: chunk_delta_rule(q, k, v, beta)[0],
       'scalar_decay (simple_gla)': lambda q, k, v: chunk_simple_gla(q, k, v, g)[0],
+      'channel_decay (gla)': lambda q, k, v: chunk_gla(q, k, v, gk)[0],
+      'vector_decay (hgrn)': lambda q, k, v: chunk_hgrn(v.reshape(b, t, h * d), gk.reshape(b, t, h * d))[0],
   }
   rows = []
   for name, fn in cases.items():
