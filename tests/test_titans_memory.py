@@ -1,0 +1,100 @@
+"""Titans' memory: the chunked dual form equals the per-token-weight references, forward and backward."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx.ops.delta_rule import naive_delta_rule
+from longctx.ops.titans import MemorySpec, chunk_lmm, init_state, materialized_lmm, naive_lmm
+from tests.helpers.linear import rel
+
+
+def inputs(seed, b, t, h, dk, dv, spec, scale=1.0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  weights = [jax.random.normal(kk, (h,) + shape) * shape[0] ** -0.5
+             for kk, shape in zip(jax.random.split(ks[7], spec.depth), spec.layer_shapes())]
+  state = init_state(spec, weights, b)
+  state['momentum'] = [0.1 * jax.random.normal(ks[6], s.shape) for s in state['momentum']]
+  return dict(q=l2(jax.random.normal(ks[0], (b, t, h, dk))), k=l2(jax.random.normal(ks[1], (b, t, h, dk))),
+              v=scale * jax.random.normal(ks[2], (b, t, h, dv)),
+              theta=0.3 * jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h))),
+              eta=jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h))),
+              alpha=0.1 * jax.nn.sigmoid(jax.random.normal(ks[5], (b, t, h))), state=state)
+
+
+NAMES = ('q', 'k', 'v', 'theta', 'eta', 'alpha', 'state')
+
+
+def run(fn, x, w):
+  def loss(*args):
+    o, s = fn(*args)
+    return jnp.sum(o * w) + sum(jnp.sum(jnp.cos(a)) for a in jax.tree.leaves(s)), (o, s)
+  grads, (o, s) = jax.jit(jax.grad(loss, argnums=tuple(range(7)), has_aux=True))(*(x[n] for n in NAMES))
+  return o, s, grads
+
+
+def assert_close(fast, ref, x, out_tol=1e-4, grad_tol=1e-3):
+  w = jax.random.normal(jax.random.PRNGKey(99), x['v'].shape)
+  (o, s, g), (o_ref, s_ref, g_ref) = run(fast, x, w), run(ref, x, w)
+  assert rel(o, o_ref) < out_tol
+  for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s_ref)):
+    assert rel(a, b) < out_tol
+  for name, a, b in zip(NAMES, g, g_ref):
+    for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      assert np.isfinite(np.asarray(la)).all() and rel(la, lb) < grad_tol, name
+
+
+@pytest.mark.parametrize('depth,chunk,t,clip', [(2, 16, 32, 0.0), (1, 8, 19, 0.0), (3, 4, 13, 0.5)])
+def test_dual_form_equals_materialized_chunks(depth, chunk, t, clip):
+  spec = MemorySpec(dk=8, dv=8, depth=depth, expansion=2, grad_clip=clip)
+  x = inputs(depth, 2, t, 2, 8, 8, spec)
+  # The references take whole chunks; a padded last chunk has its own test.
+  x = {n: (a[:, :t - t % chunk] if n != 'state' else a) for n, a in x.items()}
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=chunk),
+               lambda *a: materialized_lmm(spec, *a, chunk), x)
+
+
+def test_chunk_one_equals_the_token_recurrence():
+  spec = MemorySpec(dk=8, dv=8, depth=2, expansion=2)
+  x = inputs(5, 1, 11, 2, 8, 8, spec)
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=1), lambda *a: naive_lmm(spec, *a), x)
+
+
+def test_a_padded_last_chunk_changes_nothing():
+  spec = MemorySpec(dk=8, dv=8, depth=2, expansion=2)
+  x = inputs(6, 1, 21, 2, 8, 8, spec)
+  args = [x[n] for n in NAMES]
+  o, s = chunk_lmm(spec, *args, chunk_size=8)
+  o16, s16 = materialized_lmm(spec, *(a[:, :16] for a in args[:6]), args[6], 8)
+  tail = [a[:, 16:] for a in args[:6]]
+  np.testing.assert_allclose(o[:, :16], o16, rtol=1e-4, atol=1e-5)
+  # The last 5 tokens form a chunk of their own: compare against the reference run on exactly those tokens.
+  o5, s5 = materialized_lmm(spec, *tail, s16, 5)
+  np.testing.assert_allclose(o[:, 16:], o5, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s5)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_memory_chunk_one_without_momentum_or_decay_is_deltanet():
+  spec = MemorySpec(dk=8, dv=6, depth=1)
+  x = inputs(7, 2, 30, 2, 8, 6, spec)
+  x['state']['momentum'] = [jnp.zeros_like(m) for m in x['state']['momentum']]
+  zeros = jnp.zeros_like(x['theta'])
+  o, s = chunk_lmm(spec, x['q'], x['k'], x['v'], x['theta'], zeros, zeros, x['state'], chunk_size=1)
+  o_ref, s_ref = naive_delta_rule(x['q'], x['k'], x['v'], 2 * x['theta'], None,
+                                  initial_state=x['state']['weights'][0], scale=1.0)
+  assert rel(o, o_ref) < 1e-5 and rel(s['weights'][0], s_ref) < 1e-5
+
+
+def test_forgetting_is_weight_decay_on_the_memory():
+  spec = MemorySpec(dk=8, dv=6, depth=1)
+  x = inputs(8, 1, 12, 1, 8, 6, spec)
+  x['state']['momentum'] = [jnp.zeros_like(m) for m in x['state']['momentum']]
+  zeros = jnp.zeros_like(x['theta'])
+  _, s = chunk_lmm(spec, x['q'], x['k'], x['v'], x['theta'], zeros, x['alpha'], x['state'], chunk_size=1)
+  M = x['state']['weights'][0][0, 0]
+  for t in range(12):
+    k, v = x['k'][0, t, 0], x['v'][0, t, 0]
+    M = (1 - x['alpha'][0, t, 0]) * M - x['theta'][0, t, 0] * 2 * jnp.outer(k, k @ M - v)
+  np.testing.assert_allclose(s['weights'][0][0, 0], M, rtol=1e-5, atol=1e-6)
