@@ -98,3 +98,23 @@ def test_forgetting_is_weight_decay_on_the_memory():
     k, v = x['k'][0, t, 0], x['v'][0, t, 0]
     M = (1 - x['alpha'][0, t, 0]) * M - x['theta'][0, t, 0] * 2 * jnp.outer(k, k @ M - v)
   np.testing.assert_allclose(s['weights'][0][0, 0], M, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('chunk', [1, 8])
+def test_documents_restart_the_memory(chunk):
+  spec = MemorySpec(dk=8, dv=8, depth=2, expansion=2)
+  x = inputs(9, 2, 24, 2, 8, 8, spec)
+  seg = jnp.asarray([[1] * 5 + [2] * 12 + [3] * 7, [1] * 24])
+  init = [w * 0.5 for w in x['state']['weights']]
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=chunk, segment_ids=seg, reset_weights=init),
+               lambda *a: materialized_lmm(spec, *a, chunk, segment_ids=seg, reset_weights=init), x)
+  if chunk == 1:
+    assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=1, segment_ids=seg, reset_weights=init),
+                 lambda *a: naive_lmm(spec, *a, segment_ids=seg, reset_weights=init), x)
+  # A later document sees nothing of an earlier one.
+  args = [x[n] for n in NAMES]
+  o, _ = chunk_lmm(spec, *args, chunk_size=chunk, segment_ids=seg, reset_weights=init)
+  args[1] = args[1].at[0, 2].add(1.0)
+  o2, _ = chunk_lmm(spec, *args, chunk_size=chunk, segment_ids=seg, reset_weights=init)
+  changed = np.abs(np.asarray(o2 - o))[0].max(axis=(1, 2)) > 0
+  assert changed[2:5].all() and not changed[5:].any() and not changed[:2].any()

@@ -21,21 +21,24 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longctx.ops.chunking import pad_to_multiple
+from longctx.ops.chunking import pad_to_multiple, resets
 from longctx.ops.titans import memory
 
 
-def coefficients(eta, alpha, valid):
-  """eta, alpha, valid [..., C] -> (A [.., C], B [.., C], C [.., C, C] (t, s), E [..], D [.., C] (s)): the weights of
-  W⁰, S⁰ and each θ_s G_s in W_t, and of S⁰ and θ_s G_s in the chunk's last momentum. Invalid (padding) tokens
-  leave everything as it was."""
+def coefficients(eta, alpha, valid, reset):
+  """eta, alpha, valid, reset [..., C] -> (A [.., C], B [.., C], C [.., C, C] (t, s), E [..], D [.., C] (s)): the
+  weights of the base memory, S⁰ and each θ_s G_s in W_t, and of S⁰ and θ_s G_s in the chunk's last momentum.
+  Invalid (padding) tokens leave everything as it was; at a reset (a document starts) the base becomes the reset
+  memory and everything before is forgotten."""
   c = eta.shape[-1]
   lead = eta.shape[:-1]
   eye = jnp.eye(c, dtype=eta.dtype)
 
   def step(carry, xs):
     sc, mc, sb, mb, ma = carry
-    et, al, ok, e_t = xs
+    et, al, ok, r, e_t = xs
+    sc, mc = jnp.where(r[..., None], 0.0, sc), jnp.where(r[..., None], 0.0, mc)
+    sb, mb, ma = jnp.where(r, 0.0, sb), jnp.where(r, 0.0, mb), jnp.where(r, 1.0, ma)
     keep = lambda new, old: jnp.where(ok[..., None] if new.ndim > ok.ndim else ok, new, old)
     sc = keep(et[..., None] * sc + e_t, sc)
     mc = keep((1 - al)[..., None] * mc + sc, mc)
@@ -49,7 +52,7 @@ def coefficients(eta, alpha, valid):
   last = lambda x: jnp.moveaxis(x, -1, 0)
   units = jnp.broadcast_to(eye, lead + (c, c))
   (sc, _, sb, _, _), (mc, mb, ma) = jax.lax.scan(
-      step, init, (last(eta), last(alpha), last(valid), jnp.moveaxis(units, -2, 0)))
+      step, init, (last(eta), last(alpha), last(valid), last(reset), jnp.moveaxis(units, -2, 0)))
   first = lambda x: jnp.moveaxis(x, 0, len(lead))
   return first(ma), first(mb), first(mc), sb, sc
 
@@ -72,32 +75,53 @@ def _keys_pass(spec, weights, k, v):
   return inputs, deltas
 
 
-def _chunk(spec, state, xs):
-  q, k, v, theta, A, B, Cm, E, D = xs                  # [B, H, C, ...]; Cm [B, H, C, C]; E [B, H]; D [B, H, C]
+def _chunk(spec, reset_weights, state, xs):
+  q, k, v, theta, A, B, Cm, E, D, from_start = xs      # [B, H, C, ...]; Cm [B, H, C, C]; E [B, H]; D [B, H, C]
   W0, S0 = state['weights'], state['momentum']
   X, Delta = _keys_pass(spec, W0, k, v)
+  if reset_weights is not None:
+    # Tokens of a document that began inside this chunk learn from the memory before that document.
+    X_new, Delta_new = _keys_pass(spec, reset_weights, k, v)
+    pick = lambda old, new: [jnp.where(from_start[..., None], a, b) for a, b in zip(old, new)]
+    X, Delta = pick(X, X_new), pick(Delta, Delta_new)
+
+  def base(h, i):
+    """h through layer i of the chunk's base memory: W⁰ until a document starts, the reset memory after."""
+    out = jnp.einsum('bhci,bhio->bhco', h, W0[i])
+    if reset_weights is None:
+      return out
+    return jnp.where(from_start[..., None], out, jnp.einsum('bhci,bhio->bhco', h, reset_weights[i]))
+
   sq = sum(jnp.sum(jnp.square(x), -1) * jnp.sum(jnp.square(d), -1) for x, d in zip(X, Delta))
   theta = theta * memory.clip_scale(spec, sq)                              # [B, H, C]
   coef = Cm * theta[..., None, :]                                          # C_ts θ_s
   act = memory.ACTIVATIONS[spec.activation]
   h = q
-  for i, (w0, s0, x, d) in enumerate(zip(W0, S0, X, Delta)):
-    z = (A[..., None] * jnp.einsum('bhci,bhio->bhco', h, w0) + B[..., None] * jnp.einsum('bhci,bhio->bhco', h, s0)
+  for i, (s0, x, d) in enumerate(zip(S0, X, Delta)):
+    z = (A[..., None] * base(h, i) + B[..., None] * jnp.einsum('bhci,bhio->bhco', h, s0)
          - jnp.einsum('bhts,bhso->bhto', jnp.einsum('bhti,bhsi->bhts', h, x) * coef, d))
     h = act(z) if i < len(W0) - 1 else z
   o = memory.finish(spec, q, h)
   outer = lambda x, c, d: jnp.einsum('bhsi,bhs,bhso->bhio', x, c, d)
+  end_base = W0 if reset_weights is None else [
+      jnp.where(from_start[..., -1, None, None], w0, wr) for w0, wr in zip(W0, reset_weights)]
   weights = [A[..., -1, None, None] * w0 + B[..., -1, None, None] * s0 - outer(x, coef[..., -1, :], d)
-             for w0, s0, x, d in zip(W0, S0, X, Delta)]
+             for w0, s0, x, d in zip(end_base, S0, X, Delta)]
   momentum = [E[..., None, None] * s0 - outer(x, D * theta, d) for s0, x, d in zip(S0, X, Delta)]
   return {'weights': weights, 'momentum': momentum}, o
 
 
-def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16):
+def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, segment_ids=None, reset_weights=None):
   """q, k [B, T, H, dk], v [B, T, H, dv], theta, eta, alpha [B, T, H]; state as `memory.init_state`.
-  Returns (o [B, T, H, dv] in v's dtype, final state fp32). Any T: the last chunk is padded with tokens that change
-  nothing."""
+  Where segment_ids [B, T] start a new document the memory restarts from `reset_weights` (default: the state's
+  weights; per layer [B, H, d_in, d_out]) with zero momentum; inside a chunk that document's gradients are taken at
+  that memory. Returns (o [B, T, H, dv] in v's dtype, final state fp32). Any T: the last chunk is padded with tokens
+  that change nothing."""
   b, t, h = q.shape[:3]
+  if segment_ids is not None and reset_weights is None:
+    reset_weights = state['weights']
+  if reset_weights is not None:
+    reset_weights = [w.astype(jnp.float32) for w in reset_weights]
   c = min(chunk_size, t)
   valid = pad_to_multiple(jnp.ones((b, t, h), bool), c, value=False)
   n = valid.shape[1] // c
@@ -106,10 +130,12 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16):
   f32 = lambda x: chunked(x.astype(jnp.float32))
   qs, ks, vs, th, et, al = (f32(x) for x in (q, k, v, theta, eta, alpha))
   ok = chunked(valid)
-  A, B, Cm, E, D = coefficients(et, al, ok)
+  reset = chunked(jnp.broadcast_to(pad_to_multiple(resets(segment_ids, t, b), c)[..., None], valid.shape))
+  A, B, Cm, E, D = coefficients(et, al, ok, reset)
+  from_start = jnp.cumsum(reset.astype(jnp.int32), axis=-1) == 0
   th = jnp.where(ok, th, 0.0)
-  body = jax.checkpoint(functools.partial(_chunk, spec))
+  body = jax.checkpoint(functools.partial(_chunk, spec, reset_weights))
   state = jax.tree.map(lambda x: x.astype(jnp.float32), state)
-  state, o = jax.lax.scan(body, state, (qs, ks, vs, th, A, B, Cm, E, D))
+  state, o = jax.lax.scan(body, state, (qs, ks, vs, th, A, B, Cm, E, D, from_start))
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(b, n * c, h, -1)[:, :t]
   return o.astype(v.dtype), state

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from longctx.ops.chunking import resets
 from longctx.ops.titans import memory
 
 
@@ -19,14 +20,29 @@ def _clipped_grad(spec, weights, k, v):
   return [g * scale for g in grads]
 
 
-def lmm(spec, q, k, v, theta, eta, alpha, state):
+def _restart(state, reset, reset_weights):
+  """Rows where a document starts get the initial weights and no momentum."""
+  if reset_weights is None:
+    return state
+  r = reset[:, None, None, None]
+  return {'weights': [jnp.where(r, w0, w) for w0, w in zip(reset_weights, state['weights'])],
+          'momentum': [jnp.where(r, 0.0, m) for m in state['momentum']]}
+
+
+def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weights=None):
   """Token by token: each gradient at the memory the previous token left. q, k [B, T, H, dk], v [B, T, H, dv],
-  gates [B, T, H]. Returns (o [B, T, H, dv], final state)."""
+  gates [B, T, H]. Where segment_ids start a new document the memory restarts from `reset_weights` (default: the
+  state's weights) with zero momentum. Returns (o [B, T, H, dv], final state)."""
   grad = _per_token(spec, lambda w, k, v: _clipped_grad(spec, w, k, v))
   read = _per_token(spec, lambda w, q: memory.apply(spec, w, q))
+  b, t = q.shape[:2]
+  reset = resets(segment_ids, t, b)
+  if segment_ids is not None and reset_weights is None:
+    reset_weights = state['weights']
 
   def body(state, xs):
-    q_t, k_t, v_t, th, et, al = xs
+    q_t, k_t, v_t, th, et, al, r = xs
+    state = _restart(state, r, reset_weights)
     g = grad(state['weights'], k_t, v_t)
     b = lambda x, w: x[..., None, None]
     mom = [b(et, s) * s - b(th, s) * gi for s, gi in zip(state['momentum'], g)]
@@ -34,31 +50,46 @@ def lmm(spec, q, k, v, theta, eta, alpha, state):
     return {'weights': weights, 'momentum': mom}, read(weights, q_t)
 
   f32 = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 0)
-  state, o = jax.lax.scan(body, state, tuple(f32(x) for x in (q, k, v, theta, eta, alpha)))
+  xs = tuple(f32(x) for x in (q, k, v, theta, eta, alpha)) + (jnp.moveaxis(reset, 1, 0),)
+  state, o = jax.lax.scan(body, state, xs)
   return jnp.moveaxis(o, 0, 1), state
 
 
-def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int):
+def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, segment_ids=None,
+                reset_weights=None):
   """The paper's chunk-parallel semantics with per-token weights: in each chunk every gradient is taken at the
-  memory the previous chunk left; momentum and decay then run token by token. T must be a multiple of chunk_size."""
+  memory the previous chunk left; momentum and decay then run token by token. A document that starts inside a
+  chunk takes its gradients at `reset_weights` (the memory before it) and starts with zero momentum. T must be a
+  multiple of chunk_size."""
   b, t = q.shape[:2]
+  reset = resets(segment_ids, t, b)
+  if segment_ids is not None and reset_weights is None:
+    reset_weights = state['weights']
   grad = jax.vmap(_per_token(spec, lambda w, k, v: _clipped_grad(spec, w, k, v)), in_axes=(None, 0, 0))
   read = _per_token(spec, lambda w, q: memory.apply(spec, w, q))
   n = t // chunk_size
   chunked = lambda x: jnp.moveaxis(x.astype(jnp.float32).reshape((b, n, chunk_size) + x.shape[2:]), (1, 2), (0, 1))
 
   def chunk(state, xs):
-    qc, kc, vc, th, et, al = xs                                  # [C, B, H, ...]
+    qc, kc, vc, th, et, al, rc = xs                              # [C, B, H, ...]
     g = grad(state['weights'], kc, vc)                             # per layer [C, B, H, i, o], all at the chunk start
+    if reset_weights is not None:
+      # Tokens of a document that began inside this chunk: gradients at the memory before that document.
+      g_new = grad(reset_weights, kc, vc)
+      began = (jnp.cumsum(rc, axis=0) > 0)[..., None, None, None]
+      g = [jnp.where(began, a, b) for a, b in zip(g_new, g)]
 
     def token(carry, ys):
-      q_t, g_t, th_t, et_t, al_t = ys
+      q_t, g_t, th_t, et_t, al_t, r_t = ys
+      carry = _restart(carry, r_t, reset_weights)
       e = lambda x: x[..., None, None]
       mom = [e(et_t) * s - e(th_t) * gi for s, gi in zip(carry['momentum'], g_t)]
       weights = [(1 - e(al_t)) * w + s for w, s in zip(carry['weights'], mom)]
       return {'weights': weights, 'momentum': mom}, read(weights, q_t)
 
-    return jax.lax.scan(token, state, (qc, g, th, et, al))
+    return jax.lax.scan(token, state, (qc, g, th, et, al, rc))
 
-  state, o = jax.lax.scan(chunk, state, tuple(chunked(x) for x in (q, k, v, theta, eta, alpha)))
+  xs = tuple(chunked(x) for x in (q, k, v, theta, eta, alpha))
+  reset_chunks = jnp.moveaxis(reset.reshape(b, n, chunk_size), (1, 2), (0, 1))
+  state, o = jax.lax.scan(chunk, state, xs + (reset_chunks,))
   return jnp.moveaxis(o, (0, 1), (1, 2)).reshape((b, t) + o.shape[3:]), state
