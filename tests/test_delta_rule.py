@@ -61,3 +61,17 @@ def test_bf16_inputs_keep_fp32_states():
   ref, ref_s = naive_delta_rule(x['q'], x['k'], x['v'], x['beta'], x['g'])
   assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
   assert rel(np.asarray(o, np.float32), ref) < 3e-2 and rel(s, ref_s) < 3e-2
+
+
+def test_unit_lower_inverse_and_its_gradient():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from longctx.ops.triangular import unit_lower_inverse
+  a = np.tril(np.random.default_rng(0).normal(size=(3, 37, 37)) * 0.3, -1)
+  w = np.random.default_rng(1).normal(size=(3, 37, 37))
+  inv = np.linalg.inv(np.eye(37) + a)
+  np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(a)), inv, rtol=1e-4, atol=1e-5)
+  grad = jax.grad(lambda x: jnp.sum(unit_lower_inverse(x) * w))(jnp.asarray(a))
+  expected = np.tril(-np.swapaxes(inv, -1, -2) @ w @ np.swapaxes(inv, -1, -2), -1)
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4)

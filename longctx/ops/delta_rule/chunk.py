@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from longctx.ops.chunking import chunked_inputs, unchunk
+from longctx.ops.triangular import unit_lower_inverse
 
 
 def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64):
@@ -32,9 +32,9 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   gamma = jnp.where(causal & same, jnp.exp(jnp.where(causal, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
   gamma_start = jnp.where(from_start, jnp.exp(G), 0.0)
   A = jnp.where(jnp.tril(causal, -1), beta[..., :, None] * gamma * jnp.einsum('...id,...jd->...ij', k, k), 0.0)
-  L = A + jnp.eye(c)
-  W = solve_triangular(L, beta[..., None] * gamma_start[..., None] * k, lower=True, unit_diagonal=True)
-  U_tilde = solve_triangular(L, beta[..., None] * v, lower=True, unit_diagonal=True)
+  T = unit_lower_inverse(A)
+  W = jnp.einsum('...ij,...jd->...id', T, beta[..., None] * gamma_start[..., None] * k)
+  U_tilde = jnp.einsum('...ij,...jd->...id', T, beta[..., None] * v)
   qs = q * scale
   P = jnp.einsum('...id,...jd->...ij', qs, k) * gamma
   Q_start = qs * gamma_start[..., None]
