@@ -58,6 +58,16 @@ def get_config(arg=None):
   c.model.linear.expand_v = 1         # value head dim = head_dim * expand_v
   c.model.linear.conv_size = 4
   c.model.linear.chunk_size = 64
+  c.model.titans = ml_collections.ConfigDict()   # Titans' neural memory (longctx.layers.titans)
+  c.model.titans.num_heads = 0        # 0: model.num_heads
+  c.model.titans.head_dim = 0         # 0: the attention head dim (keys, values and queries alike)
+  c.model.titans.memory_depth = 2     # layers of the memory MLP; 1 = a linear memory
+  c.model.titans.memory_expansion = 4 # hidden width of the memory MLP = head_dim * expansion
+  c.model.titans.activation = 'gelu'  # gelu | silu | relu
+  c.model.titans.chunk_size = 16      # tokens whose gradients share one memory state (the paper's b)
+  c.model.titans.max_lr = 0.1         # θ = max_lr · σ(W_θ x): the inner learning rate's bound
+  c.model.titans.grad_clip = 1.0      # per-token inner-gradient norm bound (0: none)
+  c.model.titans.conv_size = 4
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'            # stdlib | text | tokens | a synthetic task name

@@ -106,12 +106,13 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def architecture_changes(saved: dict, new: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-  """Fields under ARCHITECTURE_FIELDS that differ between a saved config (as a dict) and a new one."""
+  """Fields under ARCHITECTURE_FIELDS that differ between a saved config (as a dict) and a new one. A field the
+  saved config does not have (added to the schema since) is not a change: it holds its default."""
   old_flat = flatten(saved)
   new_flat = flatten(new)
   changes = []
   for key in sorted(set(old_flat) | set(new_flat)):
-    if key in COMPUTE_FIELDS:
+    if key in COMPUTE_FIELDS or key not in old_flat:
       continue
     if any(key == f or key.startswith(f + '.') for f in ARCHITECTURE_FIELDS):
       a, b = old_flat.get(key), new_flat.get(key)

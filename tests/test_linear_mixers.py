@@ -12,7 +12,7 @@ from longctx.layers import registry
 from longctx.train.loop import train
 from tests.conftest import small_config
 
-MIXERS = ['deltanet', 'gated_deltanet', 'retnet', 'lightning', 'gla', 'hgrn2', 'hgrn', 'mamba2']
+MIXERS = ['deltanet', 'gated_deltanet', 'retnet', 'lightning', 'gla', 'hgrn2', 'hgrn', 'mamba2', 'titans']
 CACHED = MIXERS + ['attention', 'swa']
 
 
@@ -157,3 +157,24 @@ def test_forget_gate_lower_bounds_rise_with_depth_and_decoding_uses_them():
   graph, params = nnx.split(model, nnx.Param)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graph, p)(tokens, pos, None)[..., :8] ** 2)))(params)
   assert float(jnp.abs(grads['lower_bounds_hgrn2'][...]).sum()) > 0
+
+
+@pytest.mark.parametrize('arg', ['variant=lmm,size=tiny', 'variant=lmm,size=340m'])
+def test_titans_configs_validate(arg):
+  import os
+  from tests.conftest import ROOT
+  cfg = config_lib.load_file(os.path.join(ROOT, 'configs', f'titans.py:{arg}'))
+  config_lib.validate(cfg, 1)
+  assert cfg.model.pattern == 'titans'
+
+
+def test_titans_memory_stays_finite_on_adversarial_inputs():
+  """Large activations and one token repeated: the clamped inner updates keep the memory finite."""
+  mixer, cfg = make('titans', **{'model.titans.chunk_size': 16})
+  x = jnp.concatenate([100.0 * jax.random.normal(jax.random.PRNGKey(5), (2, 64, cfg.model.d_model)),
+                       jnp.broadcast_to(50.0 * jnp.ones((cfg.model.d_model,)), (2, 64, cfg.model.d_model))], axis=1)
+  pos = jnp.broadcast_to(jnp.arange(128), (2, 128))
+  graph, params = nnx.split(mixer, nnx.Param)
+  loss = lambda p: jnp.mean(nnx.merge(graph, p)(x, positions=pos, segment_ids=None)[0] ** 2)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

@@ -4,3 +4,4 @@ from longctx.layers import delta_net  # noqa: F401  (registers 'deltanet', 'gate
 from longctx.layers import retention  # noqa: F401  (registers 'retnet', 'lightning')
 from longctx.layers import gated_linear  # noqa: F401  (registers 'gla', 'hgrn2', 'hgrn')
 from longctx.layers import mamba2  # noqa: F401  (registers 'mamba2')
+from longctx.layers import titans  # noqa: F401  (registers 'titans')

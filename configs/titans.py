@@ -1,0 +1,35 @@
+"""Titans stacks: `configs/titans.py:variant=lmm,size=340m`.
+
+Variants: variant (lmm: every layer is the neural long-term memory, `model.pattern = 'titans'`), size (tiny, and the
+paper's 170m: 12 blocks, d 768, 12 heads; 340m: 24 blocks, d 1024, 16 heads; 760m: 24 blocks, d 1536, 16 heads; 4K
+context). Memory settings are `model.titans` (configs/default.py): a 2-layer MLP memory with expansion 4, chunk 16.
+Everything else is configs/default.py.
+"""
+import os
+
+from longctx.config import ConfigError, load_file, parse_variant
+
+VARIANTS = ('lmm',)
+SIZES = {
+    #       layers d_model heads mlp   vocab  seq_len batch lr
+    'tiny': (4, 128, 4, 384, 384, 256, 16, 3e-3),
+    '170m': (12, 768, 12, 2048, 32768, 4096, 32, 6e-4),
+    '340m': (24, 1024, 16, 2816, 32768, 4096, 16, 4e-4),
+    '760m': (24, 1536, 16, 4096, 32768, 4096, 16, 3e-4),
+}
+
+
+def get_config(arg=None):
+  variant = parse_variant(arg, variant='lmm', size='tiny')
+  if variant.variant not in VARIANTS:
+    raise ConfigError('--config variant variant', variant.variant, f'one of {", ".join(VARIANTS)}')
+  if variant.size not in SIZES:
+    raise ConfigError('--config variant size', variant.size, f'one of {", ".join(SIZES)}')
+  base = 'tiny' if variant.size == 'tiny' else '125m'
+  c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), f'default.py:size={base}'))
+  layers, d_model, heads, mlp, vocab, seq_len, batch, lr = SIZES[variant.size]
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.num_kv_heads = layers, d_model, heads, heads
+  c.model.mlp_dim, c.model.vocab_size = mlp, vocab
+  c.data.seq_len, c.train.batch_size, c.train.learning_rate = seq_len, batch, lr
+  c.model.pattern = 'titans'
+  return c
