@@ -76,7 +76,8 @@ def get_config(arg=None):
   c.data.val_percent = 2.0            # share of files (text) or windows (tokens) held out for validation
   c.data.token_dtype = 'uint16'       # raw .bin token files
   c.data.eos_id = -1                  # token files: document separator (-1: none)
-  c.data.mqar = ml_collections.ConfigDict({'vocab': 8192, 'num_pairs': 16, 'power_a': 0.01})  # source 'mqar'
+  c.data.mqar = ml_collections.ConfigDict(   # source 'mqar' (Zoology's multi-query associative recall)
+      {'vocab': 8192, 'num_pairs': 16, 'power_a': 0.01, 'random_non_queries': False})
   c.data.num_threads = 4
   c.data.prefetch = 8
 

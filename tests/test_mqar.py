@@ -22,6 +22,18 @@ def test_keys_values_and_answers_follow_the_definition():
     assert all(pairs[k] == v for k, v in zip(tokens[answers - 1], tokens[answers]))
 
 
+def test_filler_is_zero_unless_random_non_queries():
+  rng = np.random.default_rng(2)
+  tokens, mask = mqar_row(rng, 128, 8192, 8, 0.01)
+  answers = np.flatnonzero(mask)
+  filler = np.ones(128, bool)
+  filler[:16] = False
+  filler[answers] = filler[answers - 1] = False
+  assert (tokens[filler] == 0).all()
+  noisy, _ = mqar_row(rng, 128, 8192, 8, 0.01, random_non_queries=True)
+  assert (noisy[16:] != 0).mean() > 0.9
+
+
 def test_query_gaps_follow_the_power_law():
   rng = np.random.default_rng(1)
   gaps = np.concatenate([(np.flatnonzero(mqar_row(rng, 512, 8192, 8, 0.01)[1]) - 1 - 16) // 2 for _ in range(400)])
