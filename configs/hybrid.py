@@ -11,7 +11,7 @@ Everything else is configs/default.py.
 """
 import os
 
-from longctx.config import ConfigError, load_file, parse_variant
+from longctx.config import ConfigError, load_sized, parse_variant
 
 PRESETS = ('', 'study', 'h1', 'h2')
 
@@ -26,16 +26,9 @@ SIZES = {
 
 def get_config(arg=None):
   variant = parse_variant(arg, linear='gated_deltanet', ratio='3:1', attention='attention', size='tiny', preset='')
-  if variant.size not in SIZES:
-    raise ConfigError('--config variant size', variant.size, f'one of {", ".join(SIZES)}')
   if variant.preset not in PRESETS:
     raise ConfigError('--config variant preset', variant.preset, f'one of {", ".join(p for p in PRESETS if p)}')
-  base = 'tiny' if variant.size == 'tiny' else '125m'
-  c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), f'default.py:size={base}'))
-  layers, d_model, heads, mlp, vocab, seq_len, batch, lr = SIZES[variant.size]
-  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.num_kv_heads = layers, d_model, heads, heads
-  c.model.mlp_dim, c.model.vocab_size = mlp, vocab
-  c.data.seq_len, c.train.batch_size, c.train.learning_rate = seq_len, batch, lr
+  c = load_sized(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'), variant.size, SIZES)
   c.model.pattern = 'hybrid'
   c.model.hybrid.linear = variant.linear
   c.model.hybrid.ratio = variant.ratio
@@ -46,8 +39,8 @@ def get_config(arg=None):
     c.model.hybrid.ratio, c.model.hybrid.attention = '1:1', 'swa'
     c.model.attention.swa_window = min(2048, c.data.seq_len // 2)
   elif variant.preset == 'h2':
-    if layers % 3:
+    if c.model.num_layers % 3:
       raise ConfigError('--config variant size', variant.size, 'a size whose depth is a multiple of 3 for preset=h2')
-    c.model.pattern = ','.join(['mamba2', 'gated_deltanet', 'swa'] * (layers // 3))
+    c.model.pattern = ','.join(['mamba2', 'gated_deltanet', 'swa'] * (c.model.num_layers // 3))
     c.model.attention.swa_window = min(2048, c.data.seq_len // 2)
   return c

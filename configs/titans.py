@@ -7,7 +7,7 @@ Everything else is configs/default.py.
 """
 import os
 
-from longctx.config import ConfigError, load_file, parse_variant
+from longctx.config import ConfigError, load_sized, parse_variant
 
 VARIANTS = ('lmm',)
 SIZES = {
@@ -23,13 +23,6 @@ def get_config(arg=None):
   variant = parse_variant(arg, variant='lmm', size='tiny')
   if variant.variant not in VARIANTS:
     raise ConfigError('--config variant variant', variant.variant, f'one of {", ".join(VARIANTS)}')
-  if variant.size not in SIZES:
-    raise ConfigError('--config variant size', variant.size, f'one of {", ".join(SIZES)}')
-  base = 'tiny' if variant.size == 'tiny' else '125m'
-  c = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), f'default.py:size={base}'))
-  layers, d_model, heads, mlp, vocab, seq_len, batch, lr = SIZES[variant.size]
-  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.num_kv_heads = layers, d_model, heads, heads
-  c.model.mlp_dim, c.model.vocab_size = mlp, vocab
-  c.data.seq_len, c.train.batch_size, c.train.learning_rate = seq_len, batch, lr
+  c = load_sized(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'), variant.size, SIZES)
   c.model.pattern = 'titans'
   return c

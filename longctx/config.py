@@ -74,6 +74,18 @@ def parse_variant(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def load_sized(default_path: str, size: str, sizes: dict) -> ml_collections.ConfigDict:
+  """configs/default.py resized by a row of `sizes`: (layers, d_model, heads, mlp, vocab, seq_len, batch, lr)."""
+  if size not in sizes:
+    raise ConfigError('--config variant size', size, f'one of {", ".join(sizes)}')
+  c = load_file(f'{default_path}:size={"tiny" if size == "tiny" else "125m"}')
+  layers, d_model, heads, mlp, vocab, seq_len, batch, lr = sizes[size]
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.num_kv_heads = layers, d_model, heads, heads
+  c.model.mlp_dim, c.model.vocab_size = mlp, vocab
+  c.data.seq_len, c.train.batch_size, c.train.learning_rate = seq_len, batch, lr
+  return c
+
+
 def override(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
   """Sets dotted keys (`{'train.num_steps': 5}`) in place, as `--config.train.num_steps=5` would."""
   for key, value in values.items():

@@ -50,6 +50,11 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def l2_normalize(z, eps: float = 1e-6):
+  """z / ‖z‖ over the last axis, the norm taken in fp32."""
+  return z * jax.lax.rsqrt(jnp.sum(jnp.square(z.astype(jnp.float32)), -1, keepdims=True) + eps).astype(z.dtype)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding (Su et al., RoFormer) on [B, T, H, D] at integer positions [B, T], half-split layout."""
   d = x.shape[-1]

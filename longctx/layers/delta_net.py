@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.layers import registry
-from longctx.layers.common import Dense
+from longctx.layers.common import Dense, l2_normalize
 from longctx.layers.conv import ShortConv
 from longctx.layers.linear import LinearMixer, dt_bias_init, linear_dims
 from longctx.ops.delta_rule import chunk_delta_rule
@@ -56,8 +56,7 @@ class _DeltaRuleMixer(LinearMixer):
     qkv, conv_cache = self.conv(qkv, segment_ids, None if cache is None else cache['conv'])
     qkv = jax.nn.silu(qkv)
     q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
-    l2 = lambda z: z * jax.lax.rsqrt(jnp.sum(jnp.square(z.astype(jnp.float32)), -1, keepdims=True) + 1e-6).astype(z.dtype)
-    q, k = l2(q.reshape(b, t, h, dk)), l2(k.reshape(b, t, h, dk))
+    q, k = l2_normalize(q.reshape(b, t, h, dk)), l2_normalize(k.reshape(b, t, h, dk))
     v = v.reshape(b, t, h, dv)
     beta = jax.nn.sigmoid(self.beta(x).astype(jnp.float32))
     g = None

@@ -25,7 +25,7 @@ from flax import nnx
 
 from longctx.config import ConfigError
 from longctx.layers import registry
-from longctx.layers.common import Dense, RMSNorm
+from longctx.layers.common import Dense, RMSNorm, l2_normalize
 from longctx.layers.conv import ShortConv
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
 from longctx.ops.titans.memory import ACTIVATIONS
@@ -107,10 +107,9 @@ class Titans(registry.Mixer):
     h, d = self.heads, self.head_dim
     qkv, conv_cache = self.conv(self.qkv(x).reshape(b, t, 3 * h * d), segment_ids, conv_cache)
     q, k, v = jnp.split(jax.nn.silu(qkv).reshape(b, t, 3, h, d), 3, axis=2)
-    l2 = lambda z: z * jax.lax.rsqrt(jnp.sum(jnp.square(z.astype(jnp.float32)), -1, keepdims=True) + 1e-6).astype(z.dtype)
     gates = jax.nn.sigmoid(self.gates(x).astype(jnp.float32) + self.gate_bias[...])     # [B, T, 3, H]
     theta, eta, alpha = self.max_lr * gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
-    return l2(q[:, :, 0]), l2(k[:, :, 0]), v[:, :, 0], theta, eta, alpha, conv_cache
+    return l2_normalize(q[:, :, 0]), l2_normalize(k[:, :, 0]), v[:, :, 0], theta, eta, alpha, conv_cache
 
   def __call__(self, x, *, positions, segment_ids, cache=None):
     del positions
