@@ -88,22 +88,6 @@ def eval_args(spec: str, rundir: str) -> list[str]:
   return shlex.split(spec)[:1] + ['--workdir', rundir] + shlex.split(spec)[1:]
 
 
-def run_evals(workdir: str, runs: list[dict], evals) -> None:
-  """Each finished run's missing evaluations, one after another."""
-  for run in runs:
-    rundir = os.path.join(workdir, run['name'])
-    if not os.path.exists(os.path.join(rundir, 'DONE')):
-      continue
-    for spec in evals:
-      if os.path.exists(os.path.join(rundir, f'eval_{eval_task(spec)}.json')):
-        continue
-      cmd = [sys.executable, '-m', 'longctx.cli.evaluate'] + eval_args(spec, rundir)
-      print(f'evaluate {run["name"]}: {shlex.join(cmd)}', flush=True)
-      with open(os.path.join(rundir, 'eval.log'), 'a') as log:
-        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
-          print(f'FAILED evaluation of {run["name"]}; see {rundir}/eval.log', flush=True)
-
-
 def eval_summary(rundir: str) -> dict:
   """Headline numbers of the run's evaluation files, and the share of attention layers in its stack."""
   out = {}
@@ -145,38 +129,68 @@ def gather(workdir: str, runs: list[dict]) -> list[dict]:
   return table
 
 
-def run_local(base: str, workdir: str, runs: list[dict], parallel: int) -> None:
-  pending = [r for r in runs if not os.path.exists(os.path.join(workdir, r['name'], 'DONE'))]
-  for r in runs:
-    if r not in pending:
-      print(f'skip {r["name"]} (done)', flush=True)
-  active: list[tuple[dict, subprocess.Popen, int]] = []
-  free = list(range(parallel))
+def _job(workdir: str, base: str, run: dict, evals) -> list[tuple[str, list[str], str]]:
+  """What a run still needs, in order: (log file, command, what it is) for training and each missing evaluation."""
+  rundir = os.path.join(workdir, run['name'])
+  steps = []
+  if not os.path.exists(os.path.join(rundir, 'DONE')):
+    steps.append(('train.log', [sys.executable, '-m', 'longctx.cli.train'] + train_args(base, rundir, run['overrides']),
+                  'train'))
+  for spec in evals:
+    if not os.path.exists(os.path.join(rundir, f'eval_{eval_task(spec)}.json')):
+      steps.append(('eval.log', [sys.executable, '-m', 'longctx.cli.evaluate'] + eval_args(spec, rundir),
+                    f'evaluate {eval_task(spec)}'))
+  return steps
+
+
+def run_local(base: str, workdir: str, runs: list[dict], parallel: int, evals=(), runs_per_device: int = 1) -> None:
+  """Runs `parallel × runs_per_device` runs at a time: slot i sees only local device i // runs_per_device
+  (CUDA_VISIBLE_DEVICES, and a share of its memory when several runs share it). A run trains, then its evaluations
+  follow in the same slot; a failed training skips its evaluations."""
+  jobs = [(run, _job(workdir, base, run, evals)) for run in runs]
+  for run, steps in jobs:
+    if not steps:
+      print(f'skip {run["name"]} (done)', flush=True)
+  pending = [(run, steps) for run, steps in jobs if steps]
+  active: list[tuple[dict, list, subprocess.Popen, int, str]] = []
+  free = list(range(parallel * runs_per_device))
+
+  def start(run, steps, slot):
+    rundir = os.path.join(workdir, run['name'])
+    os.makedirs(rundir, exist_ok=True)
+    env = dict(os.environ)
+    if parallel > 1 or runs_per_device > 1:
+      env['CUDA_VISIBLE_DEVICES'] = str(slot // runs_per_device)
+    if runs_per_device > 1:
+      env.update(XLA_PYTHON_CLIENT_PREALLOCATE='false',
+                 XLA_PYTHON_CLIENT_MEM_FRACTION=f'{0.9 / runs_per_device:.3f}')
+    (log, cmd, what), rest = steps[0], steps[1:]
+    print(f'{what} {run["name"]}: {shlex.join(cmd)}', flush=True)
+    with open(os.path.join(rundir, log), 'a') as f:
+      active.append((run, rest, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), slot, what))
+
   while pending or active:
     while pending and free:
-      run, slot = pending.pop(0), free.pop(0)
-      rundir = os.path.join(workdir, run['name'])
-      os.makedirs(rundir, exist_ok=True)
-      env = dict(os.environ)
-      if parallel > 1:
-        env['CUDA_VISIBLE_DEVICES'] = str(slot)
-      cmd = [sys.executable, '-m', 'longctx.cli.train'] + train_args(base, rundir, run['overrides'])
-      print(f'start {run["name"]}: {shlex.join(cmd)}', flush=True)
-      log = open(os.path.join(rundir, 'train.log'), 'a')
-      active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), slot))
+      run, steps = pending.pop(0)
+      start(run, steps, free.pop(0))
     time.sleep(0.5)
     for item in list(active):
-      run, proc, slot = item
+      run, rest, proc, slot, what = item
       if proc.poll() is None:
         continue
       active.remove(item)
-      free.append(slot)
       rundir = os.path.join(workdir, run['name'])
-      if proc.returncode == 0:
-        open(os.path.join(rundir, 'DONE'), 'w').close()
-        print(f'done {run["name"]}', flush=True)
+      if proc.returncode:
+        print(f'FAILED {what} {run["name"]} (exit {proc.returncode}); see {rundir}', flush=True)
+        rest = [] if what == 'train' else rest
       else:
-        print(f'FAILED {run["name"]} (exit {proc.returncode}); see {rundir}/train.log', flush=True)
+        if what == 'train':
+          open(os.path.join(rundir, 'DONE'), 'w').close()
+        print(f'done {what} {run["name"]}', flush=True)
+      if rest:
+        start(run, rest, slot)
+      else:
+        free.append(slot)
 
 
 def tpu_commands(base: str, workdir: str, runs: list[dict], tpu_name: str, zone: str, repo: str,

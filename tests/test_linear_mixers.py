@@ -159,6 +159,21 @@ def test_forget_gate_lower_bounds_rise_with_depth_and_decoding_uses_them():
   assert float(jnp.abs(grads['lower_bounds_hgrn2'][...]).sum()) > 0
 
 
+def test_bounded_forget_gate_is_the_formula_with_finite_gradients():
+  from longctx.layers.gated_linear import bounded_forget_gate
+  x = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(0), (500,)) * 8, jnp.array([-1e4, -95.0, 95.0, 1e4])])
+  for lb in (0.0, 0.2, 0.95):
+    bound = jnp.full(x.shape, lb)
+    log_alpha, one_minus = bounded_forget_gate(x, bound)
+    alpha = lb + (1 - lb) * jax.nn.sigmoid(x)
+    np.testing.assert_allclose(jnp.exp(log_alpha), alpha, rtol=1e-5, atol=1e-30)
+    np.testing.assert_allclose(one_minus, 1 - alpha, rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda x, b: jnp.sum(jnp.sin(bounded_forget_gate(x, b)[0])), argnums=(0, 1))(x, bound)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    if lb > 0:   # d log α / d lb = σ(−x) / α, at most 1 / lb
+      np.testing.assert_allclose(grads[1], jnp.cos(log_alpha) * jax.nn.sigmoid(-x) / alpha, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize('arg', ['variant=lmm,size=tiny', 'variant=lmm,size=340m'])
 def test_titans_configs_validate(arg):
   import os

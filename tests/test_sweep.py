@@ -37,7 +37,7 @@ def test_sweep_runs_evaluates_gathers_skips_finished_runs_and_the_notebook_plots
   path = tmp_path / 'sweep.py'
   path.write_text(SWEEP_FILE.format(base=os.path.join(ROOT, 'configs', 'hybrid.py') + ':linear=gla,size=tiny'))
   workdir = tmp_path / 'runs'
-  args = ['scripts/sweep.py', '--sweep', str(path), '--workdir', str(workdir), '--parallel', '2']
+  args = ['scripts/sweep.py', '--sweep', str(path), '--workdir', str(workdir), '--runs_per_device', '2']
   first = run_script(args, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   with open(workdir / 'results.csv') as f:

@@ -25,7 +25,7 @@ from longctx import config as config_lib
 from longctx.cli import common
 
 common.define_config_flag(required=False)
-_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention, linear')
+_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention, linear, titans')
 _NAME = flags.DEFINE_string('name', 'custom', 'case name when --config is given')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per case')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
@@ -231,11 +231,82 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
   return results
 
 
+def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), small: bool = False) -> list[dict]:
+  """The Titans memory mixer (input projections, convolution, gates, the chunk-parallel memory, output gate and
+  projection), forward+backward of a scalar loss in the input and every parameter, bf16 activations: dim 1024,
+  8 heads × 128, a 2-layer MLP memory ×4, B2 T4096 at chunk 16 and 64 — the shape titans-pytorch's NeuralMemory is
+  compared at (scripts/peers/titans_neural_memory.py). Memory is the compiled step's own (arguments, outputs and
+  temporaries), the figure that decides what fits."""
+  from flax import nnx
+
+  from longctx.layers.titans import Titans
+  from longctx.train import profiling
+
+  b, t, dm = (2, 64, 64) if small else (2, 4096, 1024)
+  heads, dh = (2, 16) if small else (8, 128)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  results = []
+  for chunk in (16, 64):
+    name = f'titans_lmm_chunk{chunk}'
+    if cases and name not in cases:
+      continue
+    cfg = config_lib.override(config_lib.load_file(os.path.join(repo, 'configs/titans.py')), {
+        'model.d_model': dm, 'model.num_heads': heads, 'model.titans.num_heads': heads,
+        'model.titans.head_dim': dh, 'model.titans.chunk_size': chunk})
+    graph, params = nnx.split(Titans(cfg, layer_index=0, rngs=nnx.Rngs(0)))
+    x, dy = (jax.random.normal(key, (b, t, dm), jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(1)))
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    segments = jnp.ones((b, t), jnp.int32)
+
+    def loss(params, x):
+      y, _ = nnx.merge(graph, params)(x, positions=positions, segment_ids=segments)
+      return jnp.sum(y.astype(jnp.float32) * dy)
+
+    both = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    row = {'case': name, 'shape': f'B{b} T{t} dim {dm}, {heads}×{dh}, memory 2×4, chunk {chunk}'}
+    try:
+      compiled = both.lower(params, x).compile()
+      mem = compiled.memory_analysis()
+      if mem is not None:
+        row['step_memory_gib'] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                  + mem.output_size_in_bytes) / 2 ** 30
+      jax.block_until_ready(compiled(params, x))
+      times = []
+      for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, x))
+        times.append(time.perf_counter() - start)
+      row['fwd_bwd_ms'] = statistics.median(times) * 1e3
+      if profile_steps:
+        logdir = os.path.join(out or '.', 'profile', name)
+        profiling.trace(lambda: compiled(params, x), profile_steps, logdir)
+        row['profile'] = profiling.summarize(logdir, profile_steps, top=8)
+    except Exception as e:  # out of memory is a result
+      row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  return results
+
+
+def titans_markdown(env: dict, results: list[dict]) -> str:
+  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n', '| case | shape | fwd+bwd ms | step memory GiB |',
+           '|---|---|---|---|']
+  cell = lambda r, k, f: format(r[k], f) if k in r else r.get('error', 'failed')[:60]
+  lines += [f'| {r["case"]} | {r["shape"]} | {cell(r, "fwd_bwd_ms", ".1f")} | {cell(r, "step_memory_gib", ".2f")} |'
+            for r in results]
+  return '\n'.join(lines) + '\n' + profile_tables(results)
+
+
 def linear_markdown(env: dict, results: list[dict]) -> str:
   lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n', '| form | shape | fwd ms | fwd+bwd ms |',
            '|---|---|---|---|']
   cell = lambda r, k: f'{r[k]:.2f}' if k in r else 'failed'
   lines += [f'| {r["case"]} | {r["shape"]} | {cell(r, "fwd_ms")} | {cell(r, "fwd_bwd_ms")} |' for r in results]
+  return '\n'.join(lines) + '\n' + profile_tables(results)
+
+
+def profile_tables(results: list[dict]) -> str:
+  lines = []
   for r in results:
     if r.get('profile', {}).get('top_kernels_ms'):
       p = r['profile']
@@ -243,7 +314,7 @@ def linear_markdown(env: dict, results: list[dict]) -> str:
       lines += [f'\n{r["case"]} forward+backward, device ms by kind: {kinds}. Top kernels:\n',
                 '| kernel | ms |', '|---|---|']
       lines += [f'| `{n[:90]}` | {ms:.2f} |' for n, ms in p['top_kernels_ms']]
-  return '\n'.join(lines) + '\n'
+  return '\n'.join(lines) + ('\n' if lines else '')
 
 
 def attention_markdown(env: dict, results: list[dict]) -> str:
@@ -295,9 +366,14 @@ def main(argv):
     results = bench_linear(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
     write(env, 'linear', results, linear_markdown(env, results))
     return
+  if _SUITE.value == 'titans':
+    results = bench_titans(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
+    write(env, 'titans', results, titans_markdown(env, results))
+    return
   if _SUITE.value:
     if _SUITE.value not in SUITES:
-      config_lib.exit_with(config_lib.ConfigError('--suite', _SUITE.value, f'one of {", ".join(SUITES)}'))
+      config_lib.exit_with(config_lib.ConfigError(
+          '--suite', _SUITE.value, f'one of {", ".join([*SUITES, "attention", "linear", "titans"])}'))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cases = [(n, config_lib.override(config_lib.load_file(os.path.join(repo, spec)), o))
              for n, spec, o in SUITES[_SUITE.value] if not _CASES.value or n in _CASES.value]

@@ -1,10 +1,11 @@
 """longctx-sweep / scripts/sweep.py: expand a grid of config overrides into runs, run them, gather one table.
 
   python scripts/sweep.py --sweep configs/sweeps/learning_rate.py --workdir runs/lr [--parallel 2]
+  python scripts/sweep.py --sweep configs/sweeps/mqar_mixers.py --workdir runs/mqar --runs_per_device 6   # one GPU
   python scripts/sweep.py --sweep ... --workdir gs://bucket/lr --emit tpu --tpu_name NAME --zone ZONE
 
-See longctx/sweep.py for the sweep file. `--parallel K` runs K at a time, run i seeing only local device i % K
-(CUDA_VISIBLE_DEVICES); results go to WORKDIR/results.csv and results.md. `--emit tpu` prints one launch command
+See longctx/sweep.py for the sweep file. `--parallel K` spreads runs over K local devices (CUDA_VISIBLE_DEVICES),
+`--runs_per_device N` puts N small runs on each; a run's evaluations follow its training in its slot. Results go to WORKDIR/results.csv and results.md. `--emit tpu` prints one launch command
 per run instead of running anything.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from longctx.cli import common
 _SWEEP = flags.DEFINE_string('sweep', None, 'sweep file: get_config() -> base, grid, fixed')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory holding one subdirectory per run')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'runs at a time, each on its own local device')
+_PER_DEVICE = flags.DEFINE_integer('runs_per_device', 1, 'runs sharing each device (small models), each with '
+                                   'an equal share of its memory')
 _EMIT = flags.DEFINE_enum('emit', 'local', ['local', 'tpu'], 'run locally, or print TPU pod launch commands')
 _TPU_NAME = flags.DEFINE_string('tpu_name', 'TPU_NAME', 'TPU VM name for --emit tpu')
 _ZONE = flags.DEFINE_string('zone', 'ZONE', 'TPU zone for --emit tpu')
@@ -45,8 +48,7 @@ def main(argv):
                                         evals)))
     return
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  sweep.run_local(spec.base, _WORKDIR.value, runs, _PARALLEL.value)
-  sweep.run_evals(_WORKDIR.value, runs, evals)
+  sweep.run_local(spec.base, _WORKDIR.value, runs, _PARALLEL.value, evals, _PER_DEVICE.value)
   sweep.gather(_WORKDIR.value, runs)
 
 

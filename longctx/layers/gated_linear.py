@@ -29,13 +29,17 @@ GLA_GATE_NORMALIZER = 16.0
 
 
 def bounded_forget_gate(logits, lower_bound):
-  """(log α, 1 − α) for α = lb + (1 − lb) σ(logits), in fp32; lb = None means 0."""
+  """(log α, 1 − α) for α = lb + (1 − lb) σ(logits), in fp32; lb = None means 0.
+
+  log α is taken as logaddexp(log σ(x), log lb + log σ(−x)) (α = σ(x) + lb σ(−x)), so no derivative divides by α:
+  the quotient form log(lb + (1 − lb) σ(x)) gave non-finite gradients once XLA's GPU simplifier had rewritten it."""
   logits = logits.astype(jnp.float32)
   if lower_bound is None:
     return jax.nn.log_sigmoid(logits), jax.nn.sigmoid(-logits)
   lb = lower_bound.astype(jnp.float32)
-  alpha = lb + (1.0 - lb) * jax.nn.sigmoid(logits)
-  return jnp.log(jnp.maximum(alpha, 1e-30)), (1.0 - lb) * jax.nn.sigmoid(-logits)
+  log_lb = jnp.log(jnp.maximum(lb, 1e-30))
+  log_alpha = jnp.logaddexp(jax.nn.log_sigmoid(logits), log_lb + jax.nn.log_sigmoid(-logits))
+  return log_alpha, (1.0 - lb) * jax.nn.sigmoid(-logits)
 
 
 class _ChannelDecayMixer(LinearMixer):
