@@ -46,6 +46,7 @@ def get_config(arg=None):
   c.model.attention.chunk_size = 256
   c.model.attention.max_segments = 64 # packed rows with more documents than this skip cuDNN for the chunked path
 
+  c.model.attention.persistent_tokens = 0  # learned tokens every query sees (Titans' persistent memory: 128)
   c.model.attention.swa_window = 2048 # window of the 'swa' mixer (sliding-window attention layers in hybrids)
   c.model.hybrid = ml_collections.ConfigDict()   # the rule behind model.pattern = 'hybrid'
   c.model.hybrid.linear = 'gated_deltanet'
@@ -68,6 +69,7 @@ def get_config(arg=None):
   c.model.titans.max_lr = 0.1         # θ = max_lr · σ(W_θ x): the inner learning rate's bound
   c.model.titans.grad_clip = 1.0      # per-token inner-gradient norm bound (0: none)
   c.model.titans.conv_size = 4
+  c.model.titans.segment_size = 512   # MAC: tokens per attention segment (the paper's C)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'            # stdlib | text | tokens | a synthetic task name

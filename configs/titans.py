@@ -1,15 +1,24 @@
 """Titans stacks: `configs/titans.py:variant=lmm,size=340m`.
 
-Variants: variant (lmm: every layer is the neural long-term memory, `model.pattern = 'titans'`), size (tiny, and the
-paper's 170m: 12 blocks, d 768, 12 heads; 340m: 24 blocks, d 1024, 16 heads; 760m: 24 blocks, d 1536, 16 heads; 4K
-context). Memory settings are `model.titans` (configs/default.py): a 2-layer MLP memory with expansion 4, chunk 16.
-Everything else is configs/default.py.
+Variants: variant —
+  lmm: every layer is the neural long-term memory (`model.pattern = 'titans'`);
+  mac: memory as context (`titans_mac`), attention segments of 512 tokens;
+  mag: memory as a gate (`titans_mag`), sliding-window attention of 2048 beside the memory;
+  mal: memory as a layer, `titans` and `swa` (window 2048) layers alternating;
+the last three with 128 persistent tokens in every attention layer (longctx/layers/titans_wirings.py). size: tiny
+(segments, windows and persistent tokens scaled down with it), and the paper's 170m: 12 blocks, d 768, 12 heads;
+340m: 24 blocks, d 1024, 16 heads; 760m: 24 blocks, d 1536, 16 heads; 4K context. Memory settings are
+`model.titans` (configs/default.py): a 2-layer MLP memory with expansion 4, chunk 16. Everything else is
+configs/default.py.
 """
 import os
 
 from longctx.config import ConfigError, load_sized, parse_variant
 
-VARIANTS = ('lmm',)
+VARIANTS = ('lmm', 'mac', 'mag', 'mal')
+#            persistent tokens, MAC segment, SWA window
+WIRING = {'tiny': (4, 64, 64)}
+PAPER_WIRING = (128, 512, 2048)
 SIZES = {
     #       layers d_model heads mlp   vocab  seq_len batch lr
     'tiny': (4, 128, 4, 384, 384, 256, 16, 3e-3),
@@ -24,5 +33,13 @@ def get_config(arg=None):
   if variant.variant not in VARIANTS:
     raise ConfigError('--config variant variant', variant.variant, f'one of {", ".join(VARIANTS)}')
   c = load_sized(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'), variant.size, SIZES)
-  c.model.pattern = 'titans'
+  persistent, segment, window = WIRING.get(variant.size, PAPER_WIRING)
+  if variant.variant != 'lmm':
+    c.model.attention.persistent_tokens = persistent
+  c.model.titans.segment_size = segment
+  c.model.attention.swa_window = window
+  c.model.pattern = {
+      'lmm': 'titans', 'mac': 'titans_mac', 'mag': 'titans_mag',
+      'mal': ','.join(['titans', 'swa'] * (c.model.num_layers // 2) + ['titans'] * (c.model.num_layers % 2)),
+  }[variant.variant]
   return c

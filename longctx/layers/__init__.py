@@ -5,3 +5,4 @@ from longctx.layers import retention  # noqa: F401  (registers 'retnet', 'lightn
 from longctx.layers import gated_linear  # noqa: F401  (registers 'gla', 'hgrn2', 'hgrn')
 from longctx.layers import mamba2  # noqa: F401  (registers 'mamba2')
 from longctx.layers import titans  # noqa: F401  (registers 'titans')
+from longctx.layers import titans_wirings  # noqa: F401  (registers 'titans_mag', 'titans_mac')

@@ -7,8 +7,8 @@ from flax import nnx
 
 from longctx.config import ConfigError
 from longctx.layers import registry
-from longctx.layers.common import Dense, rope
-from longctx.ops.attention import attention, cached
+from longctx.layers.common import Dense, param, rope
+from longctx.ops.attention import attention, cached, prefixed
 from longctx.parallel.rules import constrain
 
 
@@ -20,6 +20,10 @@ class Attention(registry.Mixer):
   heads), head_dim (0 = d_model / num_heads), rope_theta, attention.window (0 = full causal), attention.impl,
   attention.chunk_size and attention.max_segments (see longctx.ops.attention). Output projection initialised with std 0.02/√(2·layers)
   (GPT-2's residual scaling).
+
+  `model.attention.persistent_tokens` P > 0 prepends P learned tokens (Titans' persistent memory; attention sinks):
+  d_model vectors that pass through this layer's key and value projections without rotation, seen by every query
+  whatever its window or document. Such layers take the blocked dense path `longctx.ops.attention.prefixed`.
   """
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
@@ -36,6 +40,8 @@ class Attention(registry.Mixer):
     self.impl = m.attention.impl
     self.chunk_size = m.attention.chunk_size
     self.max_segments = m.attention.max_segments
+    n_p = m.attention.persistent_tokens
+    self.persistent = param(rngs, (n_p, d), (None, 'embed'), 1.0) if n_p else None
 
   @staticmethod
   def window_of(config) -> int:
@@ -47,13 +53,25 @@ class Attention(registry.Mixer):
       raise ConfigError('model.rope_theta', config.model.rope_theta, 'a positive base')
     if config.model.attention.max_segments < 1:
       raise ConfigError('model.attention.max_segments', config.model.attention.max_segments, 'a positive count')
+    if config.model.attention.persistent_tokens < 0:
+      raise ConfigError('model.attention.persistent_tokens', config.model.attention.persistent_tokens,
+                        'a count >= 0 (0: none; Titans uses 128)')
 
   @classmethod
   def flops(cls, config, seq_len):
     from longctx.train.flops import causal_pairs
     m = config.model
     head_dim = m.head_dim or m.d_model // m.num_heads
-    return 4.0 * causal_pairs(seq_len, cls.window_of(config)) * m.num_heads * head_dim
+    pairs = causal_pairs(seq_len, cls.window_of(config)) + seq_len * m.attention.persistent_tokens
+    return 4.0 * pairs * m.num_heads * head_dim
+
+  def prefix(self, batch: int):
+    """Keys and values of the persistent tokens [B, P, KV, D], or None."""
+    if self.persistent is None:
+      return None
+    p = self.persistent[...][None]
+    grow = lambda x: jnp.broadcast_to(x, (batch,) + x.shape[1:])
+    return grow(self.k(p)), grow(self.v(p))
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
     """Keys and values of up to max_len tokens, and how many are filled."""
@@ -69,13 +87,18 @@ class Attention(registry.Mixer):
       end = cache['end']
       k_cache = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, end, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, end, 0, 0))
-      o = cached(q, k_cache, v_cache, end, window=self.window)
+      o = cached(q, k_cache, v_cache, end, window=self.window, prefix=self.prefix(x.shape[0]))
       return self.o(o), {'k': k_cache, 'v': v_cache, 'end': end + x.shape[1]}
     q = constrain(q, ('batch', 'length', 'act_heads', None))
     k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
-    o = attention(q, k, v, segment_ids, window=self.window, impl=self.impl, chunk_size=self.chunk_size,
-                  max_segments=self.max_segments)
+    prefix = self.prefix(x.shape[0])
+    if prefix is not None:
+      o = prefixed(q, k, v, *(a.astype(k.dtype) for a in prefix), segment_ids, window=self.window,
+                   block=self.chunk_size)
+    else:
+      o = attention(q, k, v, segment_ids, window=self.window, impl=self.impl, chunk_size=self.chunk_size,
+                    max_segments=self.max_segments)
     return self.o(o), None
 
 

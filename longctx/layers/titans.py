@@ -102,10 +102,10 @@ class Titans(registry.Mixer):
   def initial_weights(self, batch: int):
     return [jnp.broadcast_to(w[...], (batch,) + w.shape) for w in self.memory]
 
-  def features(self, x, segment_ids, conv_cache):
+  def features(self, x, segment_ids, conv_cache, conv_segment_ids=None):
     b, t, _ = x.shape
     h, d = self.heads, self.head_dim
-    qkv, conv_cache = self.conv(self.qkv(x).reshape(b, t, 3 * h * d), segment_ids, conv_cache)
+    qkv, conv_cache = self.conv(self.qkv(x).reshape(b, t, 3 * h * d), segment_ids, conv_cache, conv_segment_ids)
     q, k, v = jnp.split(jax.nn.silu(qkv).reshape(b, t, 3, h, d), 3, axis=2)
     gates = jax.nn.sigmoid(self.gates(x).astype(jnp.float32) + self.gate_bias[...])     # [B, T, 3, H]
     theta, eta, alpha = self.max_lr * gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
@@ -122,8 +122,11 @@ class Titans(registry.Mixer):
     else:
       o, cache = self._decode(q, k, v, theta, eta, alpha, cache)
       cache = {**cache, 'conv': conv_cache}
-    y = self.o(self.o_norm(o.astype(x.dtype)) * jax.nn.silu(self.gate(x)))
-    return y, cache
+    return self.project(o, x), cache
+
+  def project(self, o, x):
+    """The memory's reads o [B, T, H, D] to the model width: W_o (RMSNorm(o) ⊙ SiLU(W_g x))."""
+    return self.o(self.o_norm(o.astype(x.dtype)) * jax.nn.silu(self.gate(x)))
 
   def _decode(self, q, k, v, theta, eta, alpha, cache):
     """Token by token through the chunk in progress (module docstring)."""

@@ -99,24 +99,71 @@ def library(q, k, v, segment_ids=None, *, window=0, scale=None, implementation='
       implementation=implementation)
 
 
-def cached(q, k_cache, v_cache, start, *, window=0, scale=None):
+def cached(q, k_cache, v_cache, start, *, window=0, scale=None, prefix=None):
   """Queries at cache positions start, start+1, ... against a KV cache [B, S, KV, D] already holding them (decoding).
 
-  Key j is seen by the query at position i when j <= i (and i − j < window); fp32 scores, one document.
+  Key j is seen by the query at position i when j <= i (and i − j < window); fp32 scores, one document. `prefix`
+  (keys, values [B, P, KV, D]) is seen by every query, as in `prefixed`.
   """
-  b, t, h, d = q.shape
-  kv, s = k_cache.shape[2], k_cache.shape[1]
-  scale = d ** -0.5 if scale is None else scale
-  qf = q.astype(jnp.float32).reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum('btkgd,bskd->bkgts', qf, k_cache.astype(jnp.float32)) * scale
+  t, s = q.shape[1], k_cache.shape[1]
   q_idx = start + jnp.arange(t)
   k_idx = jnp.arange(s)
   mask = k_idx[None, :] <= q_idx[:, None]
   if window:
     mask = mask & (q_idx[:, None] - k_idx[None, :] < window)
-  p = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-  o = jnp.einsum('bkgts,bskd->btkgd', p, v_cache.astype(jnp.float32))
+  mask = mask[None]
+  if prefix is not None:
+    pk, pv = prefix
+    k_cache = jnp.concatenate([pk.astype(k_cache.dtype), k_cache], axis=1)
+    v_cache = jnp.concatenate([pv.astype(v_cache.dtype), v_cache], axis=1)
+    mask = jnp.concatenate([jnp.ones((1, t, pk.shape[1]), bool), mask], axis=-1)
+  return masked(q, k_cache, v_cache, mask, scale=scale)
+
+
+def masked(q, k, v, mask, *, scale=None):
+  """Dense softmax attention of q [B, Tq, H, D] over k, v [B, Tk, KV, D] under an explicit boolean mask
+  [B or 1, Tq, Tk] (GQA: KV divides H); fp32 scores. A query that may see no key returns 0."""
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  qf = q.astype(jnp.float32).reshape(b, t, kv, h // kv, d)
+  s = jnp.einsum('btkgd,bskd->bkgts', qf, k.astype(jnp.float32)) * scale
+  m = mask[:, None, None]
+  s = jnp.where(m, s, _MASKED)
+  p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))) * m
+  p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+  o = jnp.einsum('bkgts,bskd->btkgd', p, v.astype(jnp.float32))
   return o.reshape(b, t, h, d).astype(q.dtype)
+
+
+def prefixed(q, k, v, prefix_k, prefix_v, segment_ids=None, *, window=0, scale=None, block=512):
+  """Causal (optionally windowed, document-masked) attention whose every query also sees `prefix_k/v`
+  [B, P, KV, D]: persistent memory tokens or attention sinks, which no window or document boundary hides.
+
+  Queries go in blocks of `block`, each against [prefix ‖ all keys] under its mask and recomputed in the backward
+  pass, so memory is O(block · (P + T)) per head rather than O(T²)."""
+  b, t, h, d = q.shape
+  n_p = prefix_k.shape[1]
+  seg = _segments(segment_ids, b, t)
+  keys = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
+  values = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+  bq = min(block, t)
+  n = -(-t // bq)
+  pad = n * bq - t
+  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  segp = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+  k_idx = jnp.arange(t)
+
+  @jax.checkpoint
+  def one(i):
+    qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
+    si = jax.lax.dynamic_slice_in_dim(segp, i * bq, bq, axis=1)
+    inner = _allowed(i * bq + jnp.arange(bq), k_idx, si, seg, window)
+    mask = jnp.concatenate([jnp.ones((b, bq, n_p), bool), inner], axis=-1)
+    return masked(qi, keys, values, mask, scale=scale)
+
+  o = jax.lax.map(one, jnp.arange(n))                                  # [n, B, bq, H, D]
+  return jnp.moveaxis(o, 0, 1).reshape(b, n * bq, h, d)[:, :t]
 
 
 # ----------------------------------------------------------------------------------------------------------------

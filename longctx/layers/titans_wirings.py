@@ -1,0 +1,162 @@
+"""Titans' ways of joining the long-term memory with attention (Behrouz, Zhong, Mirrokni 2025, section 4).
+
+MAG, memory as a gate (`titans_mag`): sliding-window attention (`model.attention.swa_window`) over
+[persistent tokens ‖ x] beside the memory branch (the `titans` mixer) on the same input; both outputs normalised and
+combined as  y = RMSNorm(attn) ⊙ σ(RMSNorm(memory)).
+
+MAC, memory as context (`titans_mac`): the sequence is cut into segments of `model.titans.segment_size` tokens. For a
+segment S with tokens x:
+    h = M_{S−1}(q),  q = L2(SiLU(W_r x))                      (a read of the memory the previous segment left)
+    ỹ = Attn over [persistent ‖ W_h h ‖ x]                     (queries from x)
+    memory ← M_S: the memory trained on ỹ (the `titans` mixer's chunked update, chunk_size tokens at a time)
+    y = RMSNorm(ỹ) ⊙ σ(RMSNorm(M_S*(ỹ)))                        (M_S* read at the chunk semantics, as in LMM)
+Attention inside a segment is causal at the token level: token i sees every persistent token, and the memory read
+h_j and the token x_j for j ≤ i of its own document (h_j depends on x_j through q_j, so a later read would leak the
+future). No segment sees another segment's tokens; the memory carries what came before. Documents restart the
+memory: a segment's reads come from the initial memory for tokens whose document started inside the segment.
+
+MAL, memory as a layer, is a pattern rather than a mixer: `titans` layers alternating with `swa` layers that have
+persistent tokens (configs/titans.py:variant=mal).
+
+Persistent tokens are the attention layer's (`model.attention.persistent_tokens`, 128 in the paper).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.config import ConfigError
+from longctx.layers import registry
+from longctx.layers.attention import Attention, SlidingWindowAttention
+from longctx.layers.common import Dense, RMSNorm, l2_normalize, rope
+from longctx.layers.titans import Titans, titans_dims
+from longctx.ops.attention import masked
+from longctx.ops.chunking import pad_to_multiple
+from longctx.ops.titans import chunk_lmm, init_state, memory as memory_lib
+
+
+class _Gate(nnx.Module):
+  """y = RMSNorm(a) ⊙ σ(RMSNorm(m)): the paper's normalised, sigmoid-gated combination (⊗)."""
+
+  def __init__(self, d: int, eps: float):
+    self.a_norm = RMSNorm(d, eps=eps)
+    self.m_norm = RMSNorm(d, eps=eps)
+
+  def __call__(self, a, m):
+    return self.a_norm(a) * jax.nn.sigmoid(self.m_norm(m).astype(jnp.float32)).astype(a.dtype)
+
+
+@registry.register('titans_mag')
+class TitansMAG(registry.Mixer):
+  """Memory as a gate (module docstring)."""
+
+  def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
+    self.attn = SlidingWindowAttention(config, layer_index=layer_index, rngs=rngs)
+    self.memory = Titans(config, layer_index=layer_index, rngs=rngs)
+    self.gate = _Gate(config.model.d_model, config.model.norm_eps)
+
+  @classmethod
+  def check_config(cls, config, layer_index):
+    SlidingWindowAttention.check_config(config, layer_index)
+    Titans.check_config(config, layer_index)
+
+  @classmethod
+  def flops(cls, config, seq_len):
+    return SlidingWindowAttention.flops(config, seq_len) + Titans.flops(config, seq_len)
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+    return {'attn': self.attn.init_cache(batch, max_len, dtype), 'memory': self.memory.init_cache(batch, max_len, dtype)}
+
+  def __call__(self, x, *, positions, segment_ids, cache=None):
+    a, attn_cache = self.attn(x, positions=positions, segment_ids=segment_ids,
+                              cache=None if cache is None else cache['attn'])
+    m, memory_cache = self.memory(x, positions=positions, segment_ids=segment_ids,
+                                  cache=None if cache is None else cache['memory'])
+    y = self.gate(a, m)
+    return y, (None if cache is None else {'attn': attn_cache, 'memory': memory_cache})
+
+
+@registry.register('titans_mac')
+class TitansMAC(registry.Mixer):
+  """Memory as context (module docstring)."""
+
+  def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
+    m = config.model
+    self.attn = Attention(config, layer_index=layer_index, rngs=rngs)
+    self.memory = Titans(config, layer_index=layer_index, rngs=rngs)
+    h, d = titans_dims(config)
+    self.read_q = Dense((m.d_model,), (h, d), ('embed', 'heads', 'head_dim'), rngs=rngs)
+    self.read_out = Dense((h, d), (m.d_model,), ('heads', 'head_dim', 'embed'), rngs=rngs)
+    self.gate = _Gate(m.d_model, m.norm_eps)
+    self.segment = m.titans.segment_size
+
+  @classmethod
+  def check_config(cls, config, layer_index):
+    Attention.check_config(config, layer_index)
+    Titans.check_config(config, layer_index)
+    if config.model.titans.segment_size < 1:
+      raise ConfigError('model.titans.segment_size', config.model.titans.segment_size,
+                        'a positive segment length (512 in the paper)')
+
+  @classmethod
+  def flops(cls, config, seq_len):
+    """Each segment's attention: C queries over P + 2C keys, causal over the 2C; and the memory on ỹ."""
+    m = config.model
+    c = min(m.titans.segment_size, seq_len)
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    pairs = seq_len * (m.attention.persistent_tokens + c + 1)
+    return 4.0 * pairs * m.num_heads * head_dim + Titans.flops(config, seq_len)
+
+  def __call__(self, x, *, positions, segment_ids, cache=None):
+    if cache is not None:
+      raise NotImplementedError('titans_mac has no cached decoding; generate with the full forward')
+    b, t, _ = x.shape
+    c = min(self.segment, t)
+    ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    pad = lambda z, v=0: pad_to_multiple(z, c, value=v)
+    n = pad(ids).shape[1] // c
+    seg_major = lambda z: jnp.moveaxis(z.reshape((b, n, c) + z.shape[2:]), 1, 0)
+    attn = self.attn
+    qa = rope(attn.q(x), positions, attn.rope_theta)
+    ka = rope(attn.k(x), positions, attn.rope_theta)
+    va = attn.v(x)
+    qr = l2_normalize(jax.nn.silu(self.read_q(x)))
+    xs = tuple(seg_major(pad(z)) for z in (x, qa, ka, va, qr, positions))
+    ids_s = seg_major(pad(ids, -1))                          # padding is a document of its own, dropped at the end
+    prefix = attn.prefix(b)
+    n_p = 0 if prefix is None else prefix[0].shape[1]
+    spec = self.memory.spec
+    initial = [w[...] for w in self.memory.memory]
+    start = init_state(spec, initial, b)
+    k_conv = self.memory.conv.size - 1
+
+    def body(carry, inputs):
+      state, conv_cache, conv_ids = carry
+      x_s, q_s, k_s, v_s, r_s, pos_s, id_s = inputs
+      new_doc = id_s[:, 0] != conv_ids[:, -1]
+      state = jax.tree.map(lambda s0, s: jnp.where(new_doc.reshape((b,) + (1,) * (s.ndim - 1)), s0, s), start, state)
+      # Tokens whose document began inside this segment read the initial memory.
+      began = jnp.cumsum(jnp.pad(id_s[:, 1:] != id_s[:, :-1], ((0, 0), (1, 0))), axis=1) > 0
+      h = jnp.where(began[..., None, None], memory_lib.apply(spec, [w[None, None] for w in initial], r_s),
+                    memory_lib.apply(spec, [w[:, None] for w in state['weights']], r_s))
+      tokens_h = self.read_out(h.astype(x.dtype))
+      kh = rope(attn.k(tokens_h), pos_s, attn.rope_theta)
+      vh = attn.v(tokens_h)
+      idx = jnp.arange(c)
+      inside = (idx[None, :] <= idx[:, None])[None] & (id_s[:, :, None] == id_s[:, None, :])
+      mask = jnp.concatenate([jnp.ones((b, c, n_p), bool), inside, inside], axis=-1)
+      keys = [kh, k_s] if prefix is None else [prefix[0].astype(k_s.dtype), kh, k_s]
+      values = [vh, v_s] if prefix is None else [prefix[1].astype(v_s.dtype), vh, v_s]
+      y = attn.o(masked(q_s, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), mask))
+      q, k, v, theta, eta, alpha, conv_cache = self.memory.features(y, id_s, conv_cache,
+                                                                    conv_ids[:, -k_conv:] if k_conv else None)
+      o, state = chunk_lmm(spec, q, k, v, theta, eta, alpha, state, self.memory.chunk_size, segment_ids=id_s,
+                           reset_weights=self.memory.initial_weights(b))
+      out = self.gate(y, self.memory.project(o, y))
+      return (state, conv_cache, id_s[:, -conv_ids.shape[1]:]), out
+
+    conv0 = jnp.zeros((b, k_conv, self.memory.conv.kernel.shape[1]), x.dtype)
+    ids0 = jnp.full((b, max(k_conv, 1)), -2, jnp.int32)
+    _, out = jax.lax.scan(jax.checkpoint(body), (start, conv0, ids0), xs + (ids_s,))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * c, -1)[:, :t], None

@@ -1,0 +1,131 @@
+"""Persistent-token attention and the Titans wirings MAG / MAC / MAL: masks, documents, decoding, training."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from longctx import config as config_lib
+from longctx.layers import registry
+from longctx.ops.attention import prefixed
+from tests.conftest import ROOT, small_config
+
+
+def rel_rms(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
+
+
+def prefixed_reference(q, k, v, pk, pv, seg, window):
+  """Softmax over [prefix ‖ keys] with the mask written out, fp32, heads repeated for GQA."""
+  b, t, h, d = q.shape
+  rep = h // k.shape[2]
+  keys = jnp.repeat(jnp.concatenate([pk, k], 1), rep, axis=2)
+  values = jnp.repeat(jnp.concatenate([pv, v], 1), rep, axis=2)
+  s = jnp.einsum('bthd,bshd->bhts', q, keys) / np.sqrt(d)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  inner = (j <= i) & ((i - j < window) if window else True)
+  inner = inner[None] & (seg[:, :, None] == seg[:, None, :])
+  mask = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), inner], -1)[:, None]
+  p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), -1)
+  return jnp.einsum('bhts,bshd->bthd', p, values)
+
+
+@pytest.mark.parametrize('t,window,block', [(37, 0, 16), (29, 5, 8)])
+def test_prefixed_attention_matches_the_written_out_mask_forward_and_backward(t, window, block):
+  ks = jax.random.split(jax.random.PRNGKey(t), 6)
+  b, h, kv, d, n_p = 2, 4, 2, 24, 3
+  q = jax.random.normal(ks[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, kv, d)) for key in ks[1:3])
+  pk, pv = (jax.random.normal(key, (b, n_p, kv, d)) for key in ks[3:5])
+  seg = jnp.asarray(np.repeat(np.array([[1, 2, 2, 3], [4, 4, 4, 5]]), -(-t // 4), axis=1)[:, :t])
+  do = jax.random.normal(ks[5], (b, t, h, d))
+  fast = lambda *a: jnp.sum(prefixed(*a, seg, window=window, block=block) * do)
+  ref = lambda *a: jnp.sum(prefixed_reference(*a, seg, window) * do)
+  args = (q, k, v, pk, pv)
+  out = prefixed(*args, seg, window=window, block=block)
+  assert np.isfinite(np.asarray(out)).all()
+  assert rel_rms(out, prefixed_reference(*args, seg, window)) < 1e-5
+  for g, gr in zip(jax.grad(fast, argnums=range(5))(*args), jax.grad(ref, argnums=range(5))(*args)):
+    assert rel_rms(g, gr) < 1e-5
+
+
+def make(name, **overrides):
+  cfg = small_config(**{'model.attention.persistent_tokens': 3, 'model.attention.swa_window': 6,
+                        'model.titans.segment_size': 8, 'model.titans.chunk_size': 4, **overrides})
+  return registry.get(name)(cfg, layer_index=0, rngs=nnx.Rngs(0)), cfg
+
+
+def inputs(cfg, t, seed=0):
+  x = jax.random.normal(jax.random.PRNGKey(seed), (2, t, cfg.model.d_model))
+  return x, jnp.broadcast_to(jnp.arange(t), (2, t))
+
+
+@pytest.mark.parametrize('name', ['swa', 'titans_mag'])
+def test_prefill_then_decoding_equals_the_full_forward_with_persistent_tokens(name):
+  mixer, cfg = make(name)
+  x, pos = inputs(cfg, 23, seed=1)
+  full, _ = mixer(x, positions=pos, segment_ids=None)
+  call = nnx.jit(lambda m, x, p, c: m(x, positions=p, segment_ids=None, cache=c))
+  out, cache = call(mixer, x[:, :9], pos[:, :9], mixer.init_cache(2, 23))
+  outs = [out]
+  for t in range(9, 23):
+    o, cache = call(mixer, x[:, t:t + 1], pos[:, t:t + 1], cache)
+    outs.append(o)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=2e-4, atol=2e-5)
+
+
+def test_persistent_tokens_reach_every_query_past_the_window():
+  mixer, cfg = make('swa', **{'model.attention.swa_window': 2})
+  x, pos = inputs(cfg, 20, seed=2)
+  graph, params = nnx.split(mixer, nnx.Param)
+  out = lambda p, i: jnp.sum(nnx.merge(graph, p)(x, positions=pos, segment_ids=None)[0][:, i])
+  for i in (0, 19):
+    assert float(jnp.abs(jax.grad(out)(params, i)['persistent'][...]).min(axis=-1).max()) > 0
+
+
+def responses(mixer, x, pos, seg, perturbed):
+  """max |Δy| over batch and width, per position, for each perturbed input position: one call on a stacked batch."""
+  batch = [x] + [x.at[:, p].add(1.0) for p in perturbed]
+  n = len(batch)
+  tile = lambda a: None if a is None else jnp.concatenate([a] * n, axis=0)
+  y, _ = mixer(jnp.concatenate(batch, axis=0), positions=tile(pos), segment_ids=tile(seg))
+  assert np.isfinite(np.asarray(y)).all()
+  y = np.asarray(y).reshape((n, x.shape[0]) + y.shape[1:])
+  return [np.abs(y[i + 1] - y[0]).max(axis=(0, 2)) for i in range(len(perturbed))]
+
+
+@pytest.mark.parametrize('name', ['titans_mag', 'titans_mac'])
+def test_no_token_sees_the_future_or_another_document(name):
+  mixer, cfg = make(name)
+  x, pos = inputs(cfg, 30, seed=3)
+  seg = jnp.asarray([[1] * 13 + [2] * 17] * 2)            # the second document starts inside MAC's second segment
+  first, second = responses(mixer, x, pos, seg, (5, 20))
+  assert (first[:5] == 0).all() and (first[5:13] > 0).all() and (first[13:] == 0).all()
+  assert (second[:20] == 0).all() and (second[20:] > 0).all()
+
+
+def test_mac_segments_pass_information_only_through_the_memory():
+  """A token in a later segment depends on an earlier segment only through the memory: with the memory frozen
+  (θ = α = 0, its convolution one tap wide) earlier segments stop mattering."""
+  mixer, cfg = make('titans_mac', **{'model.attention.persistent_tokens': 0, 'model.titans.conv_size': 1})
+  x, pos = inputs(cfg, 24, seed=4)
+  (diff,) = responses(mixer, x, pos, None, (2,))
+  assert diff[8:].max() > 0
+  mixer.memory.gate_bias[...] = mixer.memory.gate_bias[...].at[0].set(-1e4).at[2].set(-1e4)   # σ(−1e4) = 0
+  (diff,) = responses(mixer, x, pos, None, (2,))
+  assert (diff[2:8] > 0).all() and (diff[8:] == 0).all()
+
+
+def test_titans_wiring_configs_validate_and_train_a_step():
+  from tests.test_model import _one_step
+  for variant in ('mac', 'mag', 'mal'):
+    cfg = config_lib.load_file(os.path.join(ROOT, 'configs', f'titans.py:variant={variant},size=tiny'))
+    config_lib.validate(cfg, 1)
+  small = small_config(**{'model.pattern': 'titans_mac,titans_mag', 'model.attention.persistent_tokens': 2,
+                          'model.titans.segment_size': 16, 'model.attention.swa_window': 16,
+                          'model.titans.chunk_size': 8, 'data.seq_len': 32})
+  _, metrics = _one_step(small)
+  assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))
