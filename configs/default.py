@@ -70,6 +70,11 @@ def get_config(arg=None):
   c.model.titans.grad_clip = 1.0      # per-token inner-gradient norm bound (0: none)
   c.model.titans.conv_size = 4
   c.model.titans.segment_size = 512   # MAC: tokens per attention segment (the paper's C)
+  c.model.titans.objective = 'l2'     # Miras attentional bias: l2 | lp | huber (per-token δ)
+  c.model.titans.p = 3.0              # exponent of the lp objective
+  c.model.titans.retention = 'l2'     # Miras retention at chunk ends: l2 (decay only) | lq | elastic_net
+  c.model.titans.q = 4.0              # exponent of the lq retention
+  c.model.titans.l1 = 0.0             # soft threshold of the elastic-net retention
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'            # stdlib | text | tokens | a synthetic task name

@@ -118,3 +118,55 @@ def test_documents_restart_the_memory(chunk):
   o2, _ = chunk_lmm(spec, *args, chunk_size=chunk, segment_ids=seg, reset_weights=init)
   changed = np.abs(np.asarray(o2 - o))[0].max(axis=(1, 2)) > 0
   assert changed[2:5].all() and not changed[5:].any() and not changed[:2].any()
+
+
+MIRAS = [  # (attentional bias, retention, how it is checked)
+    (dict(objective='lp', p=3.0, retention='lq', q=4.0), 'chunks'),          # Moneta
+    (dict(objective='huber', retention='l2'), 'recurrence'),                  # Yaad
+    (dict(objective='huber', retention='elastic_net', l1=1e-3), 'chunks'),
+]
+
+
+@pytest.mark.parametrize('miras,against', MIRAS, ids=['moneta', 'yaad', 'huber_elastic_net'])
+def test_miras_dual_form_equals_the_references(miras, against):
+  spec = MemorySpec(dk=8, dv=8, depth=2, expansion=2, **miras)
+  t = 16 if against == 'chunks' else 6
+  x = {n: (a[:, :t] if n != 'state' else a) for n, a in inputs(7, 2, 16, 2, 8, 8, spec, scale=2.0).items()}
+  delta = 0.2 + jax.nn.softplus(jax.random.normal(jax.random.PRNGKey(3), x['theta'].shape))
+  if against == 'chunks':
+    assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=8, delta=delta),
+                 lambda *a: materialized_lmm(spec, *a, 8, delta=delta), x)
+  else:
+    assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=1, delta=delta),
+                 lambda *a: naive_lmm(spec, *a, delta=delta), x)
+
+
+def test_miras_objective_gradients_are_the_stated_losses():
+  """For a linear memory the per-token gradient is k ⊗ ∂f/∂e with e = Wᵀk − v, ∂f/∂e written out per objective."""
+  from longctx.ops.titans import memory
+  k, v, w = (jax.random.normal(key, shape) for key, shape in
+             zip(jax.random.split(jax.random.PRNGKey(0), 3), [(8,), (6,), (8, 6)]))
+  e = k @ w - v
+  delta = jnp.asarray(0.7)
+  eps = 1e-3
+  stated = {
+      'l2': 2 * e,
+      'lp': 3 * e * jnp.sqrt(e ** 2 + eps ** 2),                       # p |e|_ε^{p−1} · e / |e|_ε
+      'huber': jnp.where(jnp.abs(e) <= delta, 2 * e, 2 * delta * jnp.sign(e)),
+  }
+  assert float(jnp.mean(jnp.abs(e) > delta)) > 0.2            # both branches of the Huber loss are exercised
+  for name, de in stated.items():
+    spec = MemorySpec(dk=8, dv=6, depth=1, objective=name, p=3.0, smooth=eps)
+    (g,) = jax.grad(lambda ws: memory.loss(spec, ws, k, v, delta=delta))([w])
+    np.testing.assert_allclose(g, jnp.outer(k, de), rtol=1e-5, atol=1e-6)
+
+
+def test_retention_maps():
+  from longctx.ops.titans import memory
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 4))
+  lq = memory.retain(MemorySpec(dk=5, dv=4, retention='lq', q=4.0), w)
+  norm = jnp.sum(w ** 4, axis=(-2, -1), keepdims=True) ** 0.25
+  np.testing.assert_allclose(lq, w / norm ** 2, rtol=1e-5)
+  en = memory.retain(MemorySpec(dk=5, dv=4, retention='elastic_net', l1=0.5), w)
+  np.testing.assert_allclose(en, np.sign(w) * np.maximum(np.abs(w) - 0.5, 0), rtol=1e-6)
+  assert (memory.retain(MemorySpec(dk=5, dv=4), w) == w).all()

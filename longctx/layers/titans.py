@@ -15,7 +15,7 @@ the momentum gate near 0.5.
 Decoding follows the same chunk semantics: the cache holds the memory at the last chunk boundary and the tokens of
 the chunk in progress; each new token re-reads that partial chunk (at most chunk_size tokens) and the memory
 advances when the chunk fills, so cached decoding equals the full forward. The cache is
-{'conv', 'memory': {'weights', 'momentum'}, 'k', 'v', 'theta', 'eta', 'alpha' (the partial chunk), 'count'}.
+{'conv', 'memory': {'weights', 'momentum'}, 'k', 'v', 'theta', 'eta', 'alpha', 'delta' (the partial chunk), 'count'}.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm, l2_normalize
 from longctx.layers.conv import ShortConv
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
-from longctx.ops.titans.memory import ACTIVATIONS
+from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS
 
 
 def titans_dims(config):
@@ -41,7 +41,10 @@ def memory_spec(config) -> MemorySpec:
   t = config.model.titans
   _, d = titans_dims(config)
   return MemorySpec(dk=d, dv=d, depth=t.memory_depth, expansion=t.memory_expansion, activation=t.activation,
-                    grad_clip=t.grad_clip)
+                    grad_clip=t.grad_clip, objective=t.objective, p=t.p, retention=t.retention, q=t.q, l1=t.l1)
+
+
+GATES = ('theta', 'eta', 'alpha', 'delta')
 
 
 @registry.register('titans')
@@ -57,8 +60,10 @@ class Titans(registry.Mixer):
     dm = m.d_model
     self.qkv = Dense((dm,), (3, h, d), ('embed', None, 'heads', 'head_dim'), rngs=rngs)
     self.conv = ShortConv(3 * h * d, t.conv_size, ('heads',), rngs=rngs)
-    self.gates = Dense((dm,), (3, h), ('embed', None, 'heads'), rngs=rngs, std=0.02)
-    self.gate_bias = nnx.Param(jnp.asarray([[0.0] * h, [0.0] * h, [-4.0] * h], jnp.float32),
+    # θ, η, α logits (and Huber's δ, through softplus, for the 'huber' objective).
+    n_gates = 4 if t.objective == 'huber' else 3
+    self.gates = Dense((dm,), (n_gates, h), ('embed', None, 'heads'), rngs=rngs, std=0.02)
+    self.gate_bias = nnx.Param(jnp.asarray([[0.0] * h, [0.0] * h, [-4.0] * h, [0.0] * h][:n_gates], jnp.float32),
                                logical_axes=(None, 'heads'))
     self.memory = nnx.List([
         nnx.Param(jax.random.normal(rngs.params(), (h, i, o), jnp.float32) * i ** -0.5,
@@ -83,6 +88,11 @@ class Titans(registry.Mixer):
         ('conv_size', t.conv_size >= 1, 'a positive kernel size (4 in the paper)'),
         ('num_heads', t.num_heads >= 0, 'a count >= 0 (0: model.num_heads)'),
         ('head_dim', t.head_dim >= 0, 'a size >= 0 (0: the attention head dim)'),
+        ('objective', t.objective in OBJECTIVES, f'one of {", ".join(OBJECTIVES)} (Miras attentional bias)'),
+        ('retention', t.retention in RETENTIONS, f'one of {", ".join(RETENTIONS)} (Miras retention)'),
+        ('p', t.p >= 1, 'an exponent >= 1 for the lp objective (Moneta: 3)'),
+        ('q', t.q >= 2, 'an exponent >= 2 for the lq retention (Moneta: 4)'),
+        ('l1', t.l1 >= 0, 'a threshold >= 0 for the elastic-net retention'),
     ]
     for name, ok, allowed in checks:
       if not ok:
@@ -107,20 +117,25 @@ class Titans(registry.Mixer):
     h, d = self.heads, self.head_dim
     qkv, conv_cache = self.conv(self.qkv(x).reshape(b, t, 3 * h * d), segment_ids, conv_cache, conv_segment_ids)
     q, k, v = jnp.split(jax.nn.silu(qkv).reshape(b, t, 3, h, d), 3, axis=2)
-    gates = jax.nn.sigmoid(self.gates(x).astype(jnp.float32) + self.gate_bias[...])     # [B, T, 3, H]
-    theta, eta, alpha = self.max_lr * gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
-    return l2_normalize(q[:, :, 0]), l2_normalize(k[:, :, 0]), v[:, :, 0], theta, eta, alpha, conv_cache
+    logits = self.gates(x).astype(jnp.float32) + self.gate_bias[...]                      # [B, T, 3 or 4, H]
+    gates = jax.nn.sigmoid(logits[:, :, :3])
+    g = {'theta': self.max_lr * gates[:, :, 0], 'eta': gates[:, :, 1], 'alpha': gates[:, :, 2],
+         'delta': jax.nn.softplus(logits[:, :, 3]) if logits.shape[2] == 4 else jnp.ones_like(gates[:, :, 0])}
+    return l2_normalize(q[:, :, 0]), l2_normalize(k[:, :, 0]), v[:, :, 0], g, conv_cache
+
+  def lmm(self, q, k, v, g, state, segment_ids=None, reset_weights=None):
+    return chunk_lmm(self.spec, q, k, v, g['theta'], g['eta'], g['alpha'], state, self.chunk_size,
+                     segment_ids=segment_ids, reset_weights=reset_weights, delta=g['delta'])
 
   def __call__(self, x, *, positions, segment_ids, cache=None):
     del positions
     b = x.shape[0]
-    q, k, v, theta, eta, alpha, conv_cache = self.features(x, segment_ids, None if cache is None else cache['conv'])
+    q, k, v, g, conv_cache = self.features(x, segment_ids, None if cache is None else cache['conv'])
     if cache is None:
       state = init_state(self.spec, [w[...] for w in self.memory], b)
-      o, _ = chunk_lmm(self.spec, q, k, v, theta, eta, alpha, state, self.chunk_size, segment_ids=segment_ids,
-                       reset_weights=self.initial_weights(b))
+      o, _ = self.lmm(q, k, v, g, state, segment_ids, self.initial_weights(b))
     else:
-      o, cache = self._decode(q, k, v, theta, eta, alpha, cache)
+      o, cache = self._decode(q, k, v, g, cache)
       cache = {**cache, 'conv': conv_cache}
     return self.project(o, x), cache
 
@@ -128,19 +143,17 @@ class Titans(registry.Mixer):
     """The memory's reads o [B, T, H, D] to the model width: W_o (RMSNorm(o) ⊙ SiLU(W_g x))."""
     return self.o(self.o_norm(o.astype(x.dtype)) * jax.nn.silu(self.gate(x)))
 
-  def _decode(self, q, k, v, theta, eta, alpha, cache):
+  def _decode(self, q, k, v, g, cache):
     """Token by token through the chunk in progress (module docstring)."""
     c = self.chunk_size
 
     def one(cache, xs):
-      q_t, k_t, v_t, th, et, al = xs                         # [B, H, ...] / [B, H]
+      q_t, k_t, v_t, *g_t = xs                               # [B, H, ...] / [B, H]
       n = cache['count']
       put = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), n, axis=1)
-      buf = {name: put(cache[name], val) for name, val in
-             (('k', k_t), ('v', v_t), ('theta', th), ('eta', et), ('alpha', al))}
+      buf = {name: put(cache[name], val) for name, val in zip(('k', 'v') + GATES, (k_t, v_t, *g_t))}
       qs = put(jnp.zeros_like(buf['k']), q_t)
-      o, state = chunk_lmm(self.spec, qs, buf['k'], buf['v'], buf['theta'], buf['eta'], buf['alpha'],
-                           cache['memory'], c)
+      o, state = self.lmm(qs, buf['k'], buf['v'], buf, cache['memory'])
       o_t = jax.lax.dynamic_index_in_dim(o, n, axis=1, keepdims=False)
       full = n + 1 == c
       # Slots after n are empty; they do not reach the read at n, and the memory only advances on a full chunk.
@@ -148,7 +161,7 @@ class Titans(registry.Mixer):
       cleared = {name: jnp.where(full, jnp.zeros_like(b), b) for name, b in buf.items()}
       return {**cache, **cleared, 'memory': memory, 'count': jnp.where(full, 0, n + 1)}, o_t
 
-    steps = tuple(jnp.moveaxis(a.astype(jnp.float32), 1, 0) for a in (q, k, v, theta, eta, alpha))
+    steps = tuple(jnp.moveaxis(a.astype(jnp.float32), 1, 0) for a in (q, k, v) + tuple(g[n] for n in GATES))
     cache, o = jax.lax.scan(one, cache, steps)
     return jnp.moveaxis(o, 0, 1), cache
 
@@ -156,7 +169,7 @@ class Titans(registry.Mixer):
     del max_len
     h, d, c = self.heads, self.head_dim, self.chunk_size
     buffers = {name: jnp.zeros((batch, c, h, d), jnp.float32) for name in ('k', 'v')}
-    buffers.update({name: jnp.zeros((batch, c, h), jnp.float32) for name in ('theta', 'eta', 'alpha')})
+    buffers.update({name: jnp.zeros((batch, c, h), jnp.float32) for name in GATES})
     return {'conv': jnp.zeros((batch, self.conv.size - 1, 3 * h * d), dtype),
             'memory': init_state(self.spec, [w[...] for w in self.memory], batch),
             'count': jnp.zeros((), jnp.int32), **buffers}

@@ -33,7 +33,7 @@ from longctx.layers.common import Dense, RMSNorm, l2_normalize, rope
 from longctx.layers.titans import Titans, titans_dims
 from longctx.ops.attention import masked
 from longctx.ops.chunking import pad_to_multiple
-from longctx.ops.titans import chunk_lmm, init_state, memory as memory_lib
+from longctx.ops.titans import init_state, memory as memory_lib
 
 
 class _Gate(nnx.Module):
@@ -149,10 +149,8 @@ class TitansMAC(registry.Mixer):
       keys = [kh, k_s] if prefix is None else [prefix[0].astype(k_s.dtype), kh, k_s]
       values = [vh, v_s] if prefix is None else [prefix[1].astype(v_s.dtype), vh, v_s]
       y = attn.o(masked(q_s, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), mask))
-      q, k, v, theta, eta, alpha, conv_cache = self.memory.features(y, id_s, conv_cache,
-                                                                    conv_ids[:, -k_conv:] if k_conv else None)
-      o, state = chunk_lmm(spec, q, k, v, theta, eta, alpha, state, self.memory.chunk_size, segment_ids=id_s,
-                           reset_weights=self.memory.initial_weights(b))
+      q, k, v, g, conv_cache = self.memory.features(y, id_s, conv_cache, conv_ids[:, -k_conv:] if k_conv else None)
+      o, state = self.memory.lmm(q, k, v, g, state, id_s, self.memory.initial_weights(b))
       out = self.gate(y, self.memory.project(o, y))
       return (state, conv_cache, id_s[:, -conv_ids.shape[1]:]), out
 

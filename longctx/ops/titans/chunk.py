@@ -57,8 +57,9 @@ def coefficients(eta, alpha, valid, reset):
   return first(ma), first(mb), first(mc), sb, sc
 
 
-def _keys_pass(spec, weights, k, v):
-  """Layer inputs X_l [B, H, C, d_in] and output deltas Δ_l [B, H, C, d_out] of M⁰ on the chunk's keys."""
+def _keys_pass(spec, weights, k, v, delta):
+  """Layer inputs X_l [B, H, C, d_in] and output deltas Δ_l [B, H, C, d_out] of M⁰ on the chunk's keys (the
+  objective's gradient: any Miras attentional bias keeps each token's gradient rank one per layer)."""
   act = memory.ACTIVATIONS[spec.activation]
 
   def forward(perturb):
@@ -68,7 +69,7 @@ def _keys_pass(spec, weights, k, v):
       z = jnp.einsum('bhci,bhio->bhco', h, w) + perturb[i]
       h = act(z) if i < len(weights) - 1 else z
     out = memory.finish(spec, k, h)
-    return jnp.sum(jnp.square(out - v)), inputs
+    return jnp.sum(memory.objective(spec, out, v, delta)), inputs
 
   zeros = [jnp.zeros(k.shape[:-1] + (w.shape[-1],), jnp.float32) for w in weights]
   deltas, inputs = jax.grad(forward, has_aux=True)(zeros)
@@ -76,12 +77,12 @@ def _keys_pass(spec, weights, k, v):
 
 
 def _chunk(spec, reset_weights, state, xs):
-  q, k, v, theta, A, B, Cm, E, D, from_start = xs      # [B, H, C, ...]; Cm [B, H, C, C]; E [B, H]; D [B, H, C]
+  q, k, v, delta, theta, A, B, Cm, E, D, from_start = xs   # [B, H, C, ...]; Cm [B, H, C, C]; E [B, H]; D [B, H, C]
   W0, S0 = state['weights'], state['momentum']
-  X, Delta = _keys_pass(spec, W0, k, v)
+  X, Delta = _keys_pass(spec, W0, k, v, delta)
   if reset_weights is not None:
     # Tokens of a document that began inside this chunk learn from the memory before that document.
-    X_new, Delta_new = _keys_pass(spec, reset_weights, k, v)
+    X_new, Delta_new = _keys_pass(spec, reset_weights, k, v, delta)
     pick = lambda old, new: [jnp.where(from_start[..., None], a, b) for a, b in zip(old, new)]
     X, Delta = pick(X, X_new), pick(Delta, Delta_new)
 
@@ -105,14 +106,16 @@ def _chunk(spec, reset_weights, state, xs):
   outer = lambda x, c, d: jnp.einsum('bhsi,bhs,bhso->bhio', x, c, d)
   end_base = W0 if reset_weights is None else [
       jnp.where(from_start[..., -1, None, None], w0, wr) for w0, wr in zip(W0, reset_weights)]
-  weights = [A[..., -1, None, None] * w0 + B[..., -1, None, None] * s0 - outer(x, coef[..., -1, :], d)
-             for w0, s0, x, d in zip(end_base, S0, X, Delta)]
+  weights = [memory.retain(spec, A[..., -1, None, None] * w0 + B[..., -1, None, None] * s0
+                           - outer(x, coef[..., -1, :], d)) for w0, s0, x, d in zip(end_base, S0, X, Delta)]
   momentum = [E[..., None, None] * s0 - outer(x, D * theta, d) for s0, x, d in zip(S0, X, Delta)]
   return {'weights': weights, 'momentum': momentum}, o
 
 
-def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, segment_ids=None, reset_weights=None):
-  """q, k [B, T, H, dk], v [B, T, H, dv], theta, eta, alpha [B, T, H]; state as `memory.init_state`.
+def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, segment_ids=None, reset_weights=None,
+        delta=None):
+  """q, k [B, T, H, dk], v [B, T, H, dv], theta, eta, alpha (and Huber's `delta`) [B, T, H]; state as
+  `memory.init_state`. The retention map (spec.retention) applies to the weights at each chunk's end.
   Where segment_ids [B, T] start a new document the memory restarts from `reset_weights` (default: the state's
   weights; per layer [B, H, d_in, d_out]) with zero momentum; inside a chunk that document's gradients are taken at
   that memory. Returns (o [B, T, H, dv] in v's dtype, final state fp32). Any T: the last chunk is padded with tokens
@@ -128,7 +131,8 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, segmen
   # [B, T, H, ...] -> [N, B, H, C, ...]
   chunked = lambda x: jnp.moveaxis(pad_to_multiple(x, c).reshape((b, n, c, h) + x.shape[3:]), (1, 2), (0, 3))
   f32 = lambda x: chunked(x.astype(jnp.float32))
-  qs, ks, vs, th, et, al = (f32(x) for x in (q, k, v, theta, eta, alpha))
+  delta = jnp.ones_like(theta) if delta is None else delta
+  qs, ks, vs, ds, th, et, al = (f32(x) for x in (q, k, v, delta, theta, eta, alpha))
   ok = chunked(valid)
   reset = chunked(jnp.broadcast_to(pad_to_multiple(resets(segment_ids, t, b), c)[..., None], valid.shape))
   A, B, Cm, E, D = coefficients(et, al, ok, reset)
@@ -136,6 +140,6 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, segmen
   th = jnp.where(ok, th, 0.0)
   body = jax.checkpoint(functools.partial(_chunk, spec, reset_weights))
   state = jax.tree.map(lambda x: x.astype(jnp.float32), state)
-  state, o = jax.lax.scan(body, state, (qs, ks, vs, th, A, B, Cm, E, D, from_start))
+  state, o = jax.lax.scan(body, state, (qs, ks, vs, ds, th, A, B, Cm, E, D, from_start))
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(b, n * c, h, -1)[:, :t]
   return o.astype(v.dtype), state

@@ -13,13 +13,25 @@ ACTIVATIONS = {'gelu': jax.nn.gelu, 'silu': jax.nn.silu, 'relu': jax.nn.relu}
 class MemorySpec:
   """depth 1: a linear memory M(x) = x W (read as Mᵀq). depth ≥ 2: an MLP with hidden width expansion·d_k and a
   residual around a parameter-free LayerNorm, M(x) = x + LN(W_L σ(… σ(W_1 x))) (needs d_v = d_k).
-  `grad_clip` bounds each token's inner-gradient norm (0: no bound)."""
+  `grad_clip` bounds each token's inner-gradient norm (0: no bound).
+
+  Miras ("It's All Connected", Behrouz et al. 2025) axes: `objective`, the attentional bias on e = M(k) − v per
+  channel — 'l2' e² (Titans), 'lp' |e|_ε^p with the smooth |e|_ε = √(e² + ε²) (so its sign is e/|e|_ε; Moneta, p = 3),
+  'huber' e² within a per-token δ and 2δ|e| − δ² beyond it (Yaad); and `retention`, a map applied to the weights as
+  they pass a chunk boundary, on top of the (1 − α) decay (reads inside the chunk see the weights before it) — 'l2' none, 'lq' W / ‖W‖_q^{q−2} per weight matrix (Moneta, q = 4),
+  'elastic_net' soft-thresholding by `l1` (the ℓ1 half of an elastic net whose ℓ2 half is the decay)."""
   dk: int
   dv: int
   depth: int = 2
   expansion: int = 4
   activation: str = 'gelu'
   grad_clip: float = 0.0
+  objective: str = 'l2'
+  p: float = 3.0
+  smooth: float = 1e-3
+  retention: str = 'l2'
+  q: float = 4.0
+  l1: float = 0.0
 
   def layer_shapes(self) -> list[tuple[int, int]]:
     if self.depth == 1:
@@ -56,9 +68,36 @@ def apply(spec: MemorySpec, weights, x, perturb=None):
   return finish(spec, x, h)
 
 
-def loss(spec: MemorySpec, weights, k, v, perturb=None):
-  """ℓ = ‖M(k) − v‖² per token: [...]."""
-  return jnp.sum(jnp.square(apply(spec, weights, k, perturb) - v), axis=-1)
+OBJECTIVES = ('l2', 'lp', 'huber')
+RETENTIONS = ('l2', 'lq', 'elastic_net')
+
+
+def objective(spec: MemorySpec, out, v, delta=None):
+  """The attentional bias Σ_channels f(M(k) − v) per token (see MemorySpec); `delta` [...] is Huber's threshold."""
+  e = out - v
+  if spec.objective == 'lp':
+    per = jnp.power(jnp.square(e) + spec.smooth ** 2, spec.p / 2)
+  elif spec.objective == 'huber':
+    d = delta[..., None]
+    per = jnp.where(jnp.abs(e) <= d, jnp.square(e), 2 * d * jnp.abs(e) - jnp.square(d))
+  else:
+    per = jnp.square(e)
+  return jnp.sum(per, axis=-1)
+
+
+def loss(spec: MemorySpec, weights, k, v, perturb=None, delta=None):
+  """ℓ(M; k, v) per token: [...]."""
+  return objective(spec, apply(spec, weights, k, perturb), v, delta)
+
+
+def retain(spec: MemorySpec, weights):
+  """The retention map applied at chunk ends, per [..., d_in, d_out] weight matrix."""
+  if spec.retention == 'lq':
+    norm = jnp.sum(jnp.abs(weights) ** spec.q, axis=(-2, -1), keepdims=True) ** (1 / spec.q)
+    return weights / jnp.maximum(norm, 1e-6) ** (spec.q - 2)
+  if spec.retention == 'elastic_net':
+    return jnp.sign(weights) * jnp.maximum(jnp.abs(weights) - spec.l1, 0.0)
+  return weights
 
 
 def init_state(spec: MemorySpec, initial_weights, batch: int):

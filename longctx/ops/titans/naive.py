@@ -13,9 +13,9 @@ def _per_token(spec, fn):
   return jax.vmap(jax.vmap(fn))
 
 
-def _clipped_grad(spec, weights, k, v):
+def _clipped_grad(spec, weights, k, v, delta):
   """∇ℓ at `weights` for one head and token, clipped to spec.grad_clip."""
-  grads = jax.grad(lambda w: memory.loss(spec, w, k, v))(weights)
+  grads = jax.grad(lambda w: memory.loss(spec, w, k, v, delta=delta))(weights)
   scale = memory.clip_scale(spec, sum(jnp.sum(jnp.square(g)) for g in grads))
   return [g * scale for g in grads]
 
@@ -29,11 +29,17 @@ def _restart(state, reset, reset_weights):
           'momentum': [jnp.where(r, 0.0, m) for m in state['momentum']]}
 
 
-def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weights=None):
-  """Token by token: each gradient at the memory the previous token left. q, k [B, T, H, dk], v [B, T, H, dv],
-  gates [B, T, H]. Where segment_ids start a new document the memory restarts from `reset_weights` (default: the
-  state's weights) with zero momentum. Returns (o [B, T, H, dv], final state)."""
-  grad = _per_token(spec, lambda w, k, v: _clipped_grad(spec, w, k, v))
+def _deltas(delta, theta):
+  return jnp.ones_like(theta) if delta is None else delta
+
+
+def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weights=None, delta=None):
+  """Token by token: each gradient at the memory the previous token left; the retention map applies as the memory
+  passes to the next token (the read of a token sees the weights before it, as the last read of a chunk does).
+  q, k [B, T, H, dk], v [B, T, H, dv], gates (and Huber's `delta`) [B, T, H]. Where segment_ids start a new
+  document the memory restarts from `reset_weights` (default: the state's weights) with zero momentum. Returns
+  (o [B, T, H, dv], final state)."""
+  grad = _per_token(spec, lambda w, k, v, d: _clipped_grad(spec, w, k, v, d))
   read = _per_token(spec, lambda w, q: memory.apply(spec, w, q))
   b, t = q.shape[:2]
   reset = resets(segment_ids, t, b)
@@ -41,41 +47,41 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weig
     reset_weights = state['weights']
 
   def body(state, xs):
-    q_t, k_t, v_t, th, et, al, r = xs
+    q_t, k_t, v_t, th, et, al, d_t, r = xs
     state = _restart(state, r, reset_weights)
-    g = grad(state['weights'], k_t, v_t)
+    g = grad(state['weights'], k_t, v_t, d_t)
     b = lambda x, w: x[..., None, None]
     mom = [b(et, s) * s - b(th, s) * gi for s, gi in zip(state['momentum'], g)]
     weights = [(1 - b(al, w)) * w + s for w, s in zip(state['weights'], mom)]
-    return {'weights': weights, 'momentum': mom}, read(weights, q_t)
+    return {'weights': [memory.retain(spec, w) for w in weights], 'momentum': mom}, read(weights, q_t)
 
   f32 = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 0)
-  xs = tuple(f32(x) for x in (q, k, v, theta, eta, alpha)) + (jnp.moveaxis(reset, 1, 0),)
+  xs = tuple(f32(x) for x in (q, k, v, theta, eta, alpha, _deltas(delta, theta))) + (jnp.moveaxis(reset, 1, 0),)
   state, o = jax.lax.scan(body, state, xs)
   return jnp.moveaxis(o, 0, 1), state
 
 
 def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, segment_ids=None,
-                reset_weights=None):
+                reset_weights=None, delta=None):
   """The paper's chunk-parallel semantics with per-token weights: in each chunk every gradient is taken at the
   memory the previous chunk left; momentum and decay then run token by token. A document that starts inside a
   chunk takes its gradients at `reset_weights` (the memory before it) and starts with zero momentum. T must be a
-  multiple of chunk_size."""
+  multiple of chunk_size. The retention map applies at each chunk's end."""
   b, t = q.shape[:2]
   reset = resets(segment_ids, t, b)
   if segment_ids is not None and reset_weights is None:
     reset_weights = state['weights']
-  grad = jax.vmap(_per_token(spec, lambda w, k, v: _clipped_grad(spec, w, k, v)), in_axes=(None, 0, 0))
+  grad = jax.vmap(_per_token(spec, lambda w, k, v, d: _clipped_grad(spec, w, k, v, d)), in_axes=(None, 0, 0, 0))
   read = _per_token(spec, lambda w, q: memory.apply(spec, w, q))
   n = t // chunk_size
   chunked = lambda x: jnp.moveaxis(x.astype(jnp.float32).reshape((b, n, chunk_size) + x.shape[2:]), (1, 2), (0, 1))
 
   def chunk(state, xs):
-    qc, kc, vc, th, et, al, rc = xs                              # [C, B, H, ...]
-    g = grad(state['weights'], kc, vc)                             # per layer [C, B, H, i, o], all at the chunk start
+    qc, kc, vc, th, et, al, dc, rc = xs                          # [C, B, H, ...]
+    g = grad(state['weights'], kc, vc, dc)                         # per layer [C, B, H, i, o], all at the chunk start
     if reset_weights is not None:
       # Tokens of a document that began inside this chunk: gradients at the memory before that document.
-      g_new = grad(reset_weights, kc, vc)
+      g_new = grad(reset_weights, kc, vc, dc)
       began = (jnp.cumsum(rc, axis=0) > 0)[..., None, None, None]
       g = [jnp.where(began, a, b) for a, b in zip(g_new, g)]
 
@@ -87,9 +93,10 @@ def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, seg
       weights = [(1 - e(al_t)) * w + s for w, s in zip(carry['weights'], mom)]
       return {'weights': weights, 'momentum': mom}, read(weights, q_t)
 
-    return jax.lax.scan(token, state, (qc, g, th, et, al, rc))
+    state, o = jax.lax.scan(token, state, (qc, g, th, et, al, rc))
+    return {**state, 'weights': [memory.retain(spec, w) for w in state['weights']]}, o
 
-  xs = tuple(chunked(x) for x in (q, k, v, theta, eta, alpha))
+  xs = tuple(chunked(x) for x in (q, k, v, theta, eta, alpha, _deltas(delta, theta)))
   reset_chunks = jnp.moveaxis(reset.reshape(b, n, chunk_size), (1, 2), (0, 1))
   state, o = jax.lax.scan(chunk, state, xs + (reset_chunks,))
   return jnp.moveaxis(o, (0, 1), (1, 2)).reshape((b, t) + o.shape[3:]), state
