@@ -184,11 +184,15 @@ def test_titans_configs_validate(arg):
 
 
 def test_titans_memory_stays_finite_on_adversarial_inputs():
-  """Large activations and one token repeated: the clamped inner updates keep the memory finite."""
+  """4096 tokens of large activations, one token repeated and two alternating: the clamped inner updates keep the
+  memory and every gradient finite."""
   mixer, cfg = make('titans', **{'model.titans.chunk_size': 16})
-  x = jnp.concatenate([100.0 * jax.random.normal(jax.random.PRNGKey(5), (2, 64, cfg.model.d_model)),
-                       jnp.broadcast_to(50.0 * jnp.ones((cfg.model.d_model,)), (2, 64, cfg.model.d_model))], axis=1)
-  pos = jnp.broadcast_to(jnp.arange(128), (2, 128))
+  d = cfg.model.d_model
+  noise = lambda seed, scale: scale * jax.random.normal(jax.random.PRNGKey(seed), (1, 1024, d))
+  a, b = noise(6, 30.0)[:, :1], noise(7, 30.0)[:, :1]
+  x = jnp.concatenate([noise(5, 100.0), jnp.broadcast_to(50.0 * jnp.ones((d,)), (1, 1024, d)), noise(8, 1.0),
+                       jnp.tile(jnp.concatenate([a, b], axis=1), (1, 512, 1))], axis=1)
+  pos = jnp.arange(4096)[None]
   graph, params = nnx.split(mixer, nnx.Param)
   loss = lambda p: jnp.mean(nnx.merge(graph, p)(x, positions=pos, segment_ids=None)[0] ** 2)
   value, grads = jax.jit(jax.value_and_grad(loss))(params)

@@ -14,6 +14,9 @@ Attention inside a segment is causal at the token level: token i sees every pers
 h_j and the token x_j for j ≤ i of its own document (h_j depends on x_j through q_j, so a later read would leak the
 future). No segment sees another segment's tokens; the memory carries what came before. Documents restart the
 memory: a segment's reads come from the initial memory for tokens whose document started inside the segment.
+Decoding keeps the segment in progress (its reads' and tokens' keys and values), the memory its reads come from and
+the memory mixer's cache; segments are whole chunks of the memory (segment_size a multiple of chunk_size), so a
+segment's end is a chunk's end and cached decoding equals the full forward.
 
 MAL, memory as a layer, is a pattern rather than a mixer: `titans` layers alternating with `swa` layers that have
 persistent tokens (configs/titans.py:variant=mal).
@@ -95,9 +98,10 @@ class TitansMAC(registry.Mixer):
   def check_config(cls, config, layer_index):
     Attention.check_config(config, layer_index)
     Titans.check_config(config, layer_index)
-    if config.model.titans.segment_size < 1:
-      raise ConfigError('model.titans.segment_size', config.model.titans.segment_size,
-                        'a positive segment length (512 in the paper)')
+    t = config.model.titans
+    if t.segment_size < 1 or t.segment_size % t.chunk_size:
+      raise ConfigError('model.titans.segment_size', t.segment_size,
+                        f'a positive multiple of model.titans.chunk_size={t.chunk_size} (512 in the paper)')
 
   @classmethod
   def flops(cls, config, seq_len):
@@ -108,9 +112,52 @@ class TitansMAC(registry.Mixer):
     pairs = seq_len * (m.attention.persistent_tokens + c + 1)
     return 4.0 * pairs * m.num_heads * head_dim + Titans.flops(config, seq_len)
 
+  def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
+    """The segment in progress: keys and values of its memory reads and tokens, how many there are, the memory
+    its reads come from, and the memory mixer's own cache (the memory trained on ỹ so far)."""
+    del max_len
+    kv_shape = (batch, self.segment) + self.attn.k.kernel.shape[1:]
+    kv = {name: jnp.zeros(kv_shape, dtype) for name in ('kh', 'vh', 'kx', 'vx')}
+    return {**kv, 'count': jnp.zeros((), jnp.int32),
+            'read_weights': self.memory.initial_weights(batch),
+            'memory': self.memory.init_cache(batch, 0, dtype)}
+
+  def _decode(self, x, positions, cache):
+    """One token at a time through the segment in progress; at its end the memory trained on it becomes the one
+    the next segment reads (the training form's segment boundary)."""
+    attn, spec, c = self.attn, self.memory.spec, self.segment
+    prefix = attn.prefix(x.shape[0])
+
+    def one(cache, xs):
+      x_t, pos_t = xs[0][:, None], xs[1][:, None]                         # [B, 1, d], [B, 1]
+      n = cache['count']
+      r = l2_normalize(jax.nn.silu(self.read_q(x_t)))
+      h = memory_lib.apply(spec, [w[:, None] for w in cache['read_weights']], r)
+      tokens_h = self.read_out(h.astype(x_t.dtype))
+      new = {'kh': rope(attn.k(tokens_h), pos_t, attn.rope_theta), 'vh': attn.v(tokens_h),
+             'kx': rope(attn.k(x_t), pos_t, attn.rope_theta), 'vx': attn.v(x_t)}
+      put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), n, axis=1)
+      kv = {name: put(cache[name], val) for name, val in new.items()}
+      seen = jnp.arange(c)[None, None, :] <= n
+      mask = jnp.concatenate([jnp.ones((1, 1, 0 if prefix is None else prefix[0].shape[1]), bool), seen, seen], -1)
+      keys = [kv['kh'], kv['kx']] if prefix is None else [prefix[0].astype(kv['kh'].dtype), kv['kh'], kv['kx']]
+      values = [kv['vh'], kv['vx']] if prefix is None else [prefix[1].astype(kv['vh'].dtype), kv['vh'], kv['vx']]
+      q = rope(attn.q(x_t), pos_t, attn.rope_theta)
+      y = attn.o(masked(q, jnp.concatenate(keys, 1).astype(q.dtype), jnp.concatenate(values, 1).astype(q.dtype),
+                        mask))
+      m, memory_cache = self.memory(y, positions=pos_t, segment_ids=None, cache=cache['memory'])
+      end = n + 1 == c
+      read_weights = [jnp.where(end, w_new, w) for w_new, w in
+                      zip(memory_cache['memory']['weights'], cache['read_weights'])]
+      return ({**kv, 'count': jnp.where(end, 0, n + 1), 'read_weights': read_weights, 'memory': memory_cache},
+              self.gate(y, m)[:, 0])
+
+    cache, out = jax.lax.scan(one, cache, (jnp.moveaxis(x, 1, 0), jnp.moveaxis(positions, 1, 0)))
+    return jnp.moveaxis(out, 0, 1), cache
+
   def __call__(self, x, *, positions, segment_ids, cache=None):
     if cache is not None:
-      raise NotImplementedError('titans_mac has no cached decoding; generate with the full forward')
+      return self._decode(x, positions, cache)
     b, t, _ = x.shape
     c = min(self.segment, t)
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
