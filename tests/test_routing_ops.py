@@ -1,0 +1,81 @@
+"""Routing Transformer attention ops: balanced clusters, local blocks, centroid EMA, commitment loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx.ops import routing
+from longctx.ops.attention import naive
+
+
+def rel_rms(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
+
+
+def qkv(t, seed=0, b=2, h=3, d=16):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return tuple(jax.random.normal(key, (b, t, h, d)) for key in ks)
+
+
+def test_one_cluster_of_the_whole_sequence_is_full_causal_attention_forward_and_backward():
+  q, k, v = qkv(37)
+  centroids = jax.random.normal(jax.random.PRNGKey(1), (3, 1, 16))
+  do = jax.random.normal(jax.random.PRNGKey(2), q.shape)
+  out, count = routing.balanced(q, k, v, centroids, 37)
+  assert (np.asarray(count) == 1).all()
+  assert rel_rms(out, naive(q, k, v)) < 1e-5
+  fast = jax.grad(lambda *a: jnp.sum(routing.balanced(*a, centroids, 37)[0] * do), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda *a: jnp.sum(naive(*a) * do), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(fast, ref):
+    assert rel_rms(a, b) < 1e-5
+
+
+def test_balanced_routing_sends_no_gradient_backwards_in_time_and_averages_shared_tokens():
+  t = 24
+  q, k, v = qkv(t, seed=3)
+  centroids = jax.random.normal(jax.random.PRNGKey(4), (3, 4, 16))
+  out, count = routing.balanced(q, k, v, centroids, 8)       # 4 clusters × 8 = 32 > 24 slots: some tokens shared
+  assert np.isfinite(np.asarray(out)).all() and float(count.max()) >= 2
+  np.testing.assert_array_equal(np.asarray(out)[np.asarray(count) == 0], 0)
+  for i in (5, 17):
+    grads = jax.grad(lambda q, k, v: jnp.sum(routing.balanced(q, k, v, centroids, 8)[0][:, i]),
+                     argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+      assert (np.abs(np.asarray(g))[:, i + 1:] == 0).all()
+
+
+def test_local_heads_see_their_block_and_the_one_before():
+  q, k, v = qkv(29, seed=5)
+  block = 8
+  out = routing.local(q, k, v, block)
+  i, j = np.arange(29)[:, None], np.arange(29)[None, :]
+  allowed = (j <= i) & (j >= (i // block - 1) * block)
+  s = jnp.einsum('bihd,bjhd->bhij', q, k) / 4.0
+  ref = jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), -1), v)
+  assert rel_rms(out, ref) < 1e-5
+
+
+def test_ema_update_is_the_hand_computation_and_commitment_spares_the_centroids():
+  q = jax.random.normal(jax.random.PRNGKey(6), (2, 10, 1, 4))
+  centroids = jax.random.normal(jax.random.PRNGKey(7), (1, 3, 4))
+  sums, counts = routing.cluster_stats(q, centroids)
+  u = np.asarray(routing.layer_norm(q)).reshape(20, 4)
+  nearest = np.argmax(u @ np.asarray(centroids[0]).T, axis=1)
+  for c in range(3):
+    members = u[nearest == c]
+    assert counts[0, c] == len(members)
+    np.testing.assert_allclose(sums[0, c], members.sum(0), rtol=1e-5, atol=1e-6)
+    new = routing.ema_update(centroids, sums, counts, decay=0.9, eps=1e-5)
+    want = (0.9 * centroids[0, c] + 0.1 * members.sum(0) / (len(members) + 1e-5) if len(members)
+            else centroids[0, c])
+    np.testing.assert_allclose(new[0, c], want, rtol=1e-5, atol=1e-6)
+  g_q, g_mu = jax.grad(routing.commitment_loss, argnums=(0, 1))(q, centroids)
+  assert float(jnp.abs(g_q).sum()) > 0 and float(jnp.abs(g_mu).sum()) == 0
+
+
+def test_kmeans_init_gives_distinct_centroids_that_split_the_batch():
+  q = jax.random.normal(jax.random.PRNGKey(8), (2, 40, 2, 8))
+  centroids = routing.kmeans_init(q, 4, 3, jax.random.PRNGKey(9))
+  assert centroids.shape == (2, 4, 8) and np.isfinite(np.asarray(centroids)).all()
+  _, counts = routing.cluster_stats(q, centroids)
+  assert (np.asarray(counts) > 0).sum() >= 6
