@@ -12,6 +12,30 @@ from longctx.train.step import make_eval_step
 
 ZOOLOGY_GRID = ((64, 4), (128, 8), (256, 16), (512, 64))
 
+# MQAR training settings for sweeps (configs/sweeps/*): Zoology's task at d 128 ('paper'), and a CPU-sized one.
+SWEEP_SCALES = {
+    #        vocab seq_len pairs d_model heads steps batch lr    eval grid
+    'paper': (8192, 256, 16, 128, 2, 3000, 64, 1e-3, '256:16,512:64'),
+    'small': (512, 64, 4, 64, 2, 1500, 32, 3e-3, '64:4,128:8'),
+}
+
+
+def sweep_settings(variant) -> tuple[dict, list[str]]:
+  """(fixed config overrides, evaluations) of an MQAR sweep from its variant: `scale`, and `steps`, `batch`, `lr`
+  (0: the scale's own). The evaluation scores the training point and twice the length with more pairs."""
+  if variant.scale not in SWEEP_SCALES:
+    raise ConfigError('--sweep variant scale', variant.scale, f'one of {", ".join(SWEEP_SCALES)}')
+  vocab, seq_len, pairs, d_model, heads, steps, batch, lr, grid = SWEEP_SCALES[variant.scale]
+  fixed = {
+      'data.source': 'mqar', 'model.vocab_size': vocab, 'data.mqar.vocab': vocab, 'data.seq_len': seq_len,
+      'data.mqar.num_pairs': pairs, 'model.d_model': d_model, 'model.num_heads': heads, 'model.num_kv_heads': heads,
+      'model.mlp_dim': 2 * d_model, 'train.num_steps': variant.steps or steps,
+      'train.batch_size': variant.batch or batch, 'train.learning_rate': variant.lr or lr,
+      'train.warmup_steps': 100, 'train.eval_every': 0, 'train.checkpoint_every': 0, 'train.progress_bar': False,
+      'model.linear.chunk_size': min(64, seq_len),
+  }
+  return fixed, [f'mqar --grid {grid} --batches 8']
+
 
 def evaluate(workdir: str, grid, batches: int = 4, params=None) -> dict:
   """grid: (seq_len, num_pairs) pairs; params: reuse parameters already loaded for this run."""
