@@ -34,7 +34,7 @@ def prefixed_reference(q, k, v, pk, pv, seg, window):
   return jnp.einsum('bhts,bshd->bthd', p, values)
 
 
-@pytest.mark.parametrize('t,window,block', [(37, 5, 16)])
+@pytest.mark.parametrize('t,window,block', [(37, 5, 16), (29, 0, 8)])
 def test_prefixed_attention_matches_the_written_out_mask_forward_and_backward(t, window, block):
   ks = jax.random.split(jax.random.PRNGKey(t), 6)
   b, h, kv, d, n_p = 2, 4, 2, 24, 3

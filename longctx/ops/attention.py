@@ -140,27 +140,37 @@ def prefixed(q, k, v, prefix_k, prefix_v, segment_ids=None, *, window=0, scale=N
   """Causal (optionally windowed, document-masked) attention whose every query also sees `prefix_k/v`
   [B, P, KV, D]: persistent memory tokens or attention sinks, which no window or document boundary hides.
 
-  Queries go in blocks of `block`, each against [prefix ‖ all keys] under its mask and recomputed in the backward
-  pass, so memory is O(block · (P + T)) per head rather than O(T²)."""
+  Queries go in blocks of `block`, each against [prefix ‖ the keys it can reach] under its mask — every earlier key
+  without a window, the block's span plus window − 1 before it with one — and recomputed in the backward pass, so
+  memory is O(block · (P + T)) per head without a window and O(block · (P + block + window)) with one."""
   b, t, h, d = q.shape
   n_p = prefix_k.shape[1]
   seg = _segments(segment_ids, b, t)
-  keys = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
-  values = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+  window = 0 if window >= t else window          # a window as long as the sequence hides nothing
   bq = min(block, t)
   n = -(-t // bq)
   pad = n * bq - t
   qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
   segp = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
-  k_idx = jnp.arange(t)
+  # Keys [left padding ‖ k ‖ right padding]: a block's reachable keys are one static-length slice.
+  left = window - 1 if window else 0
+  span = bq + left if window else t
+  widths = lambda x: ((0, 0), (left, pad if window else 0)) + ((0, 0),) * (x.ndim - 2)
+  kp, vp = jnp.pad(k, widths(k)), jnp.pad(v, widths(v))
+  seg_k = jnp.pad(seg, widths(seg), constant_values=-2)
+  pk, pv = prefix_k.astype(k.dtype), prefix_v.astype(v.dtype)
 
   @jax.checkpoint
   def one(i):
     qi = jax.lax.dynamic_slice_in_dim(qp, i * bq, bq, axis=1)
     si = jax.lax.dynamic_slice_in_dim(segp, i * bq, bq, axis=1)
-    inner = _allowed(i * bq + jnp.arange(bq), k_idx, si, seg, window)
+    start = i * bq if window else 0
+    ki, vi = (jax.lax.dynamic_slice_in_dim(x, start, span, axis=1) for x in (kp, vp))
+    ski = jax.lax.dynamic_slice_in_dim(seg_k, start, span, axis=1)
+    k_idx = start - left + jnp.arange(span)
+    inner = _allowed(i * bq + jnp.arange(bq), k_idx, si, ski, window)
     mask = jnp.concatenate([jnp.ones((b, bq, n_p), bool), inner], axis=-1)
-    return masked(qi, keys, values, mask, scale=scale)
+    return masked(qi, jnp.concatenate([pk, ki], 1), jnp.concatenate([pv, vi], 1), mask, scale=scale)
 
   o = jax.lax.map(one, jnp.arange(n))                                  # [n, B, bq, H, D]
   return jnp.moveaxis(o, 0, 1).reshape(b, n * bq, h, d)[:, :t]
