@@ -149,6 +149,9 @@ def train(config, workdir: str) -> dict:
                                                 setup.abstract_state['params'])
   else:
     logging.info('resumed from step %d', start)
+    if start >= t.num_steps:
+      logging.warning('the checkpoint in %s is at step %d, at or past train.num_steps=%d: nothing left to train',
+                      workdir, start, t.num_steps)
   saved_config = {'config': config.to_dict(), 'layers': list(setup.layer_names)}
 
   train_step = make_train_step(setup)
