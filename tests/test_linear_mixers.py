@@ -11,6 +11,7 @@ from longctx import config as config_lib
 from longctx.layers import registry
 from longctx.train.loop import train
 from tests.conftest import small_config
+from tests.helpers.mixers import prefill_then_decode
 
 MIXERS = ['deltanet', 'gated_deltanet', 'retnet', 'lightning', 'gla', 'hgrn2', 'hgrn', 'mamba2', 'titans']
 CACHED = MIXERS + ['attention', 'swa']
@@ -42,13 +43,7 @@ def test_prefill_then_token_by_token_decoding_equals_the_full_forward(name):
   mixer, cfg = make(name, **{'model.attention.swa_window': 6})
   x, pos = inputs(cfg, 37, seed=1)
   full, _ = mixer(x, positions=pos, segment_ids=None)
-  call = nnx.jit(lambda m, x, p, c: m(x, positions=p, segment_ids=None, cache=c))
-  out, cache = call(mixer, x[:, :20], pos[:, :20], mixer.init_cache(2, 37))
-  outs = [out]
-  for t in range(20, 37):
-    o, cache = call(mixer, x[:, t:t + 1], pos[:, t:t + 1], cache)
-    outs.append(o)
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(prefill_then_decode(mixer, x, pos, 20), full, rtol=2e-4, atol=2e-5)
 
 
 def test_linear_chunk_must_divide_the_sequence():

@@ -5,11 +5,7 @@ import numpy as np
 
 from longctx.ops import routing
 from longctx.ops.attention import naive
-
-
-def rel_rms(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
+from tests.helpers.linear import rel
 
 
 def qkv(t, seed=0, b=2, h=3, d=16):
@@ -23,11 +19,11 @@ def test_one_cluster_of_the_whole_sequence_is_full_causal_attention_forward_and_
   do = jax.random.normal(jax.random.PRNGKey(2), q.shape)
   out, count = routing.balanced(q, k, v, centroids, 37)
   assert (np.asarray(count) == 1).all()
-  assert rel_rms(out, naive(q, k, v)) < 1e-5
+  assert rel(out, naive(q, k, v)) < 1e-5
   fast = jax.grad(lambda *a: jnp.sum(routing.balanced(*a, centroids, 37)[0] * do), argnums=(0, 1, 2))(q, k, v)
   ref = jax.grad(lambda *a: jnp.sum(naive(*a) * do), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(fast, ref):
-    assert rel_rms(a, b) < 1e-5
+    assert rel(a, b) < 1e-5
 
 
 def test_balanced_routing_sends_no_gradient_backwards_in_time_and_averages_shared_tokens():
@@ -52,7 +48,7 @@ def test_local_heads_see_their_block_and_the_one_before():
   allowed = (j <= i) & (j >= (i // block - 1) * block)
   s = jnp.einsum('bihd,bjhd->bhij', q, k) / 4.0
   ref = jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), -1), v)
-  assert rel_rms(out, ref) < 1e-5
+  assert rel(out, ref) < 1e-5
 
 
 def test_ema_update_is_the_hand_computation_and_commitment_spares_the_centroids():

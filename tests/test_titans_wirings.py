@@ -12,11 +12,8 @@ from longctx import config as config_lib
 from longctx.layers import registry
 from longctx.ops.attention import prefixed
 from tests.conftest import ROOT, small_config
-
-
-def rel_rms(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
+from tests.helpers.linear import rel
+from tests.helpers.mixers import prefill_then_decode
 
 
 def prefixed_reference(q, k, v, pk, pv, seg, window):
@@ -48,9 +45,9 @@ def test_prefixed_attention_matches_the_written_out_mask_forward_and_backward(t,
   args = (q, k, v, pk, pv)
   out = prefixed(*args, seg, window=window, block=block)
   assert np.isfinite(np.asarray(out)).all()
-  assert rel_rms(out, prefixed_reference(*args, seg, window)) < 1e-5
+  assert rel(out, prefixed_reference(*args, seg, window)) < 1e-5
   for g, gr in zip(jax.grad(fast, argnums=range(5))(*args), jax.grad(ref, argnums=range(5))(*args)):
-    assert rel_rms(g, gr) < 1e-5
+    assert rel(g, gr) < 1e-5
 
 
 def make(name, **overrides):
@@ -72,13 +69,7 @@ def test_prefill_then_decoding_equals_the_full_forward(name, overrides):
   mixer, cfg = make(name, **overrides)
   x, pos = inputs(cfg, 23, seed=1)
   full, _ = mixer(x, positions=pos, segment_ids=None)
-  call = nnx.jit(lambda m, x, p, c: m(x, positions=p, segment_ids=None, cache=c))
-  out, cache = call(mixer, x[:, :9], pos[:, :9], mixer.init_cache(2, 23))
-  outs = [out]
-  for t in range(9, 23):
-    o, cache = call(mixer, x[:, t:t + 1], pos[:, t:t + 1], cache)
-    outs.append(o)
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(prefill_then_decode(mixer, x, pos, 9), full, rtol=2e-4, atol=2e-5)
 
 
 def test_persistent_tokens_reach_every_query_past_the_window():

@@ -54,6 +54,21 @@ SUITES = {
 }
 
 
+def median_ms(fn, *args, steps: int) -> float:
+  """Median wall time of `fn(*args)` over `steps` calls, each waited for, after one untimed call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def error_text(e: Exception) -> str:
+  return f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+
+
 def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, out: str = '') -> dict:
   from longctx.ops.attention import chosen_paths
   from longctx.parallel.mesh import batch_sharding, make_mesh
@@ -161,16 +176,10 @@ def bench_attention(steps: int) -> list[dict]:
              'shape': f'B{b} T{t} H{h} D{d} bf16', 'error_vs_fp32': errors[impl]}
       for label, fn, args, mult in (('fwd', fwd, (q, k, v), 1.0), ('fwd_bwd', both, (q, k, v, do), 3.5)):
         try:
-          jax.block_until_ready(fn(*args))
-          times = []
-          for _ in range(steps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
-          ms = statistics.median(times) * 1e3
+          ms = median_ms(fn, *args, steps=steps)
           row[f'{label}_ms'], row[f'{label}_tflops_per_s'] = ms, mult * fwd_flops / ms / 1e9
         except Exception as e:  # e.g. out of memory on the xla path
-          row[f'{label}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+          row[f'{label}_error'] = error_text(e)
       results.append(row)
       print(json.dumps(row), flush=True)
   return results
@@ -213,15 +222,9 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
     args = (q, k, v, beta, g, gk)
     for label, f in (('fwd', fwd), ('fwd_bwd', both)):
       try:
-        jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(steps):
-          start = time.perf_counter()
-          jax.block_until_ready(f(*args))
-          times.append(time.perf_counter() - start)
-        row[f'{label}_ms'] = statistics.median(times) * 1e3
+        row[f'{label}_ms'] = median_ms(f, *args, steps=steps)
       except Exception as e:  # out of memory is a result
-        row[f'{label}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+        row[f'{label}_error'] = error_text(e)
     if profile_steps and 'fwd_bwd_ms' in row:
       logdir = os.path.join(out or '.', 'profile', f'linear_{name}')
       profiling.trace(lambda: both(*args), profile_steps, logdir)
@@ -270,19 +273,13 @@ def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), sm
       if mem is not None:
         row['step_memory_gib'] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                   + mem.output_size_in_bytes) / 2 ** 30
-      jax.block_until_ready(compiled(params, x))
-      times = []
-      for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, x))
-        times.append(time.perf_counter() - start)
-      row['fwd_bwd_ms'] = statistics.median(times) * 1e3
+      row['fwd_bwd_ms'] = median_ms(compiled, params, x, steps=steps)
       if profile_steps:
         logdir = os.path.join(out or '.', 'profile', name)
         profiling.trace(lambda: compiled(params, x), profile_steps, logdir)
         row['profile'] = profiling.summarize(logdir, profile_steps, top=8)
     except Exception as e:  # out of memory is a result
-      row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+      row['error'] = error_text(e)
     results.append(row)
     print(json.dumps(row), flush=True)
   return results

@@ -112,6 +112,19 @@ class TitansMAC(registry.Mixer):
     pairs = seq_len * (m.attention.persistent_tokens + c + 1)
     return 4.0 * pairs * m.num_heads * head_dim + Titans.flops(config, seq_len)
 
+  def _read_tokens(self, h, positions, dtype):
+    """Keys and values [B, T, KV, D] of the memory reads h [B, T, H, D] as tokens of the segment attention."""
+    tokens = self.read_out(h.astype(dtype))
+    return rope(self.attn.k(tokens), positions, self.attn.rope_theta), self.attn.v(tokens)
+
+  def _attend(self, q, kh, vh, kx, vx, visible, prefix):
+    """ỹ: queries q over [prefix ‖ memory reads ‖ tokens]; `visible` [B or 1, Tq, C] says which of the segment's
+    reads and tokens each query sees (the same for both); the prefix is seen by all."""
+    pk, pv = ([], []) if prefix is None else ([prefix[0]], [prefix[1]])
+    mask = jnp.concatenate([jnp.ones(visible.shape[:2] + (sum(p.shape[1] for p in pk),), bool), visible, visible], -1)
+    join = lambda parts: jnp.concatenate([a.astype(q.dtype) for a in parts], axis=1)
+    return self.attn.o(masked(q, join(pk + [kh, kx]), join(pv + [vh, vx]), mask))
+
   def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
     """The segment in progress: keys and values of its memory reads and tokens, how many there are, the memory
     its reads come from, and the memory mixer's own cache (the memory trained on ỹ so far)."""
@@ -132,19 +145,13 @@ class TitansMAC(registry.Mixer):
       x_t, pos_t = xs[0][:, None], xs[1][:, None]                         # [B, 1, d], [B, 1]
       n = cache['count']
       r = l2_normalize(jax.nn.silu(self.read_q(x_t)))
-      h = memory_lib.apply(spec, [w[:, None] for w in cache['read_weights']], r)
-      tokens_h = self.read_out(h.astype(x_t.dtype))
-      new = {'kh': rope(attn.k(tokens_h), pos_t, attn.rope_theta), 'vh': attn.v(tokens_h),
-             'kx': rope(attn.k(x_t), pos_t, attn.rope_theta), 'vx': attn.v(x_t)}
+      kh, vh = self._read_tokens(memory_lib.apply(spec, [w[:, None] for w in cache['read_weights']], r), pos_t,
+                                 x_t.dtype)
+      new = {'kh': kh, 'vh': vh, 'kx': rope(attn.k(x_t), pos_t, attn.rope_theta), 'vx': attn.v(x_t)}
       put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), n, axis=1)
       kv = {name: put(cache[name], val) for name, val in new.items()}
-      seen = jnp.arange(c)[None, None, :] <= n
-      mask = jnp.concatenate([jnp.ones((1, 1, 0 if prefix is None else prefix[0].shape[1]), bool), seen, seen], -1)
-      keys = [kv['kh'], kv['kx']] if prefix is None else [prefix[0].astype(kv['kh'].dtype), kv['kh'], kv['kx']]
-      values = [kv['vh'], kv['vx']] if prefix is None else [prefix[1].astype(kv['vh'].dtype), kv['vh'], kv['vx']]
       q = rope(attn.q(x_t), pos_t, attn.rope_theta)
-      y = attn.o(masked(q, jnp.concatenate(keys, 1).astype(q.dtype), jnp.concatenate(values, 1).astype(q.dtype),
-                        mask))
+      y = self._attend(q, kv['kh'], kv['vh'], kv['kx'], kv['vx'], jnp.arange(c)[None, None, :] <= n, prefix)
       m, memory_cache = self.memory(y, positions=pos_t, segment_ids=None, cache=cache['memory'])
       end = n + 1 == c
       read_weights = [jnp.where(end, w_new, w) for w_new, w in
@@ -172,7 +179,6 @@ class TitansMAC(registry.Mixer):
     xs = tuple(seg_major(pad(z)) for z in (x, qa, ka, va, qr, positions))
     ids_s = seg_major(pad(ids, -1))                          # padding is a document of its own, dropped at the end
     prefix = attn.prefix(b)
-    n_p = 0 if prefix is None else prefix[0].shape[1]
     spec = self.memory.spec
     initial = [w[...] for w in self.memory.memory]
     start = init_state(spec, initial, b)
@@ -183,19 +189,15 @@ class TitansMAC(registry.Mixer):
       x_s, q_s, k_s, v_s, r_s, pos_s, id_s = inputs
       new_doc = id_s[:, 0] != conv_ids[:, -1]
       state = jax.tree.map(lambda s0, s: jnp.where(new_doc.reshape((b,) + (1,) * (s.ndim - 1)), s0, s), start, state)
-      # Tokens whose document began inside this segment read the initial memory.
-      began = jnp.cumsum(jnp.pad(id_s[:, 1:] != id_s[:, :-1], ((0, 0), (1, 0))), axis=1) > 0
-      h = jnp.where(began[..., None, None], memory_lib.apply(spec, [w[None, None] for w in initial], r_s),
-                    memory_lib.apply(spec, [w[:, None] for w in state['weights']], r_s))
-      tokens_h = self.read_out(h.astype(x.dtype))
-      kh = rope(attn.k(tokens_h), pos_s, attn.rope_theta)
-      vh = attn.v(tokens_h)
+      h = memory_lib.apply(spec, [w[:, None] for w in state['weights']], r_s)
+      if segment_ids is not None:
+        # Tokens whose document began inside this segment read the initial memory.
+        began = jnp.cumsum(jnp.pad(id_s[:, 1:] != id_s[:, :-1], ((0, 0), (1, 0))), axis=1) > 0
+        h = jnp.where(began[..., None, None], memory_lib.apply(spec, [w[None, None] for w in initial], r_s), h)
+      kh, vh = self._read_tokens(h, pos_s, x.dtype)
       idx = jnp.arange(c)
       inside = (idx[None, :] <= idx[:, None])[None] & (id_s[:, :, None] == id_s[:, None, :])
-      mask = jnp.concatenate([jnp.ones((b, c, n_p), bool), inside, inside], axis=-1)
-      keys = [kh, k_s] if prefix is None else [prefix[0].astype(k_s.dtype), kh, k_s]
-      values = [vh, v_s] if prefix is None else [prefix[1].astype(v_s.dtype), vh, v_s]
-      y = attn.o(masked(q_s, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), mask))
+      y = self._attend(q_s, kh, vh, k_s, v_s, inside, prefix)
       q, k, v, g, conv_cache = self.memory.features(y, id_s, conv_cache, conv_ids[:, -k_conv:] if k_conv else None)
       o, state = self.memory.lmm(q, k, v, g, state, id_s, self.memory.initial_weights(b))
       out = self.gate(y, self.memory.project(o, y))

@@ -77,12 +77,16 @@ def local(q, k, v, block: int, *, scale=None):
   return o.reshape(b, n * block, h, d)[:, :t].astype(q.dtype)
 
 
+def _nearest(u, centroids):
+  """Index [B, T, H] of each vector's nearest centroid (largest score)."""
+  return jnp.argmax(jnp.einsum('bthd,hkd->bthk', u, centroids.astype(jnp.float32)), axis=-1)
+
+
 def cluster_stats(q, centroids):
   """Sums [H, K, D] and counts [H, K] of the layer-normalised queries assigned to each nearest centroid (argmax
   score), over batch and time: what the EMA needs, to be summed across data-parallel replicas."""
   u = layer_norm(jax.lax.stop_gradient(q))                                    # [B, T, H, D]
-  nearest = jnp.argmax(jnp.einsum('bthd,hkd->bthk', u, centroids.astype(jnp.float32)), axis=-1)
-  onehot = jax.nn.one_hot(nearest, centroids.shape[1], dtype=jnp.float32)    # [B, T, H, K]
+  onehot = jax.nn.one_hot(_nearest(u, centroids), centroids.shape[1], dtype=jnp.float32)    # [B, T, H, K]
   return jnp.einsum('bthk,bthd->hkd', onehot, u), jnp.sum(onehot, axis=(0, 1))
 
 
@@ -97,7 +101,7 @@ def commitment_loss(q, centroids):
   """mean_t ‖u_t − sg(μ_nearest(t))‖² with u = LN(q): the gradient reaches the queries, never the centroids."""
   u = layer_norm(q)
   mu = jax.lax.stop_gradient(centroids.astype(jnp.float32))
-  nearest = jnp.argmax(jnp.einsum('bthd,hkd->bthk', jax.lax.stop_gradient(u), mu), axis=-1)
+  nearest = _nearest(jax.lax.stop_gradient(u), mu)
   chosen = jnp.take_along_axis(mu[None, None], nearest[..., None, None], axis=3)[..., 0, :]   # [B, T, H, D]
   return jnp.mean(jnp.sum(jnp.square(u - chosen), axis=-1))
 

@@ -131,8 +131,7 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, segmen
   # [B, T, H, ...] -> [N, B, H, C, ...]
   chunked = lambda x: jnp.moveaxis(pad_to_multiple(x, c).reshape((b, n, c, h) + x.shape[3:]), (1, 2), (0, 3))
   f32 = lambda x: chunked(x.astype(jnp.float32))
-  delta = jnp.ones_like(theta) if delta is None else delta
-  qs, ks, vs, ds, th, et, al = (f32(x) for x in (q, k, v, delta, theta, eta, alpha))
+  qs, ks, vs, ds, th, et, al = (f32(x) for x in (q, k, v, memory.thresholds(delta, theta), theta, eta, alpha))
   ok = chunked(valid)
   reset = chunked(jnp.broadcast_to(pad_to_multiple(resets(segment_ids, t, b), c)[..., None], valid.shape))
   A, B, Cm, E, D = coefficients(et, al, ok, reset)

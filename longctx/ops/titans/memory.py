@@ -85,6 +85,11 @@ def objective(spec: MemorySpec, out, v, delta=None):
   return jnp.sum(per, axis=-1)
 
 
+def thresholds(delta, theta):
+  """Huber's per-token δ, ones where none is given (the other objectives ignore it)."""
+  return jnp.ones_like(theta) if delta is None else delta
+
+
 def loss(spec: MemorySpec, weights, k, v, perturb=None, delta=None):
   """ℓ(M; k, v) per token: [...]."""
   return objective(spec, apply(spec, weights, k, perturb), v, delta)

@@ -29,10 +29,6 @@ def _restart(state, reset, reset_weights):
           'momentum': [jnp.where(r, 0.0, m) for m in state['momentum']]}
 
 
-def _deltas(delta, theta):
-  return jnp.ones_like(theta) if delta is None else delta
-
-
 def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weights=None, delta=None):
   """Token by token: each gradient at the memory the previous token left; the retention map applies as the memory
   passes to the next token (the read of a token sees the weights before it, as the last read of a chunk does).
@@ -56,7 +52,8 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weig
     return {'weights': [memory.retain(spec, w) for w in weights], 'momentum': mom}, read(weights, q_t)
 
   f32 = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 0)
-  xs = tuple(f32(x) for x in (q, k, v, theta, eta, alpha, _deltas(delta, theta))) + (jnp.moveaxis(reset, 1, 0),)
+  xs = tuple(f32(x) for x in (q, k, v, theta, eta, alpha, memory.thresholds(delta, theta)))
+  xs += (jnp.moveaxis(reset, 1, 0),)
   state, o = jax.lax.scan(body, state, xs)
   return jnp.moveaxis(o, 0, 1), state
 
@@ -96,7 +93,7 @@ def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, seg
     state, o = jax.lax.scan(token, state, (qc, g, th, et, al, rc))
     return {**state, 'weights': [memory.retain(spec, w) for w in state['weights']]}, o
 
-  xs = tuple(chunked(x) for x in (q, k, v, theta, eta, alpha, _deltas(delta, theta)))
+  xs = tuple(chunked(x) for x in (q, k, v, theta, eta, alpha, memory.thresholds(delta, theta)))
   reset_chunks = jnp.moveaxis(reset.reshape(b, n, chunk_size), (1, 2), (0, 1))
   state, o = jax.lax.scan(chunk, state, xs + (reset_chunks,))
   return jnp.moveaxis(o, (0, 1), (1, 2)).reshape((b, t) + o.shape[3:]), state
