@@ -40,15 +40,52 @@ def test_balanced_routing_sends_no_gradient_backwards_in_time_and_averages_share
       assert (np.abs(np.asarray(g))[:, i + 1:] == 0).all()
 
 
+def balanced_reference(q, k, v, centroids, window):
+  """Dense form: cluster c's members are its top-w tokens; each member attends causally to the members of each of
+  its clusters, the results averaged over those clusters."""
+  b, t, h, d = q.shape
+  s = routing.scores(q, centroids)                                            # [B, H, K, T]
+  member = jnp.sum(jax.nn.one_hot(jax.lax.top_k(s, window)[1], t), axis=-2) > 0   # [B, H, K, T]
+  causal = np.tril(np.ones((t, t), bool))
+  logits = jnp.einsum('bihd,bjhd->bhij', q, k) / np.sqrt(d)
+  total, count = 0.0, 0.0
+  for c in range(centroids.shape[1]):
+    m = member[:, :, c]                                                        # [B, H, T]
+    mask = m[..., :, None] & m[..., None, :] & causal
+    p = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    o = jnp.einsum('bhij,bjhd->bihd', jnp.where(mask, p, 0.0), v)
+    total = total + jnp.where(jnp.moveaxis(m, 1, 2)[..., None], o, 0.0)
+    count = count + jnp.moveaxis(m, 1, 2).astype(jnp.float32)
+  return total / jnp.maximum(count, 1.0)[..., None]
+
+
+def test_balanced_routing_equals_its_dense_form_forward_and_backward():
+  q, k, v = qkv(23, seed=10)
+  centroids = jax.random.normal(jax.random.PRNGKey(11), (3, 4, 16))
+  do = jax.random.normal(jax.random.PRNGKey(12), q.shape)
+  out, count = routing.balanced(q, k, v, centroids, 7)        # 4 × 7 = 28 slots over 23 tokens: shared and missed
+  assert float(count.max()) >= 2 and float(count.min()) == 0
+  assert rel(out, balanced_reference(q, k, v, centroids, 7)) < 1e-5
+  fast = jax.grad(lambda *a: jnp.sum(routing.balanced(*a, centroids, 7)[0] * do), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda *a: jnp.sum(balanced_reference(*a, centroids, 7) * do), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(fast, ref):
+    assert np.isfinite(np.asarray(a)).all() and rel(a, b) < 1e-5
+
+
 def test_local_heads_see_their_block_and_the_one_before():
   q, k, v = qkv(29, seed=5)
   block = 8
   out = routing.local(q, k, v, block)
   i, j = np.arange(29)[:, None], np.arange(29)[None, :]
   allowed = (j <= i) & (j >= (i // block - 1) * block)
-  s = jnp.einsum('bihd,bjhd->bhij', q, k) / 4.0
-  ref = jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), -1), v)
-  assert rel(out, ref) < 1e-5
+  dense = lambda q, k, v: jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(
+      jnp.where(allowed, jnp.einsum('bihd,bjhd->bhij', q, k) / 4.0, -jnp.inf), -1), v)
+  assert rel(out, dense(q, k, v)) < 1e-5
+  do = jax.random.normal(jax.random.PRNGKey(13), q.shape)
+  fast = jax.grad(lambda *a: jnp.sum(routing.local(*a, block) * do), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda *a: jnp.sum(dense(*a) * do), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(fast, ref):
+    assert rel(a, b) < 1e-5
 
 
 def test_ema_update_is_the_hand_computation_and_commitment_spares_the_centroids():

@@ -78,3 +78,9 @@ def test_shipped_sweeps_expand_into_valid_configs():
     for run in sweep.expand(spec):
       cfg = config_lib.override(config_lib.load_file(os.path.join(ROOT, spec.base)), run['overrides'])
       config_lib.validate(cfg, 1)
+
+
+def test_a_sweep_needs_at_least_one_slot(tmp_path):
+  result = run_script(['scripts/sweep.py', '--sweep', 'configs/sweeps/learning_rate.py', '--workdir', str(tmp_path),
+                       '--runs_per_device', '0'], timeout=120)
+  assert result.returncode == 2 and '--runs_per_device' in result.stderr and 'a count >= 1' in result.stderr

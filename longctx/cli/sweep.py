@@ -34,6 +34,9 @@ def main(argv):
   if len(argv) > 1:
     common.fail(f'unexpected arguments {argv[1:]}', 2)
   try:
+    for name, flag in (('--parallel', _PARALLEL), ('--runs_per_device', _PER_DEVICE)):
+      if flag.value < 1:
+        raise config_lib.ConfigError(name, flag.value, 'a count >= 1')
     spec = config_lib.load_file(_SWEEP.value)
     if 'base' not in spec:
       raise config_lib.ConfigError('base', None, 'a config spec (file.py[:variant]) in the sweep file')
