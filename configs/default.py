@@ -47,6 +47,7 @@ def get_config(arg=None):
   c.model.attention.max_segments = 64 # packed rows with more documents than this skip cuDNN for the chunked path
 
   c.model.attention.persistent_tokens = 0  # learned tokens every query sees (Titans' persistent memory: 128)
+  c.model.attention.conv_size = 0     # short causal convolution of q, k, v over K tokens (0: none; Zoology's MQAR: 4)
   c.model.attention.swa_window = 2048 # window of the 'swa' mixer (sliding-window attention layers in hybrids)
   c.model.hybrid = ml_collections.ConfigDict()   # the rule behind model.pattern = 'hybrid'
   c.model.hybrid.linear = 'gated_deltanet'

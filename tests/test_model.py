@@ -26,8 +26,9 @@ def test_every_parameter_carries_logical_axes():
     assert len(axes) == p[...].ndim and set(axes) <= LOGICAL
 
 
-def test_a_document_never_sees_another_document():
-  cfg = small_config()
+@pytest.mark.parametrize('conv', [0, 4])
+def test_a_document_never_sees_another_document(conv):
+  cfg = small_config(**{'model.attention.conv_size': conv})
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   t = cfg.data.seq_len
   rng = np.random.default_rng(0)

@@ -64,7 +64,8 @@ def inputs(cfg, t, seed=0):
 @pytest.mark.parametrize('name,overrides', [
     ('swa', {}), ('titans_mag', {}), ('titans_mac', {}),
     ('titans', {'model.titans.objective': 'huber', 'model.titans.retention': 'lq'}),   # Miras memories decode too
-], ids=['swa', 'titans_mag', 'titans_mac', 'titans_miras'])
+    ('attention', {'model.attention.conv_size': 3, 'model.attention.persistent_tokens': 0}),
+], ids=['swa', 'titans_mag', 'titans_mac', 'titans_miras', 'attention_conv'])
 def test_prefill_then_decoding_equals_the_full_forward(name, overrides):
   mixer, cfg = make(name, **overrides)
   x, pos = inputs(cfg, 23, seed=1)

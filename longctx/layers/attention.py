@@ -8,6 +8,7 @@ from flax import nnx
 from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense, param, rope
+from longctx.layers.conv import ShortConv
 from longctx.ops.attention import attention, cached, prefixed
 from longctx.parallel.rules import constrain
 
@@ -24,6 +25,10 @@ class Attention(registry.Mixer):
   `model.attention.persistent_tokens` P > 0 prepends P learned tokens (Titans' persistent memory; attention sinks):
   d_model vectors that pass through this layer's key and value projections without rotation, seen by every query
   whatever its window or document. Such layers take the blocked dense path `longctx.ops.attention.prefixed`.
+
+  `model.attention.conv_size` K > 0 passes q, k and v through a short causal depthwise convolution over the last K
+  tokens of the document before RoPE (the short convolution of the linear mixers; Zoology's MQAR baselines put one
+  in front of attention, which then forms induction heads without first learning to attend to the previous token).
   """
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
@@ -42,6 +47,8 @@ class Attention(registry.Mixer):
     self.max_segments = m.attention.max_segments
     n_p = m.attention.persistent_tokens
     self.persistent = param(rngs, (n_p, d), (None, 'embed'), 1.0) if n_p else None
+    k_conv = m.attention.get('conv_size', 0)
+    self.conv = ShortConv((h + 2 * kv) * hd, k_conv, (None,), rngs=rngs) if k_conv else None
 
   @staticmethod
   def window_of(config) -> int:
@@ -53,6 +60,9 @@ class Attention(registry.Mixer):
       raise ConfigError('model.rope_theta', config.model.rope_theta, 'a positive base')
     if config.model.attention.max_segments < 1:
       raise ConfigError('model.attention.max_segments', config.model.attention.max_segments, 'a positive count')
+    if config.model.attention.get('conv_size', 0) < 0:
+      raise ConfigError('model.attention.conv_size', config.model.attention.conv_size,
+                        'a kernel size >= 0 (0: no short convolution)')
     if config.model.attention.persistent_tokens < 0:
       raise ConfigError('model.attention.persistent_tokens', config.model.attention.persistent_tokens,
                         'a count >= 0 (0: none; Titans uses 128)')
@@ -76,19 +86,37 @@ class Attention(registry.Mixer):
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
     """Keys and values of up to max_len tokens, and how many are filled."""
     shape = (batch, max_len) + self.k.kernel.shape[1:]
-    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype), 'end': jnp.zeros((), jnp.int32)}
+    cache = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype), 'end': jnp.zeros((), jnp.int32)}
+    if self.conv is not None:
+      cache['conv'] = jnp.zeros((batch, self.conv.size - 1, self.conv.kernel.shape[1]), dtype)
+    return cache
+
+  def projections(self, x, segment_ids, conv_cache=None):
+    """q [B, T, H, D], k and v [B, T, KV, D] before RoPE, and the new convolution cache."""
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.conv is None:
+      return q, k, v, None
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qkv, conv_cache = self.conv(jnp.concatenate([a.reshape(b, t, -1) for a in (q, k, v)], -1), segment_ids,
+                                conv_cache)
+    q, k, v = jnp.split(qkv, [h * d, (h + kv) * d], axis=-1)
+    return q.reshape(b, t, h, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d), conv_cache
 
   def __call__(self, x, *, positions, segment_ids, cache=None):
-    q = rope(self.q(x), positions, self.rope_theta)
-    k = rope(self.k(x), positions, self.rope_theta)
-    v = self.v(x)
+    q, k, v, conv_cache = self.projections(x, segment_ids, None if cache is None else cache.get('conv'))
+    q = rope(q, positions, self.rope_theta)
+    k = rope(k, positions, self.rope_theta)
     if cache is not None:
       # Decoding one document: the new keys and values join the cache, the queries read it.
       end = cache['end']
       k_cache = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, end, 0, 0))
       v_cache = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, end, 0, 0))
       o = cached(q, k_cache, v_cache, end, window=self.window, prefix=self.prefix(x.shape[0]))
-      return self.o(o), {'k': k_cache, 'v': v_cache, 'end': end + x.shape[1]}
+      new = {'k': k_cache, 'v': v_cache, 'end': end + x.shape[1]}
+      if conv_cache is not None:
+        new['conv'] = conv_cache
+      return self.o(o), new
     q = constrain(q, ('batch', 'length', 'act_heads', None))
     k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
