@@ -139,11 +139,10 @@ def test_forget_gate_lower_bounds_rise_with_depth_and_decoding_uses_them():
   cfg = small_config(**{'model.pattern': 'hgrn,hgrn2,gla,hgrn2,mamba2,hgrn2', 'model.num_layers': 6,
                         'model.linear.chunk_size': 16})
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  bounds = model.lower_bounds()
-  assert bounds[2] is None and bounds[4] is None
-  assert float(jnp.max(jnp.abs(bounds[0]))) == 0.0 and float(jnp.max(jnp.abs(bounds[1]))) == 0.0
-  np.testing.assert_allclose(bounds[3], 1 / 3, rtol=1e-6)
-  np.testing.assert_allclose(bounds[5], 2 / 3, rtol=1e-6)
+  bounds = model.lower_bounds()   # log lb; None: no bound (lb = 0 in the first layer of each kind)
+  assert bounds[0] is None and bounds[1] is None and bounds[2] is None and bounds[4] is None
+  np.testing.assert_allclose(jnp.exp(bounds[3]), 1 / 3, rtol=1e-6)
+  np.testing.assert_allclose(jnp.exp(bounds[5]), 2 / 3, rtol=1e-6)
   t = 21
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, t)), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(t), (2, t))
@@ -157,16 +156,33 @@ def test_forget_gate_lower_bounds_rise_with_depth_and_decoding_uses_them():
 def test_bounded_forget_gate_is_the_formula_with_finite_gradients():
   from longctx.layers.gated_linear import bounded_forget_gate
   x = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(0), (500,)) * 8, jnp.array([-1e4, -95.0, 95.0, 1e4])])
-  for lb in (0.0, 0.2, 0.95):
-    bound = jnp.full(x.shape, lb)
-    log_alpha, one_minus = bounded_forget_gate(x, bound)
+  for lb in (0.0, 1e-40, 0.2, 0.95):
+    log_bound = None if lb == 0 else jnp.full(x.shape, np.log(lb), jnp.float32)
+    log_alpha, one_minus = bounded_forget_gate(x, log_bound)
     alpha = lb + (1 - lb) * jax.nn.sigmoid(x)
     np.testing.assert_allclose(jnp.exp(log_alpha), alpha, rtol=1e-5, atol=1e-30)
     np.testing.assert_allclose(one_minus, 1 - alpha, rtol=1e-5, atol=1e-6)
-    grads = jax.grad(lambda x, b: jnp.sum(jnp.sin(bounded_forget_gate(x, b)[0])), argnums=(0, 1))(x, bound)
+    if log_bound is None:
+      continue
+    grads = jax.grad(lambda x, b: jnp.sum(jnp.sin(bounded_forget_gate(x, b)[0])), argnums=(0, 1))(x, log_bound)
     assert all(bool(jnp.isfinite(g).all()) for g in grads)
-    if lb > 0:   # d log α / d lb = σ(−x) / α, at most 1 / lb
-      np.testing.assert_allclose(grads[1], jnp.cos(log_alpha) * jax.nn.sigmoid(-x) / alpha, rtol=1e-4, atol=1e-6)
+    # d log α / d log lb = lb σ(−x) / α, in [0, 1]
+    share = jnp.exp(log_bound + jax.nn.log_sigmoid(-x) - log_alpha)
+    np.testing.assert_allclose(grads[1], jnp.cos(log_alpha) * share, rtol=1e-4, atol=1e-6)
+
+
+def test_depth_lower_bounds_have_finite_gradients_when_softmax_rows_underflow():
+  from longctx.models.transformer import LanguageModel
+  cfg = small_config(**{'model.pattern': 'hgrn2,hgrn2,hgrn2', 'model.num_layers': 3, 'model.linear.chunk_size': 16})
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  model.lower_bounds_hgrn2[...] = jnp.asarray([200.0, -200.0, 0.0])[:, None, None] * jnp.ones(
+      model.lower_bounds_hgrn2.shape)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 19)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(19), (2, 19))
+  graph, params = nnx.split(model, nnx.Param)
+  loss = lambda p: jnp.sum(nnx.merge(graph, p)(tokens, pos, None) ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
 
 
 @pytest.mark.parametrize('arg', ['variant=lmm,size=tiny', 'variant=lmm,size=340m'])

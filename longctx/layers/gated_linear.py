@@ -11,7 +11,7 @@ HGRN (Qin et al. 2023, "Hierarchically Gated Recurrent Neural Network"), real-va
     y = W_o (RMSNorm(h) ⊙ swish(W_g x))
 lb is the layer's forget-gate lower bound: the model keeps one row of logits per HGRN/HGRN2 layer, takes a softmax
 over those layers and a cumulative sum, minus the first row, so the bound is 0 in the first such layer and rises with
-depth (`depth_lower_bound`). The per-channel recurrences are `longctx.ops.channel_decay`. Caches: {'state': fp32}.
+depth (`depth_lower_bound`); the mixers receive log lb (`log_lower_bound`, None for no bound). The per-channel recurrences are `longctx.ops.channel_decay`. Caches: {'state': fp32}.
 """
 from __future__ import annotations
 
@@ -28,18 +28,19 @@ GLA_GATE_RANK = 16
 GLA_GATE_NORMALIZER = 16.0
 
 
-def bounded_forget_gate(logits, lower_bound):
-  """(log α, 1 − α) for α = lb + (1 − lb) σ(logits), in fp32; lb = None means 0.
+def bounded_forget_gate(logits, log_lower_bound):
+  """(log α, 1 − α) for α = lb + (1 − lb) σ(logits), in fp32, from log lb (None: lb = 0).
 
-  log α is taken as logaddexp(log σ(x), log lb + log σ(−x)) (α = σ(x) + lb σ(−x)), so no derivative divides by α:
-  the quotient form log(lb + (1 − lb) σ(x)) gave non-finite gradients once XLA's GPU simplifier had rewritten it."""
+  log α = logaddexp(log σ(x), log lb + log σ(−x)) (α = σ(x) + lb σ(−x)): no derivative divides by α or by lb, and
+  lb enters through its log, so no gradient passes through a log of something that rounds to 0 (the quotient form
+  log(lb + (1 − lb) σ(x)), and a log of a floored lb, gave non-finite gradients on the GPU once XLA's simplifier had
+  rewritten them)."""
   logits = logits.astype(jnp.float32)
-  if lower_bound is None:
+  if log_lower_bound is None:
     return jax.nn.log_sigmoid(logits), jax.nn.sigmoid(-logits)
-  lb = lower_bound.astype(jnp.float32)
-  log_lb = jnp.log(jnp.maximum(lb, 1e-30))
+  log_lb = log_lower_bound.astype(jnp.float32)
   log_alpha = jnp.logaddexp(jax.nn.log_sigmoid(logits), log_lb + jax.nn.log_sigmoid(-logits))
-  return log_alpha, (1.0 - lb) * jax.nn.sigmoid(-logits)
+  return log_alpha, -jnp.expm1(log_lb) * jax.nn.sigmoid(-logits)
 
 
 class _ChannelDecayMixer(LinearMixer):
@@ -90,9 +91,9 @@ class HGRN2(_ChannelDecayMixer):
     h, dk, _ = linear_dims(config)
     return (h, dk)
 
-  def __call__(self, x, *, positions, segment_ids, cache=None, lower_bound=None):
+  def __call__(self, x, *, positions, segment_ids, cache=None, log_lower_bound=None):
     del positions
-    g, k = bounded_forget_gate(self.k(x), lower_bound)
+    g, k = bounded_forget_gate(self.k(x), log_lower_bound)
     q = jax.nn.silu(self.q(x))
     o, cache = self.recurrence(q, k.astype(q.dtype), self.v(x), g, segment_ids, cache)
     return self.o(self.o_norm(o)), cache
@@ -127,9 +128,9 @@ class HGRN(registry.Mixer):
     """The scan: a multiply-add per channel and token (and as much again for the scan's upsweep)."""
     return float(4 * seq_len * config.model.d_model)
 
-  def __call__(self, x, *, positions, segment_ids, cache=None, lower_bound=None):
+  def __call__(self, x, *, positions, segment_ids, cache=None, log_lower_bound=None):
     del positions
-    g, one_minus_f = bounded_forget_gate(self.f(x), lower_bound)
+    g, one_minus_f = bounded_forget_gate(self.f(x), log_lower_bound)
     i = jax.nn.silu(self.i(x).astype(jnp.float32)) * one_minus_f
     h, state = scan_vector_decay(i, g, initial_state=None if cache is None else cache['state'],
                                  segment_ids=segment_ids)

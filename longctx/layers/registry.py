@@ -19,8 +19,8 @@ class Mixer(nnx.Module):
   """
 
   # Mixers whose forget gate has a lower bound that rises with depth (HGRN, HGRN2) set this, define
-  # `lower_bound_shape(config)`, and take `lower_bound=` in `__call__`; the model owns the bounds (one softmax
-  # over all such layers).
+  # `lower_bound_shape(config)`, and take `log_lower_bound=` (the log of the bound, or None for none) in
+  # `__call__`; the model owns the bounds (one softmax over all such layers).
   depth_lower_bound = False
 
   @classmethod

@@ -29,11 +29,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps)
     self.mlp = SwiGLU(m.d_model, m.mlp_dim, rngs=rngs, out_std=0.02 / (2 * m.num_layers) ** 0.5)
 
-  def __call__(self, x, positions, segment_ids, lower_bound=None):
-    return self.decode(x, positions, segment_ids, None, lower_bound)[0]
+  def __call__(self, x, positions, segment_ids, log_lower_bound=None):
+    return self.decode(x, positions, segment_ids, None, log_lower_bound)[0]
 
-  def decode(self, x, positions, segment_ids, cache, lower_bound=None):
-    extra = {} if lower_bound is None else {'lower_bound': lower_bound}
+  def decode(self, x, positions, segment_ids, cache, log_lower_bound=None):
+    extra = {} if log_lower_bound is None else {'log_lower_bound': log_lower_bound}
     y, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache, **extra)
     x = constrain(x + y, ('batch', 'length', 'act_embed'))
     x = x + self.mlp(self.mlp_norm(x))
@@ -67,14 +67,15 @@ class LanguageModel(nnx.Module):
     self.compute_dtype = jnp.dtype(m.dtype)
 
   def lower_bounds(self):
-    """Per layer: its forget-gate lower bound, or None. Softmax over the layers of one kind, cumulative sum, minus
-    the first: 0 in the first such layer, rising with depth, below 1."""
+    """Per layer: the log of its forget-gate lower bound, or None (no bound). The bound is a softmax over the layers
+    of one kind, summed cumulatively, minus the first: 0 in the first such layer (None: no parameter reaches it),
+    rising with depth, below 1. Taken in log space (log-sum-exp of log-softmax rows), so neither the bound nor its
+    gradient passes through a log of something that may round to 0."""
     bounds = [None] * len(self.blocks)
     for name, layers in self.bound_groups:
-      p = jax.nn.softmax(getattr(self, f'lower_bounds_{name}')[...], axis=0)
-      cumulative = jnp.cumsum(p, axis=0) - p[0]
-      for row, i in enumerate(layers):
-        bounds[i] = cumulative[row]
+      log_p = jax.nn.log_softmax(getattr(self, f'lower_bounds_{name}')[...], axis=0)
+      for row, i in enumerate(layers[1:], start=1):
+        bounds[i] = jax.nn.logsumexp(log_p[1:row + 1], axis=0)
     return bounds
 
   def hidden(self, tokens, positions, segment_ids):
