@@ -60,6 +60,16 @@ def get_config(arg=None):
   c.model.linear.expand_v = 1         # value head dim = head_dim * expand_v
   c.model.linear.conv_size = 4
   c.model.linear.chunk_size = 64
+  c.model.routing = ml_collections.ConfigDict()  # Routing Transformer layers (longctx.layers.routing)
+  c.model.routing.heads = 2           # routing heads per 'routing' layer; the others are local
+  c.model.routing.num_clusters = 4    # K centroids per routing head
+  c.model.routing.window = 0          # w tokens per cluster (0: data.seq_len / num_clusters)
+  c.model.routing.local_block = 64    # local heads: causal attention over this block and the one before
+  c.model.routing.causal = False      # False: balanced top-w clusters (paper); True: prefix-only, as decoding
+  c.model.routing.ema_decay = 0.999
+  c.model.routing.ema_eps = 1e-5
+  c.model.routing.commitment = 1e-4   # weight of the commitment loss ‖LN(q) − sg(μ)‖²
+  c.model.routing.kmeans_iterations = 3   # Lloyd steps seeding the centroids from the first batch
   c.model.titans = ml_collections.ConfigDict()   # Titans' neural memory (longctx.layers.titans)
   c.model.titans.num_heads = 0        # 0: model.num_heads
   c.model.titans.head_dim = 0         # 0: the attention head dim (keys, values and queries alike)

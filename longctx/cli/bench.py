@@ -23,9 +23,10 @@ from absl import app, flags, logging
 
 from longctx import config as config_lib
 from longctx.cli import common
+from longctx.layers import registry
 
 common.define_config_flag(required=False)
-_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention, linear, titans')
+_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention, linear, titans, routing')
 _NAME = flags.DEFINE_string('name', 'custom', 'case name when --config is given')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per case')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
@@ -285,6 +286,63 @@ def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), sm
   return results
 
 
+def bench_routing(steps: int, cases=(), lengths=(8192, 16384, 32768), small: bool = False) -> list[dict]:
+  """One attention layer, forward+backward of a scalar loss in its input and parameters, bf16, B1, d 1024, 8 heads
+  × 128: full causal attention (the `attention` mixer, cuDNN where it applies) against the PG-19 routing layer (2 of
+  8 heads routed, K · w = T with w 256, the rest local over blocks of 256) and a layer routing all 8 heads. Memory is
+  the compiled step's own (arguments, outputs, temporaries)."""
+  from flax import nnx
+
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  dm, heads, window = (64, 4, 16) if small else (1024, 8, 256)
+  layers = {'attention': ('attention', heads), 'routing_2of8': ('routing', 2), 'routing_8of8': ('routing', heads)}
+  results = []
+  for t in lengths:
+    for kind, (mixer, routed) in layers.items():
+      name = f'{kind}_T{t}'
+      if cases and name not in cases:
+        continue
+      cfg = config_lib.override(config_lib.load_file(os.path.join(repo, 'configs/routing.py')), {
+          'model.d_model': dm, 'model.num_heads': heads, 'model.num_kv_heads': heads, 'data.seq_len': t,
+          'model.routing.heads': routed, 'model.routing.num_clusters': t // window,
+          'model.routing.local_block': window})
+      graph, state = nnx.split(registry.get(mixer)(cfg, layer_index=0, rngs=nnx.Rngs(0)))
+      params = nnx.to_pure_dict(state)
+      x, dy = (jax.random.normal(key, (1, t, dm), jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(1)))
+      positions = jnp.arange(t)[None]
+
+      def loss(params, x):
+        y, _ = nnx.merge(graph, params)(x, positions=positions, segment_ids=None)
+        return jnp.sum(y.astype(jnp.float32) * dy)
+
+      both = jax.jit(jax.grad(loss, argnums=(0, 1)))
+      row = {'case': name, 'layer': kind, 'seq_len': t, 'shape': f'B1 T{t} d {dm}, {heads} heads'}
+      try:
+        compiled = both.lower(params, x).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+          row['step_memory_gib'] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                    + mem.output_size_in_bytes) / 2 ** 30
+        row['fwd_bwd_ms'] = median_ms(compiled, params, x, steps=steps)
+      except Exception as e:  # out of memory is a result
+        row['error'] = error_text(e)
+      results.append(row)
+      print(json.dumps(row), flush=True)
+  return results
+
+
+def routing_markdown(env: dict, results: list[dict]) -> str:
+  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
+           '| T | layer | fwd+bwd ms | step memory GiB | time vs attention |', '|---|---|---|---|---|']
+  base = {r['seq_len']: r.get('fwd_bwd_ms') for r in results if r['layer'] == 'attention'}
+  for r in results:
+    ms = r.get('fwd_bwd_ms')
+    ratio = f'{ms / base[r["seq_len"]]:.2f}×' if ms and base.get(r['seq_len']) else '-'
+    lines.append(f'| {r["seq_len"]} | {r["layer"]} | {f"{ms:.2f}" if ms else r.get("error", "failed")[:60]} | '
+                 f'{r.get("step_memory_gib", float("nan")):.2f} | {ratio} |')
+  return '\n'.join(lines) + '\n'
+
+
 def titans_markdown(env: dict, results: list[dict]) -> str:
   lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n', '| case | shape | fwd+bwd ms | step memory GiB |',
            '|---|---|---|---|']
@@ -367,10 +425,14 @@ def main(argv):
     results = bench_titans(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
     write(env, 'titans', results, titans_markdown(env, results))
     return
+  if _SUITE.value == 'routing':
+    results = bench_routing(_STEPS.value, _CASES.value)
+    write(env, 'routing', results, routing_markdown(env, results))
+    return
   if _SUITE.value:
     if _SUITE.value not in SUITES:
       config_lib.exit_with(config_lib.ConfigError(
-          '--suite', _SUITE.value, f'one of {", ".join([*SUITES, "attention", "linear", "titans"])}'))
+          '--suite', _SUITE.value, f'one of {", ".join([*SUITES, "attention", "linear", "titans", "routing"])}'))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cases = [(n, config_lib.override(config_lib.load_file(os.path.join(repo, spec)), o))
              for n, spec, o in SUITES[_SUITE.value] if not _CASES.value or n in _CASES.value]

@@ -56,7 +56,7 @@ def perplexity_run(workdir: str, batches: int, seq_len: int = 0) -> dict:
 
   run = run_lib.load(workdir, {'data.seq_len': seq_len} if seq_len else None)
   eval_step, buckets = make_eval_step(run.setup)
-  result = perplexity.evaluate(eval_step, buckets, run.params, perplexity.validation(run.config, batches),
+  result = perplexity.evaluate(eval_step, buckets, run.weights, perplexity.validation(run.config, batches),
                                batch_sharding(run.setup.mesh), data.is_byte_level(run.config))
   return {'task': 'perplexity', 'workdir': workdir, 'seq_len': run.config.data.seq_len, 'batches': batches,
           **result}

@@ -42,18 +42,18 @@ def sweep_settings(variant) -> tuple[dict, list[str]]:
   return fixed, [f'mqar --grid {grid} --batches 8']
 
 
-def evaluate(workdir: str, grid, batches: int = 4, params=None) -> dict:
-  """grid: (seq_len, num_pairs) pairs; params: reuse parameters already loaded for this run."""
+def evaluate(workdir: str, grid, batches: int = 4, weights=None) -> dict:
+  """grid: (seq_len, num_pairs) pairs; weights: reuse weights already loaded for this run."""
   rows = []
   for seq_len, pairs in grid:
     run = run_lib.load(workdir, {'data.source': 'mqar', 'data.seq_len': seq_len, 'data.mqar.num_pairs': pairs},
-                       params=params)
+                       weights=weights)
     if run.config.model.vocab_size < run.config.data.mqar.vocab:
       raise ConfigError('model.vocab_size', run.config.model.vocab_size,
                         f'at least data.mqar.vocab={run.config.data.mqar.vocab} to evaluate MQAR')
-    params = run.params
+    weights = run.weights
     eval_step, buckets = make_eval_step(run.setup)
-    result = perplexity.evaluate(eval_step, buckets, params, perplexity.validation(run.config, batches),
+    result = perplexity.evaluate(eval_step, buckets, weights, perplexity.validation(run.config, batches),
                                  batch_sharding(run.setup.mesh), data.is_byte_level(run.config))
     rows.append({'seq_len': seq_len, 'num_pairs': pairs, 'accuracy': result['accuracy'], 'answers': result['tokens']})
   return {'task': 'mqar', 'rows': rows}

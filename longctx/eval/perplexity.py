@@ -14,10 +14,11 @@ def global_batch(batch, sharding):
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(eval_step, buckets, params, batches, sharding, byte_level: bool) -> dict:
+def evaluate(eval_step, buckets, weights, batches, sharding, byte_level: bool) -> dict:
+  """Loss and next-token accuracy of `weights` ({'params', 'buffers'}) over `batches`, overall and by position."""
   sums, hits, counts = (np.zeros(len(buckets)) for _ in range(3))
   for batch in batches:
-    s, h, c = eval_step(params, global_batch(batch, sharding))
+    s, h, c = eval_step(weights, global_batch(batch, sharding))
     sums += np.asarray(s)
     hits += np.asarray(h)
     counts += np.asarray(c)

@@ -1,4 +1,5 @@
-"""A finished (or running) run, loaded for evaluation or sampling: its saved config and newest parameters."""
+"""A finished (or running) run, loaded for evaluation or sampling: its saved config and newest weights (parameters
+and buffers)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,10 @@ class Run:
   workdir: str
   config: Any
   setup: Any          # longctx.train.state.TrainSetup
-  params: Any
+  weights: Any        # {'params', 'buffers'}
 
   def model(self):
-    return self.setup.model(self.params)
+    return self.setup.model(self.weights['params'], self.weights['buffers'])
 
 
 def load_config(workdir: str, overrides: dict | None = None):
@@ -32,16 +33,16 @@ def load_config(workdir: str, overrides: dict | None = None):
   return config_lib.override(config, overrides or {})
 
 
-def load(workdir: str, overrides: dict | None = None, params=None) -> Run:
-  """The run's config (with dotted `overrides`, e.g. another data.seq_len), validated, and its newest parameters
-  (or `params` already in memory, laid out for the same config)."""
+def load(workdir: str, overrides: dict | None = None, weights=None) -> Run:
+  """The run's config (with dotted `overrides`, e.g. another data.seq_len), validated, and its newest weights
+  (or `weights` already in memory, laid out for the same config)."""
   from longctx.parallel.mesh import make_mesh
-  from longctx.train.checkpoint import restore_params
+  from longctx.train.checkpoint import restore_weights
   from longctx.train.state import TrainSetup
 
   config = load_config(workdir, overrides)
   config_lib.validate(config, jax.device_count())
   setup = TrainSetup(config, make_mesh(config.parallel))
-  if params is None:
-    params = restore_params(os.path.join(workdir, 'checkpoints'), setup.abstract_state['params'])
-  return Run(workdir, config, setup, params)
+  if weights is None:
+    weights = restore_weights(os.path.join(workdir, 'checkpoints'), setup.abstract_weights())
+  return Run(workdir, config, setup, weights)

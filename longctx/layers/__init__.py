@@ -6,3 +6,4 @@ from longctx.layers import gated_linear  # noqa: F401  (registers 'gla', 'hgrn2'
 from longctx.layers import mamba2  # noqa: F401  (registers 'mamba2')
 from longctx.layers import titans  # noqa: F401  (registers 'titans')
 from longctx.layers import titans_wirings  # noqa: F401  (registers 'titans_mag', 'titans_mac')
+from longctx.layers import routing  # noqa: F401  (registers 'routing', 'local')

@@ -78,6 +78,18 @@ class LanguageModel(nnx.Module):
         bounds[i] = jax.nn.logsumexp(log_p[1:row + 1], axis=0)
     return bounds
 
+  def seed_routing(self, tokens, positions, segment_ids, seed: int, iterations: int):
+    """Sets every routing layer's centroids by `iterations` k-means steps over its own routed vectors of this batch,
+    layer after layer (each later layer sees the earlier ones already seeded)."""
+    routed = [block.mixer for block in self.blocks if getattr(block.mixer, 'routed', 0)]
+    for mixer in routed:
+      mixer.seeding = (seed, iterations)
+    try:
+      self.hidden(tokens, positions, segment_ids)
+    finally:
+      for mixer in routed:
+        mixer.seeding = None
+
   def hidden(self, tokens, positions, segment_ids):
     """Final-norm hidden states [B, T, d] in the compute dtype."""
     x = jnp.take(self.embed[...].astype(self.compute_dtype), tokens, axis=0)

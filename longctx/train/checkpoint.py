@@ -102,20 +102,21 @@ class Checkpoints:
     self._manager.close()
 
 
-def restore_params(directory: str, abstract_params):
-  """Parameters of the newest readable step of another run (`init_from`), placed in this run's shardings."""
+def restore_weights(directory: str, abstract_weights: dict) -> dict:
+  """{'params', 'buffers'} of the newest readable step of a run (for `init_from`, evaluation, sampling), placed in
+  the shardings of `abstract_weights` (`TrainSetup.abstract_weights()`); buffers {} for a model without any."""
   manager = ocp.CheckpointManager(os.path.abspath(directory))
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise FileNotFoundError(f'init_from: no checkpoint under {directory}')
-  target = {'params': abstract_params}
+  target = {k: v for k, v in abstract_weights.items() if jax.tree.leaves(v)}
   for step in steps:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                        partial_restore=True)))
       logging.info('parameters of step %d of %s', step, directory)
-      return restored['state']['params']
+      return {'params': restored['state']['params'], 'buffers': restored['state'].get('buffers', {})}
     except Exception as e:  # see restore_latest
       logging.warning('init_from: step %d of %s is unreadable (%s)', step, directory, e)
   raise FileNotFoundError(f'init_from: no readable checkpoint under {directory}')

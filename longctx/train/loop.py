@@ -145,8 +145,8 @@ def train(config, workdir: str) -> dict:
   if state is None:
     state, start = setup.init(config.seed), 0
     if config.init_from:
-      state['params'] = ckpt_lib.restore_params(os.path.join(config.init_from, 'checkpoints'),
-                                                setup.abstract_state['params'])
+      weights = ckpt_lib.restore_weights(os.path.join(config.init_from, 'checkpoints'), setup.abstract_weights())
+      state.update(params=weights['params'], **({'buffers': weights['buffers']} if setup.has_buffers else {}))
   else:
     logging.info('resumed from step %d', start)
     if start >= t.num_steps:
@@ -174,6 +174,8 @@ def train(config, workdir: str) -> dict:
         if profile and step == profile[0]:
           jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         batch = perplexity.global_batch(next(data_iter), batch_sharding)
+        if step == 0 and not config.init_from:
+          state = setup.seed_buffers(state, batch, config.seed)   # routing centroids: k-means on the first batch
         state, step_metrics = train_step(state, batch)
         step += 1
         interval.add(step, step_metrics)
@@ -195,7 +197,8 @@ def train(config, workdir: str) -> dict:
         if eval_due:
           if val_batches is None:
             val_batches = perplexity.validation(config, t.eval_batches)
-          result = perplexity.evaluate(eval_step, buckets, state['params'], val_batches, batch_sharding, byte_level)
+          result = perplexity.evaluate(eval_step, buckets, setup.weights(state), val_batches, batch_sharding,
+                                       byte_level)
           writer.write(step, {f'val_{k}': v for k, v in result.items() if k not in ('by_position', 'tokens')})
           row.update({f'val_{k}': v for k, v in result.items() if k != 'by_position'})
         if save_due:

@@ -1,5 +1,9 @@
-"""The train state (a plain pytree: step, params, opt_state, rng) and everything derived from the config to build,
-shard and restore it."""
+"""The train state (a plain pytree: step, params, opt_state, rng, and buffers when the model has any) and everything
+derived from the config to build, shard and restore it.
+
+Buffers are model variables outside the optimizer that the train step updates itself (routing centroids,
+`longctx.layers.routing.Centroids`); they are checkpointed with the state. `RoutingStats` variables are scratch
+space a forward pass writes, never stored."""
 from __future__ import annotations
 
 import math
@@ -11,6 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from longctx import data
+from longctx.layers.routing import Centroids, RoutingStats
 from longctx.models.transformer import LanguageModel
 from longctx.parallel import mesh as mesh_lib
 from longctx.train import optimizer
@@ -24,7 +29,11 @@ class TrainSetup:
     abstract = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
     self.layer_names = abstract.layer_names
     self.uses_segments = data.rows_hold_several_documents(config)
-    self.graphdef, abs_params = nnx.split(abstract, nnx.Param)
+    self.graphdef, abs_params, abs_buffers, abs_stats = nnx.split(abstract, nnx.Param, Centroids, RoutingStats)
+    shape_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    self.abstract_buffers = jax.tree.map(shape_of, nnx.to_pure_dict(abs_buffers))
+    self.abstract_stats = jax.tree.map(shape_of, nnx.to_pure_dict(abs_stats))
+    self.has_buffers = bool(jax.tree.leaves(self.abstract_buffers))
     self.param_dtype = jnp.dtype(config.model.param_dtype)
     pure = nnx.to_pure_dict(abs_params)
     self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.param_dtype), pure)
@@ -35,9 +44,14 @@ class TrainSetup:
     rep = mesh_lib.replicated(mesh)
     abs_opt = jax.eval_shape(self.tx.init, self.abstract_params)
     opt_shardings = optax_shardings(self.tx, abs_opt, self.param_shardings, rep)
+    self.buffer_shardings = jax.tree.map(lambda _: rep, self.abstract_buffers)
     self.shardings = {'step': rep, 'params': self.param_shardings, 'opt_state': opt_shardings, 'rng': rep}
     abs_state = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': self.abstract_params,
                  'opt_state': abs_opt, 'rng': jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    if self.has_buffers:
+      self.shardings['buffers'] = self.buffer_shardings
+      abs_state['buffers'] = self.abstract_buffers
+    self.weight_shardings = {'params': self.param_shardings, 'buffers': self.buffer_shardings}
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, self.shardings)
 
@@ -46,12 +60,45 @@ class TrainSetup:
     def create(key):
       model = LanguageModel(self.config, rngs=nnx.Rngs(params=key))
       params = jax.tree.map(lambda x: x.astype(self.param_dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params),
-              'rng': jax.random.fold_in(key, 1)}
+      state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params),
+               'rng': jax.random.fold_in(key, 1)}
+      if self.has_buffers:
+        state['buffers'] = nnx.to_pure_dict(nnx.state(model, Centroids))
+      return state
     return jax.jit(create, out_shardings=self.shardings)(jax.random.PRNGKey(seed))
 
-  def model(self, params):
-    return nnx.merge(self.graphdef, params)
+  def model(self, params, buffers=None):
+    """The model holding `params` and `buffers` (required when the model has any), with fresh scratch stats."""
+    if buffers is None:
+      if self.has_buffers:
+        raise ValueError('this model has buffers (routing centroids): pass them with the parameters')
+      buffers = {}
+    stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_stats)
+    return nnx.merge(self.graphdef, params, buffers, stats)
+
+  def abstract_weights(self) -> dict:
+    """Shapes and shardings of {'params', 'buffers'}."""
+    return {'params': self.abstract_state['params'], 'buffers': self.abstract_state.get('buffers', {})}
+
+  @staticmethod
+  def weights(state) -> dict:
+    """What a model needs from a train state: {'params', 'buffers'} (buffers {} when the model has none)."""
+    return {'params': state['params'], 'buffers': state.get('buffers', {})}
+
+  def seed_buffers(self, state, batch, seed: int):
+    """The state with buffers seeded from a first batch (routing centroids by k-means); unchanged without buffers."""
+    if not self.has_buffers:
+      return state
+    iterations = self.config.model.routing.kmeans_iterations
+
+    def seeded(params, buffers, batch):
+      model = self.model(params, buffers)
+      segment_ids = batch['segment_ids'] if self.uses_segments else None
+      model.seed_routing(batch['tokens'], batch['positions'], segment_ids, seed, iterations)
+      return nnx.to_pure_dict(nnx.state(model, Centroids))
+
+    buffers = jax.jit(seeded, out_shardings=self.buffer_shardings)(state['params'], state['buffers'], batch)
+    return {**state, 'buffers': buffers}
 
   def param_count(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))

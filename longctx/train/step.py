@@ -6,7 +6,9 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
+from longctx.layers import routing
 from longctx.parallel import mesh as mesh_lib
 from longctx.parallel.rules import activation_sharding
 
@@ -22,43 +24,43 @@ def targets_and_weights(batch):
   return targets, weights
 
 
-def token_nll(setup, params, batch):
-  """Per-token negative log-likelihood (fp32) and log-partition, [B, T] each."""
-  model = setup.model(params)
+def _loss_sums(setup, params, batch, buffers=None):
+  """(objective summed over tokens, (nll sum, token count, routing stats)); summed so that accumulation is exact.
+  The objective adds model.routing.commitment × the routing layers' commitment sums."""
+  model = setup.model(params, buffers)
   segment_ids = batch['segment_ids'] if setup.uses_segments else None
-  targets, _ = targets_and_weights(batch)
-  return model.token_loss(batch['tokens'], batch['positions'], segment_ids, targets)
-
-
-def _loss_sums(setup, params, batch):
-  """(objective summed over tokens, (nll sum, token count)); summed so that accumulation is exact."""
-  nll, logz = token_nll(setup, params, batch)
-  _, w = targets_and_weights(batch)
+  targets, w = targets_and_weights(batch)
+  nll, logz = model.token_loss(batch['tokens'], batch['positions'], segment_ids, targets)
   nll_sum = jnp.sum(nll * w)
   objective = nll_sum + setup.config.train.z_loss * jnp.sum(jnp.square(logz) * w)
-  return objective, (nll_sum, jnp.sum(w))
+  stats = nnx.to_pure_dict(nnx.state(model, routing.RoutingStats))
+  if setup.has_buffers:
+    objective = objective + setup.config.model.routing.commitment * routing.commitment_total(buffers, stats)
+  return objective, (nll_sum, jnp.sum(w), stats)
 
 
 def make_train_step(setup):
   cfg = setup.config.train
   accum = cfg.grad_accum
-  grad_fn = jax.grad(lambda p, b: _loss_sums(setup, p, b), has_aux=True)
+  grad_fn = jax.grad(lambda p, b, buf: _loss_sums(setup, p, b, buf), has_aux=True)
+  routing_cfg = setup.config.model.routing
 
   def step(state, batch):
-    params = state['params']
+    params, buffers = state['params'], state.get('buffers')
     with activation_sharding(setup.mesh):
       if accum == 1:
-        grads, (nll, count) = grad_fn(params, batch)
+        grads, (nll, count, stats) = grad_fn(params, batch, buffers)
       else:
         micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
         def body(carry, mb):
-          g, n, c = carry
-          dg, (dn, dc) = grad_fn(params, mb)
-          return (jax.tree.map(jnp.add, g, dg), n + dn, c + dc), None
+          g, n, c, st = carry
+          dg, (dn, dc, dst) = grad_fn(params, mb, buffers)
+          return (jax.tree.map(jnp.add, g, dg), n + dn, c + dc, jax.tree.map(jnp.add, st, dst)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, nll, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+        no_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), setup.abstract_stats)
+        (grads, nll, count, stats), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, no_stats), micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     loss = nll / denom
@@ -70,6 +72,11 @@ def make_train_step(setup):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {'step': state['step'] + 1, 'params': keep(new_params, params),
                  'opt_state': keep(opt_state, state['opt_state']), 'rng': state['rng']}
+    if setup.has_buffers:
+      # Centroids follow the vectors assigned to them over the whole global batch (under the mesh, the sums in
+      # `stats` already cover every data-parallel replica), outside the optimizer.
+      moved = routing.update_centroids(buffers, stats, routing_cfg.ema_decay, routing_cfg.ema_eps)
+      new_state['buffers'] = keep(moved, buffers)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(new_state['params']),
                'learning_rate': setup.schedule(state['step']), 'tokens': count, 'finite': finite}
     return new_state, metrics
@@ -88,16 +95,17 @@ def position_buckets(seq_len: int) -> list[tuple[int, int]]:
 
 
 def make_eval_step(setup):
-  """(params, batch) -> (nll sum, correct next-token predictions, token count), each [num_buckets]."""
+  """(weights {'params', 'buffers'}, batch) -> (nll sum, correct next-token predictions, token count), each
+  [num_buckets]."""
   buckets = position_buckets(setup.config.data.seq_len)
   lo = jnp.array([b[0] for b in buckets])
   hi = jnp.array([b[1] for b in buckets])
 
-  def step(params, batch):
+  def step(weights, batch):
     targets, w = targets_and_weights(batch)
     with activation_sharding(setup.mesh):
       segment_ids = batch['segment_ids'] if setup.uses_segments else None
-      logits = setup.model(params)(batch['tokens'], batch['positions'], segment_ids)
+      logits = setup.model(weights['params'], weights['buffers'])(batch['tokens'], batch['positions'], segment_ids)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     pos = batch['positions'][..., None]
@@ -107,4 +115,4 @@ def make_eval_step(setup):
 
   rep = mesh_lib.replicated(setup.mesh)
   data = mesh_lib.batch_sharding(setup.mesh)
-  return jax.jit(step, in_shardings=(setup.shardings['params'], data), out_shardings=(rep, rep, rep)), buckets
+  return jax.jit(step, in_shardings=(setup.weight_shardings, data), out_shardings=(rep, rep, rep)), buckets

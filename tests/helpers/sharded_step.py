@@ -1,4 +1,7 @@
-"""Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run."""
+"""Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
+
+With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
+the EMA, on 4 data-parallel devices against one device with the whole batch."""
 import json
 import os
 import sys
@@ -16,9 +19,13 @@ from longctx.train.step import make_train_step  # noqa: E402
 from tests.conftest import small_config  # noqa: E402
 
 
-def run(parallel, devices):
+ROUTING = {'model.pattern': 'local,routing', 'model.routing.num_clusters': 4, 'model.routing.local_block': 16,
+           'model.routing.ema_decay': 0.9, 'model.routing.commitment': 0.1}
+
+
+def run(parallel, devices, overrides=None):
   cfg = small_config(**{'train.batch_size': 8, 'model.num_heads': 4, 'model.num_kv_heads': 2,
-                        **{f'parallel.{k}': v for k, v in parallel.items()}})
+                        **{f'parallel.{k}': v for k, v in parallel.items()}, **(overrides or {})})
   mesh = make_mesh(cfg.parallel, devices)
   setup = TrainSetup(cfg, mesh)
   state = setup.init(cfg.seed)
@@ -31,10 +38,12 @@ def run(parallel, devices):
   for _ in range(2):
     batch = {'tokens': rng.integers(0, 256, (b, t)), 'segment_ids': seg, 'positions': pos}
     batch = {k: jax.device_put(jnp.asarray(v, jnp.int32), batch_sharding(mesh)) for k, v in batch.items()}
+    if not losses:
+      state = setup.seed_buffers(state, batch, cfg.seed)
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state['params'])})
-  return jax.device_get(state['params']), losses, specs
+  return jax.device_get(state['params']), losses, specs, jax.device_get(state.get('buffers', {}))
 
 
 def flat(tree):
@@ -44,13 +53,19 @@ def flat(tree):
 def main():
   devices = jax.devices()
   assert len(devices) == 8, devices
-  ref, ref_losses, _ = run({'data': 1}, devices[:1])
+  routing = sys.argv[1:] == ['routing']
+  overrides = ROUTING if routing else None
+  ref, ref_losses, _, ref_buffers = run({'data': 1}, devices[:1], overrides)
   out = {}
-  for name, parallel in {'data2_fsdp4': {'data': 2, 'fsdp': 4}, 'data2_fsdp2_tensor2': {'data': 2, 'fsdp': 2, 'tensor': 2},
-                         'data8': {'data': 8}}.items():
-    params, losses, specs = run(parallel, devices)
+  meshes = ({'data4': ({'data': 4}, devices[:4])} if routing else
+            {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices), 'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices),
+             'data8': ({'data': 8}, devices)})
+  for name, (parallel, mesh_devices) in meshes.items():
+    params, losses, specs, buffers = run(parallel, mesh_devices, overrides)
     out[name] = {'param_rel': float(np.linalg.norm(flat(params) - flat(ref)) / np.linalg.norm(flat(ref))),
                  'loss_diff': max(abs(a - b) for a, b in zip(losses, ref_losses)), 'specs': specs}
+    if routing:
+      out[name]['centroid_rel'] = float(np.linalg.norm(flat(buffers) - flat(ref_buffers)) / np.linalg.norm(flat(ref_buffers)))
   print(json.dumps(out))
 
 
