@@ -31,16 +31,41 @@ GLA_GATE_NORMALIZER = 16.0
 def bounded_forget_gate(logits, log_lower_bound):
   """(log α, 1 − α) for α = lb + (1 − lb) σ(logits), in fp32, from log lb (None: lb = 0).
 
-  log α = logaddexp(log σ(x), log lb + log σ(−x)) (α = σ(x) + lb σ(−x)): no derivative divides by α or by lb, and
-  lb enters through its log, so no gradient passes through a log of something that rounds to 0 (the quotient form
-  log(lb + (1 − lb) σ(x)), and a log of a floored lb, gave non-finite gradients on the GPU once XLA's simplifier had
-  rewritten them)."""
+  log α = logaddexp(log σ(x), log lb + log σ(−x)) (α = σ(x) + lb σ(−x)). With a bound the derivatives are written
+  out as exponentials of sums of logs, each at most 0, so no derivative divides by α or lb and none can form 0/0 or
+  ∞·0 whatever an optimising compiler does to them (XLA's GPU simplifier turned autodiff's forms of
+  log(lb + (1 − lb)σ(x)) into non-finite gradients)."""
   logits = logits.astype(jnp.float32)
   if log_lower_bound is None:
     return jax.nn.log_sigmoid(logits), jax.nn.sigmoid(-logits)
-  log_lb = log_lower_bound.astype(jnp.float32)
-  log_alpha = jnp.logaddexp(jax.nn.log_sigmoid(logits), log_lb + jax.nn.log_sigmoid(-logits))
-  return log_alpha, -jnp.expm1(log_lb) * jax.nn.sigmoid(-logits)
+  log_lb = jnp.broadcast_to(log_lower_bound.astype(jnp.float32), logits.shape)
+  return _bounded_gate(logits, log_lb)
+
+
+@jax.custom_vjp
+def _bounded_gate(x, log_lb):
+  return _bounded_gate_fwd(x, log_lb)[0]
+
+
+def _bounded_gate_fwd(x, log_lb):
+  log_sig, log_sig_neg = jax.nn.log_sigmoid(x), jax.nn.log_sigmoid(-x)
+  log_alpha = jnp.logaddexp(log_sig, log_lb + log_sig_neg)
+  log_one_minus_lb = jnp.log(-jnp.expm1(jnp.minimum(log_lb, -1e-30)))
+  one_minus_alpha = jnp.exp(log_one_minus_lb + log_sig_neg)
+  return (log_alpha, one_minus_alpha), (log_sig, log_sig_neg, log_alpha, log_lb, log_one_minus_lb)
+
+
+def _bounded_gate_bwd(res, cotangents):
+  log_sig, log_sig_neg, log_alpha, log_lb, log_one_minus_lb = res
+  d_log_alpha, d_one_minus = cotangents
+  slope = jnp.exp(log_one_minus_lb + log_sig + log_sig_neg)                  # (1 − lb) σ(x) σ(−x) = dα/dx
+  share = jnp.exp(log_lb + log_sig_neg - log_alpha)                         # lb σ(−x) / α = ∂ log α / ∂ log lb
+  d_x = d_log_alpha * jnp.exp(log_one_minus_lb + log_sig + log_sig_neg - log_alpha) - d_one_minus * slope
+  d_log_lb = d_log_alpha * share - d_one_minus * jnp.exp(log_lb + log_sig_neg)
+  return d_x, d_log_lb
+
+
+_bounded_gate.defvjp(_bounded_gate_fwd, _bounded_gate_bwd)
 
 
 class _ChannelDecayMixer(LinearMixer):
