@@ -1,0 +1,208 @@
+"""Context parallelism: causal attention over a sequence sharded on a mesh axis (ring and all-gather).
+
+The sequence dimension of q, k, v is sharded over `axis` in whatever token order the data loader chose (`reorder`:
+zigzag, striped or none); masks come from each token's true position and document, carried alongside, so the
+result is the same in every order and only the work per device changes.
+
+* `ring_attention` (Liu et al., "Ring Attention with Blockwise Transformers"): inside `jax.shard_map`, n steps;
+  each step attends the local queries to the K/V block held, while `lax.ppermute` passes K/V (kv heads only, GQA
+  stays grouped) to the next device; partial outputs merge in fp32 by their log-sum-exp. A block that no local
+  query may see (every key later than every query, or in other documents) is skipped. The backward pass is a
+  `custom_vjp` that recomputes each block's probabilities from the *global* output and LSE and passes dK/dV around
+  the ring with K/V, so they arrive home after n steps: autodiff through a per-block LSE would be wrong (the LSE
+  that `jax.nn.dot_product_attention` returns carries no gradient).
+* `all_gather_attention`: K/V (and their positions) gathered over the axis, queries stay sharded; one softmax per
+  query over every key, differentiated by autodiff (all_gather's transpose is a reduce-scatter).
+
+`reorder(x, n, order)` / `restore` permute a [B, T, ...] row layout so that each of n contiguous shards holds a
+balanced share of the causal work: zigzag gives shard r chunks r and 2n − 1 − r of 2n; striped gives it every n-th
+token starting at r.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+ORDERS = ('zigzag', 'striped', 'none')
+_NEG = -1e30
+
+
+def permutation(t: int, n: int, order: str) -> np.ndarray:
+  """perm [T]: position perm[i] of the original row goes to slot i of the reordered row."""
+  if order == 'none' or n == 1:
+    return np.arange(t)
+  if order == 'zigzag':
+    if t % (2 * n):
+      raise ValueError(f'zigzag needs the length {t} to divide into 2·{n} chunks')
+    c = t // (2 * n)
+    chunks = np.arange(t).reshape(2 * n, c)
+    return np.concatenate([np.concatenate([chunks[r], chunks[2 * n - 1 - r]]) for r in range(n)])
+  if order == 'striped':
+    if t % n:
+      raise ValueError(f'striped needs the length {t} to divide by {n}')
+    return np.arange(t).reshape(t // n, n).T.reshape(-1)
+  raise ValueError(f'order {order!r}: one of {ORDERS}')
+
+
+def reorder(x, n: int, order: str, axis: int = 1):
+  return jnp.take(x, permutation(x.shape[axis], n, order), axis=axis)
+
+
+def restore(x, n: int, order: str, axis: int = 1):
+  return jnp.take(x, np.argsort(permutation(x.shape[axis], n, order)), axis=axis)
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, window):
+  """[B, 1, 1, Tq, Tk]: key not later than the query, same document, within the window (0: none)."""
+  ok = k_pos[:, None, :] <= q_pos[:, :, None]
+  if window:
+    ok = ok & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+  ok = ok & (q_seg[:, :, None] == k_seg[:, None, :])
+  return ok[:, None, None]
+
+
+def _grouped(q, kv_heads):
+  b, t, h, d = q.shape
+  return q.reshape(b, t, kv_heads, h // kv_heads, d)
+
+
+def _block_forward(q, k, v, mask, scale):
+  """One block: (o [B, Tq, H, D] fp32 normalised within the block, lse [B, H, Tq] fp32, −inf where no key)."""
+  kv = k.shape[2]
+  s = jnp.einsum('btkgd,bskd->bkgts', _grouped(q, kv).astype(jnp.float32), k.astype(jnp.float32)) * scale
+  s = jnp.where(mask, s, _NEG)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - m) * mask
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum('bkgts,bskd->btkgd', p / jnp.maximum(l, 1e-30), v.astype(jnp.float32))
+  lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(l[..., 0], 1e-30)), -jnp.inf)
+  b, t = q.shape[:2]
+  return o.reshape(b, t, -1, q.shape[-1]), lse.reshape(b, -1, t)
+
+
+def _merge(o_a, lse_a, o_b, lse_b):
+  lse = jnp.logaddexp(lse_a, lse_b)
+  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)
+  w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)
+  to_o = lambda w: jnp.moveaxis(w, 1, 2)[..., None]                       # [B, H, T] -> [B, T, H, 1]
+  return o_a * to_o(w_a) + o_b * to_o(w_b), lse
+
+
+def _visible(q_pos, k_pos, q_seg, k_seg, window):
+  """Whether any local query may see any key of the block (else the block is skipped)."""
+  return jnp.any(_mask(q_pos, k_pos, q_seg, k_seg, window))
+
+
+def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, axis, n, window, scale):
+  perm = [(i, (i + 1) % n) for i in range(n)]
+  b, t, h, d = q.shape
+  o = jnp.zeros((b, t, h, d), jnp.float32)
+  lse = jnp.full((b, h, t), -jnp.inf, jnp.float32)
+  blk = (k, v, k_pos, k_seg)
+  for step in range(n):
+    nxt = jax.lax.ppermute(blk, axis, perm) if step < n - 1 else None     # issued before the compute it overlaps
+    kb, vb, pb, sb = blk
+
+    def attend(o, lse, kb=kb, vb=vb, pb=pb, sb=sb):
+      ob, lb = _block_forward(q, kb, vb, _mask(q_pos, pb, q_seg, sb, window), scale)
+      return _merge(o, lse, ob, lb)
+
+    o, lse = jax.lax.cond(_visible(q_pos, pb, q_seg, sb, window), attend, lambda o, lse: (o, lse), o, lse)
+    blk = nxt
+  return o, lse
+
+
+def _ring_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, axis, n, window, scale):
+  perm = [(i, (i + 1) % n) for i in range(n)]
+  kv = k.shape[2]
+  qg = _grouped(q, kv).astype(jnp.float32)
+  dog = _grouped(do, kv).astype(jnp.float32)
+  delta = jnp.sum(do.astype(jnp.float32) * o, axis=-1)                      # [B, T, H]
+  b, t, h = delta.shape
+  delta = jnp.moveaxis(delta, 1, 2).reshape(b, kv, h // kv, t)              # [B, KV, G, T]
+  lse_g = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, kv, h // kv, t)
+  dq = jnp.zeros(qg.shape, jnp.float32)
+  blk = (k, v, k_pos, k_seg, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  for step in range(n):
+    kb, vb, pb, sb, dkb, dvb = blk
+
+    def grads(dq, dkb, dvb, kb=kb, vb=vb, pb=pb, sb=sb):
+      mask = _mask(q_pos, pb, q_seg, sb, window)
+      s = jnp.einsum('btkgd,bskd->bkgts', qg, kb.astype(jnp.float32)) * scale
+      p = jnp.exp(jnp.where(mask, s, _NEG) - lse_g[..., None]) * mask
+      dvb = dvb + jnp.einsum('bkgts,btkgd->bskd', p, dog)
+      dp = jnp.einsum('btkgd,bskd->bkgts', dog, vb.astype(jnp.float32))
+      ds = p * (dp - delta[..., None]) * scale
+      dq = dq + jnp.einsum('bkgts,bskd->btkgd', ds, kb.astype(jnp.float32))
+      dkb = dkb + jnp.einsum('bkgts,btkgd->bskd', ds, qg)
+      return dq, dkb, dvb
+
+    dq, dkb, dvb = jax.lax.cond(_visible(q_pos, pb, q_seg, sb, window), grads, lambda *a: a, dq, dkb, dvb)
+    # K/V and their running gradients travel on together; after n moves every block is back home.
+    blk = jax.lax.ppermute((kb, vb, pb, sb, dkb, dvb), axis, perm)
+  _, _, _, _, dk, dv = blk
+  return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _ring(q, k, v, pos, seg, axis, n, window, scale):
+  o, _ = _ring_forward(q, k, v, pos, pos, seg, seg, axis=axis, n=n, window=window, scale=scale)
+  return o.astype(q.dtype)
+
+
+def _ring_fwd(q, k, v, pos, seg, axis, n, window, scale):
+  o, lse = _ring_forward(q, k, v, pos, pos, seg, seg, axis=axis, n=n, window=window, scale=scale)
+  return o.astype(q.dtype), (q, k, v, pos, seg, o, lse)
+
+
+def _ring_bwd(axis, n, window, scale, res, do):
+  q, k, v, pos, seg, o, lse = res
+  dq, dk, dv = _ring_backward(q, k, v, pos, pos, seg, seg, o, lse, do, axis=axis, n=n, window=window, scale=scale)
+  return dq, dk, dv, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _ring_local(q, k, v, pos, seg, *, axis, n, window, scale):
+  return _ring(q, k, v, pos, seg, axis, n, window, scale)
+
+
+def _gather_local(q, k, v, pos, seg, *, axis, n, window, scale):
+  gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+  o, _ = _block_forward(q, gather(k), gather(v), _mask(pos, gather(pos), seg, gather(seg), window), scale)
+  return o.astype(q.dtype)
+
+
+def _specs(mesh, q, k, axis):
+  from longctx.parallel.rules import logical_to_spec
+  batch = logical_to_spec(('batch',), q.shape[:1], mesh)[0]
+  heads = logical_to_spec(('act_heads',), q.shape[2:3], mesh)[0]
+  kv_heads = logical_to_spec(('act_kv_heads',), k.shape[2:3], mesh)[0]
+  if (heads is None) != (kv_heads is None):
+    heads = kv_heads = None
+  return P(batch, axis, heads, None), P(batch, axis, kv_heads, None), P(batch, axis)
+
+
+def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str = 'sequence', method: str = 'ring',
+                      window: int = 0, scale=None):
+  """Causal attention of q [B, T, H, D] over k, v [B, T, KV, D] whose T is sharded over `axis` of `mesh` (in any
+  token order): key j is seen by query i when positions[j] ≤ positions[i], same segment, within `window`.
+  method: ring | all_gather (module docstring)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  seg = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  n = mesh.shape[axis]
+  local = {'ring': _ring_local, 'all_gather': _gather_local}[method]
+  q_spec, kv_spec, row_spec = _specs(mesh, q, k, axis)
+  body = functools.partial(local, axis=axis, n=n, window=window, scale=scale)
+  shard_map = getattr(jax, 'shard_map', None)
+  if shard_map is None:
+    from jax.experimental.shard_map import shard_map
+  kwargs = {'check_vma': False} if hasattr(jax, 'shard_map') else {'check_rep': False}
+  f = shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec, **kwargs)
+  return f(q, k, v, positions.astype(jnp.int32), seg)

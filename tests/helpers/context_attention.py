@@ -1,0 +1,70 @@
+"""Ring and all-gather attention on 8 fake CPU devices against dense attention, forward and backward, for every
+token order; prints one JSON line of relative RMS errors."""
+import json
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from longctx.ops.attention import naive  # noqa: E402
+from longctx.parallel import context  # noqa: E402
+from longctx.parallel.mesh import make_mesh  # noqa: E402
+import ml_collections  # noqa: E402
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
+
+
+def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, kv, d)) for key in ks[1:3])
+  do = jax.random.normal(ks[3], (b, t, h, d))
+  seg = np.ones((b, t), np.int32)
+  pos = np.broadcast_to(np.arange(t), (b, t)).copy()
+  if docs:
+    cut = t // 3 + 1
+    seg[:, cut:] = 2
+    pos[:, cut:] -= cut
+  seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+  ref_loss = lambda q, k, v: jnp.sum(naive(q, k, v, seg, window=window) * do)
+  ref_o = naive(q, k, v, seg, window=window)
+  ref_g = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+  # Reorder the rows as the data loader would, run sharded, restore.
+  perm = lambda x: context.reorder(x, n, order)
+  absolute = jnp.broadcast_to(jnp.arange(t), (b, t))
+  rq, rk, rv, rdo, rpos, rseg = (perm(x) for x in (q, k, v, do, absolute, seg))
+
+  def loss(q, k, v):
+    o = context.context_attention(q, k, v, rpos, rseg, mesh=mesh, method=method, window=window)
+    return jnp.sum(o * rdo), o
+
+  (_, o), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(rq, rk, rv)
+  back = lambda x: context.restore(x, n, order)
+  errs = [rel(back(o), ref_o)] + [rel(back(a), r) for a, r in zip(g, ref_g)]
+  finite = all(bool(jnp.isfinite(x).all()) for x in (o, *g))
+  return {'fwd': errs[0], 'dq': errs[1], 'dk': errs[2], 'dv': errs[3], 'finite': finite}
+
+
+def main():
+  devices = jax.devices()
+  out = {}
+  mesh = make_mesh(ml_collections.ConfigDict({'data': 2, 'fsdp': 1, 'tensor': 1, 'sequence': 4}), devices)
+  mesh8 = make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 8}), devices)
+  for method in ('ring', 'all_gather'):
+    for order in context.ORDERS:
+      out[f'{method}_{order}_gqa'] = case(mesh, 4, method, order, 2, 48, 6, 2, 16, 0, False, 1)
+    out[f'{method}_zigzag_docs_window'] = case(mesh, 4, method, 'zigzag', 2, 40, 3, 3, 8, 7, True, 2)
+    out[f'{method}_striped_8dev_odd_heads'] = case(mesh8, 8, method, 'striped', 1, 64, 5, 5, 8, 0, True, 3)
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()
