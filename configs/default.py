@@ -131,4 +131,6 @@ def get_config(arg=None):
   c.parallel.fsdp = 1
   c.parallel.tensor = 1
   c.parallel.sequence = 1
+  c.parallel.context = 'ring'         # attention over a sharded sequence: ring | all_gather
+  c.parallel.load_balance = 'zigzag'  # token order of a row split over the sequence axis: zigzag | striped | none
   return c

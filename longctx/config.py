@@ -229,11 +229,35 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
     if d.seq_len % sizes['sequence']:
       raise ConfigError('data.seq_len', d.seq_len, f'a multiple of parallel.sequence={sizes["sequence"]}')
     if sizes['sequence'] > 1:
-      raise ConfigError('parallel.sequence', sizes['sequence'],
-                        '1: context parallelism over the sequence axis is not available yet')
+      _check_context_parallel(cfg, layers, sizes['sequence'])
     for name, size in (('num_heads', m.num_heads), ('num_kv_heads', m.num_kv_heads), ('mlp_dim', m.mlp_dim)):
       if size % sizes['tensor']:
         raise ConfigError(f'model.{name}', size, f'a multiple of parallel.tensor={sizes["tensor"]}')
+
+
+def _check_context_parallel(cfg, layers, n: int) -> None:
+  """parallel.sequence = n > 1: every layer needs a context-parallel path and the row must split evenly."""
+  from longctx.layers import registry
+  from longctx.parallel.context import ORDERS
+  p, seq_len = cfg.parallel, cfg.data.seq_len
+  if p.get('context', 'ring') not in ('ring', 'all_gather'):
+    raise ConfigError('parallel.context', p.context, 'ring or all_gather')
+  order = p.get('load_balance', 'zigzag')
+  if order not in ORDERS:
+    raise ConfigError('parallel.load_balance', order, f'one of {", ".join(ORDERS)}')
+  chunks = 2 * n if order == 'zigzag' else n
+  if seq_len % chunks:
+    raise ConfigError('data.seq_len', seq_len, f'a multiple of {chunks} for parallel.load_balance={order} over '
+                      f'parallel.sequence={n}')
+  supported = sorted(name for name in registry.names() if getattr(registry.get(name), 'context_parallel', False))
+  for name in layers:
+    if not getattr(registry.get(name), 'context_parallel', False):
+      raise ConfigError('model.pattern', name, f'mixers with a context-parallel path under parallel.sequence={n}: '
+                        f'{", ".join(supported)}')
+  a = cfg.model.attention
+  if a.get('conv_size', 0) or a.persistent_tokens:
+    raise ConfigError('model.attention.conv_size' if a.get('conv_size', 0) else 'model.attention.persistent_tokens',
+                      a.get('conv_size', 0) or a.persistent_tokens, f'0 under parallel.sequence={n}')
 
 
 _OVERRIDE = re.compile(r'^--config\.([\w.]+)(?:=(.*))?$')

@@ -37,3 +37,36 @@ def test_reorderings_are_permutations_that_balance_causal_work(order):
     assert max(work) - min(work) <= t // n * n, work
   else:
     assert max(work) > 3 * min(work)
+
+
+def test_balanced_rows_carry_targets_taken_in_the_original_order():
+  from longctx import data
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (2, 16))
+  seg = np.repeat([[1] * 5 + [2] * 11], 2, 0)
+  batch = {'tokens': tokens, 'segment_ids': seg, 'positions': np.zeros_like(seg), 'loss_mask': np.ones_like(seg)}
+  out = data.balance(batch, 4, 'zigzag')
+  perm = context.permutation(16, 4, 'zigzag')
+  np.testing.assert_array_equal(out['tokens'], tokens[:, perm])
+  want = np.roll(tokens, -1, axis=1)[:, perm]
+  np.testing.assert_array_equal(out['targets'], want)
+  w = np.ones((2, 16), int)
+  w[:, 4] = 0            # last token of the first document
+  w[:, 15] = 0           # end of the row
+  np.testing.assert_array_equal(out['target_weights'], w[:, perm])
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'model.pattern': 'hgrn'}, 'model.pattern'),
+    ({'data.seq_len': 60}, 'data.seq_len'),
+    ({'parallel.context': 'gather'}, 'parallel.context'),
+    ({'parallel.load_balance': 'random'}, 'parallel.load_balance'),
+    ({'model.attention.conv_size': 4}, 'model.attention.conv_size'),
+])
+def test_context_parallel_settings_that_cannot_work_name_the_field(overrides, field):
+  from longctx import config as config_lib
+  from tests.conftest import small_config
+  cfg = small_config(**{'parallel.data': 1, 'parallel.sequence': 4, **overrides})
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg, 4)
+  assert e.value.field == field

@@ -14,7 +14,8 @@ def sharded():
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('mesh', ['data2_fsdp4', 'data2_fsdp2_tensor2', 'data8'])
+@pytest.mark.parametrize('mesh', ['data2_fsdp4', 'data2_fsdp2_tensor2', 'data8', 'data2_sequence4_ring',
+                                  'data2_sequence4_all_gather', 'data2_tensor2_sequence2_ring'])
 def test_sharded_step_equals_one_device(sharded, mesh):
   assert sharded[mesh]['loss_diff'] < 1e-5
   assert sharded[mesh]['param_rel'] < 1e-5

@@ -3,6 +3,10 @@
 Every batch is a dict of int32 [batch, seq_len] arrays: `tokens`, `segment_ids` (0 = padding, documents numbered
 from 1 inside a row) and `positions` (restarting at 0 at every document), optionally `loss_mask`. The model
 predicts tokens[t + 1] at t only where both belong to the same document.
+
+Under context parallelism (parallel.sequence = n > 1) every row is reordered once here (`balance`: zigzag, striped
+or none, `parallel.load_balance`) so that each of the n sequence shards holds an even share of the causal work; the
+next-token `targets` and their `target_weights` are taken before the reordering and travel with it.
 """
 from __future__ import annotations
 
@@ -128,7 +132,34 @@ def dataset(config, split: str, *, process_index: int = 0, process_count: int = 
                                                          prefetch_buffer_size=d.prefetch))
   if needs_packing:
     ds = _pack(ds, d.seq_len)
-  return ds.batch(config.train.batch_size // process_count, drop_remainder=True)
+  ds = ds.batch(config.train.batch_size // process_count, drop_remainder=True)
+  n = _sequence_shards(config)
+  if n > 1:
+    order = config.parallel.get('load_balance', 'zigzag')
+    ds = ds.map(lambda b: balance(b, n, order))
+  return ds
+
+
+def balance(batch: dict, n: int, order: str) -> dict:
+  """The batch with next-token targets and weights added (in the original order), then every [B, T] field
+  reordered for n sequence shards (`longctx.parallel.context.permutation`)."""
+  from longctx.parallel.context import permutation
+  tokens, seg = np.asarray(batch['tokens']), np.asarray(batch['segment_ids'])
+  targets = np.roll(tokens, -1, axis=1)
+  weights = (seg == np.roll(seg, -1, axis=1)) & (seg > 0)
+  weights[:, -1] = False
+  weights = weights.astype(np.int32)
+  if 'loss_mask' in batch:
+    weights = weights * np.roll(np.asarray(batch['loss_mask']), -1, axis=1)
+  perm = permutation(tokens.shape[1], n, order)
+  out = {**batch, 'targets': targets, 'target_weights': weights}
+  return {k: np.asarray(v)[:, perm] for k, v in out.items()}
+
+
+def _sequence_shards(config) -> int:
+  import jax
+  from longctx.config import mesh_shape
+  return mesh_shape(config.parallel, jax.device_count())['sequence']
 
 
 def validation_batches(config, num_batches: int, **kwargs) -> list[dict[str, np.ndarray]]:

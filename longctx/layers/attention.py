@@ -10,7 +10,8 @@ from longctx.layers import registry
 from longctx.layers.common import Dense, param, rope
 from longctx.layers.conv import ShortConv
 from longctx.ops.attention import attention, cached, prefixed
-from longctx.parallel.rules import constrain
+from longctx.parallel import context
+from longctx.parallel.rules import constrain, current_mesh
 
 
 @registry.register('attention')
@@ -29,7 +30,12 @@ class Attention(registry.Mixer):
   `model.attention.conv_size` K > 0 passes q, k and v through a short causal depthwise convolution over the last K
   tokens of the document before RoPE (the short convolution of the linear mixers; Zoology's MQAR baselines put one
   in front of attention, which then forms induction heads without first learning to attend to the previous token).
+
+  Under `parallel.sequence` > 1 the row is sharded over the mesh's sequence axis in the data loader's balanced
+  token order and attention runs as `parallel.context` (ring | all_gather, `longctx.parallel.context`), masked by
+  each token's document and in-document position.
   """
+  context_parallel = True
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     m = config.model
@@ -45,6 +51,7 @@ class Attention(registry.Mixer):
     self.impl = m.attention.impl
     self.chunk_size = m.attention.chunk_size
     self.max_segments = m.attention.max_segments
+    self.context = config.parallel.get('context', 'ring')
     n_p = m.attention.persistent_tokens
     self.persistent = param(rngs, (n_p, d), (None, 'embed'), 1.0) if n_p else None
     k_conv = m.attention.get('conv_size', 0)
@@ -121,7 +128,11 @@ class Attention(registry.Mixer):
     k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
     prefix = self.prefix(x.shape[0])
-    if prefix is not None:
+    mesh = current_mesh()
+    if mesh is not None and mesh.shape.get('sequence', 1) > 1:
+      o = context.context_attention(q, k, v, positions, segment_ids, mesh=mesh, method=self.context,
+                                    window=self.window)
+    elif prefix is not None:
       o = prefixed(q, k, v, *(a.astype(k.dtype) for a in prefix), segment_ids, window=self.window,
                    block=self.chunk_size)
     else:

@@ -72,6 +72,11 @@ def activation_sharding(mesh: jax.sharding.Mesh | None):
     _CONTEXT.reset(token)
 
 
+def current_mesh() -> jax.sharding.Mesh | None:
+  """The mesh of the enclosing `activation_sharding`, or None."""
+  return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh = _CONTEXT.get()
   if mesh is None or mesh.size == 1:

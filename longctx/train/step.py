@@ -14,7 +14,10 @@ from longctx.parallel.rules import activation_sharding
 
 
 def targets_and_weights(batch):
-  """Next-token targets; a position counts only if its next token is in the same (non-padding) document."""
+  """Next-token targets; a position counts only if its next token is in the same (non-padding) document. A batch
+  whose tokens the loader reordered (context parallelism) brings its own, taken in the original order."""
+  if 'targets' in batch:
+    return batch['targets'], batch['target_weights'].astype(jnp.float32)
   tokens, seg = batch['tokens'], batch['segment_ids']
   targets = jnp.roll(tokens, -1, axis=1)
   same_doc = (seg == jnp.roll(seg, -1, axis=1)) & (seg > 0)

@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from longctx import data  # noqa: E402
 from longctx.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
 from longctx.train.state import TrainSetup  # noqa: E402
 from longctx.train.step import make_train_step  # noqa: E402
@@ -37,6 +38,8 @@ def run(parallel, devices, overrides=None):
   losses = []
   for _ in range(2):
     batch = {'tokens': rng.integers(0, 256, (b, t)), 'segment_ids': seg, 'positions': pos}
+    if mesh.shape['sequence'] > 1:
+      batch = data.balance(batch, mesh.shape['sequence'], cfg.parallel.load_balance)
     batch = {k: jax.device_put(jnp.asarray(v, jnp.int32), batch_sharding(mesh)) for k, v in batch.items()}
     if not losses:
       state = setup.seed_buffers(state, batch, cfg.seed)
@@ -59,7 +62,11 @@ def main():
   out = {}
   meshes = ({'data4': ({'data': 4}, devices[:4])} if routing else
             {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices), 'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices),
-             'data8': ({'data': 8}, devices)})
+             'data8': ({'data': 8}, devices),
+             'data2_sequence4_ring': ({'data': 2, 'sequence': 4, 'context': 'ring'}, devices),
+             'data2_sequence4_all_gather': ({'data': 2, 'sequence': 4, 'context': 'all_gather',
+                                             'load_balance': 'striped'}, devices),
+             'data2_tensor2_sequence2_ring': ({'data': 2, 'tensor': 2, 'sequence': 2}, devices)})
   for name, (parallel, mesh_devices) in meshes.items():
     params, losses, specs, buffers = run(parallel, mesh_devices, overrides)
     out[name] = {'param_rel': float(np.linalg.norm(flat(params) - flat(ref)) / np.linalg.norm(flat(ref))),
