@@ -254,6 +254,10 @@ def _check_context_parallel(cfg, layers, n: int) -> None:
     if not getattr(registry.get(name), 'context_parallel', False):
       raise ConfigError('model.pattern', name, f'mixers with a context-parallel path under parallel.sequence={n}: '
                         f'{", ".join(supported)}')
+  recurrent = sorted({name for name in layers if getattr(registry.get(name), 'natural_order', False)})
+  if recurrent and order != 'none':
+    raise ConfigError('parallel.load_balance', order, f'none: the recurrent layers ({", ".join(recurrent)}) pass '
+                      'their state along the sequence in its natural order')
   a = cfg.model.attention
   if a.get('conv_size', 0) or a.persistent_tokens:
     raise ConfigError('model.attention.conv_size' if a.get('conv_size', 0) else 'model.attention.persistent_tokens',

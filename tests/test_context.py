@@ -57,7 +57,8 @@ def test_balanced_rows_carry_targets_taken_in_the_original_order():
 
 
 @pytest.mark.parametrize('overrides,field', [
-    ({'model.pattern': 'hgrn'}, 'model.pattern'),
+    ({'model.pattern': 'titans'}, 'model.pattern'),
+    ({'model.pattern': 'hgrn,attention'}, 'parallel.load_balance'),
     ({'data.seq_len': 60}, 'data.seq_len'),
     ({'parallel.context': 'gather'}, 'parallel.context'),
     ({'parallel.load_balance': 'random'}, 'parallel.load_balance'),
@@ -70,3 +71,18 @@ def test_context_parallel_settings_that_cannot_work_name_the_field(overrides, fi
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(cfg, 4)
   assert e.value.field == field
+
+
+@pytest.fixture(scope='module')
+def linear_results():
+  result = run_script(['tests/helpers/sharded_step.py', 'linear'], timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('mesh', ['data2_sequence4', 'sequence8'])
+def test_every_linear_mixer_under_sequence_sharding_trains_as_on_one_device(linear_results, mesh):
+  # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2 and attention in one stack, two steps,
+  # with a document starting inside a shard and one starting exactly at a shard boundary.
+  r = linear_results[mesh]
+  assert r['loss_diff'] < 1e-5 and r['param_rel'] < 1e-5, r

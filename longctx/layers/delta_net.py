@@ -11,6 +11,8 @@ dt ~ logU(1e-3, 0.1) with dt_bias its inverse softplus. The cache is {'conv': [B
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,7 +20,7 @@ from flax import nnx
 from longctx.layers import registry
 from longctx.layers.common import Dense, l2_normalize
 from longctx.layers.conv import ShortConv
-from longctx.layers.linear import LinearMixer, dt_bias_init, linear_dims
+from longctx.layers.linear import LinearMixer, dt_bias_init, linear_dims, run_recurrence
 from longctx.ops.delta_rule import chunk_delta_rule
 
 
@@ -62,8 +64,12 @@ class _DeltaRuleMixer(LinearMixer):
     g = None
     if self.gated:
       g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
-    o, state = chunk_delta_rule(q, k, v, beta, g, initial_state=None if cache is None else cache['state'],
-                                segment_ids=segment_ids, chunk_size=self.chunk_size)
+    if g is None:
+      form = functools.partial(chunk_delta_rule, g=None, chunk_size=self.chunk_size)
+      o, state = run_recurrence(form, (q, k, v, beta), segment_ids, cache)
+    else:
+      form = functools.partial(chunk_delta_rule, chunk_size=self.chunk_size)
+      o, state = run_recurrence(form, (q, k, v, beta, g), segment_ids, cache)
     o = self.o_norm(o)
     if self.gated:
       o = o * jax.nn.silu(self.gate(x))

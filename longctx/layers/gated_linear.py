@@ -15,13 +15,15 @@ depth (`depth_lower_bound`); the mixers receive log lb (`log_lower_bound`, None 
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm
-from longctx.layers.linear import LinearMixer, check_linear_config, decay_flops, linear_dims
+from longctx.layers.linear import LinearMixer, check_linear_config, decay_flops, linear_dims, run_recurrence
 from longctx.ops.channel_decay import chunk_channel_decay, scan_vector_decay
 
 GLA_GATE_RANK = 16
@@ -80,8 +82,8 @@ class _ChannelDecayMixer(LinearMixer):
     return {'state': self.state_cache(batch)}
 
   def recurrence(self, q, k, v, g, segment_ids, cache):
-    o, state = chunk_channel_decay(q, k, v, g, initial_state=None if cache is None else cache['state'],
-                                   segment_ids=segment_ids, chunk_size=self.chunk_size)
+    form = functools.partial(chunk_channel_decay, chunk_size=self.chunk_size)
+    o, state = run_recurrence(form, (q, k, v, g), segment_ids, cache)
     return o, (None if cache is None else {'state': state})
 
 
@@ -128,6 +130,8 @@ class HGRN2(_ChannelDecayMixer):
 class HGRN(registry.Mixer):
   """HGRN's gated vector recurrence over d_model channels (module docstring)."""
   depth_lower_bound = True
+  context_parallel = True
+  natural_order = True
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     del layer_index
@@ -157,8 +161,7 @@ class HGRN(registry.Mixer):
     del positions
     g, one_minus_f = bounded_forget_gate(self.f(x), log_lower_bound)
     i = jax.nn.silu(self.i(x).astype(jnp.float32)) * one_minus_f
-    h, state = scan_vector_decay(i, g, initial_state=None if cache is None else cache['state'],
-                                 segment_ids=segment_ids)
+    h, state = run_recurrence(scan_vector_decay, (i, g), segment_ids, cache, vector=True, value_index=0)
     y = self.o(self.o_norm(h.astype(x.dtype)) * jax.nn.silu(self.gate(x)))
     return y, (None if cache is None else {'state': state})
 

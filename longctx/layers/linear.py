@@ -15,6 +15,8 @@ from flax import nnx
 from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm
+from longctx.parallel.context import sharded_recurrence
+from longctx.parallel.rules import current_mesh
 
 
 def linear_dims(config):
@@ -47,6 +49,16 @@ def check_linear_config(config):
     raise ConfigError('model.linear.chunk_size', chunk, f'a positive divisor of data.seq_len={seq}')
 
 
+def run_recurrence(form, arrays: tuple, segment_ids, cache, *, vector: bool = False, value_index: int = 2):
+  """(outputs, final state or None) of `form(*arrays, initial_state=, segment_ids=)` from the cache's state; in
+  training under a mesh that shards the sequence, across the devices by `longctx.parallel.context.sharded_recurrence`
+  (no final state is kept there)."""
+  mesh = current_mesh()
+  if cache is None and mesh is not None and mesh.shape.get('sequence', 1) > 1:
+    return sharded_recurrence(form, arrays, segment_ids, mesh=mesh, vector=vector, value_index=value_index), None
+  return form(*arrays, initial_state=None if cache is None else cache['state'], segment_ids=segment_ids)
+
+
 def decay_flops(config, seq_len: int, dk: int, dv: int, heads: int) -> float:
   """Forward FLOPs of a chunked decay form (scalar or per-channel gates), per sequence: per chunk of C tokens and
   head 2C²dk (QKᵀ) + 2C²dv (intra-chunk output) + 4C·dk·dv (state read and update)."""
@@ -56,6 +68,8 @@ def decay_flops(config, seq_len: int, dk: int, dv: int, heads: int) -> float:
 
 class LinearMixer(registry.Mixer):
   """Projections q, k [h, dk], v [h, dv], the per-head output norm and W_o; subclasses add their gates and state."""
+  context_parallel = True
+  natural_order = True      # under sequence sharding the row must keep its token order (parallel.load_balance=none)
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     del layer_index

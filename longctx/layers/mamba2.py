@@ -11,6 +11,8 @@ mamba_ssm's: A ~ U(1, 16), Δ ~ logU(1e-3, 0.1) with dt_bias its inverse softplu
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,13 +20,15 @@ from flax import nnx
 from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm
 from longctx.layers.conv import ShortConv
-from longctx.layers.linear import check_linear_config, decay_flops, dt_bias_init, linear_dims
+from longctx.layers.linear import check_linear_config, decay_flops, dt_bias_init, linear_dims, run_recurrence
 from longctx.ops.scalar_decay import chunk_scalar_decay
 
 
 @registry.register('mamba2')
 class Mamba2(registry.Mixer):
   """The SSD layer (module docstring)."""
+  context_parallel = True
+  natural_order = True      # under sequence sharding the row must keep its token order
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     del layer_index
@@ -67,8 +71,8 @@ class Mamba2(registry.Mixer):
     g = -jnp.exp(self.A_log[...]) * dt
     q = jnp.broadcast_to(C[:, :, None, :], (b, t, h, n))
     k = (B[:, :, None, :].astype(jnp.float32) * dt[..., None]).astype(x.dtype)
-    y, state = chunk_scalar_decay(q, k, x, g, initial_state=None if cache is None else cache['state'],
-                                  segment_ids=segment_ids, scale=1.0, chunk_size=self.chunk_size)
+    form = functools.partial(chunk_scalar_decay, scale=1.0, chunk_size=self.chunk_size)
+    y, state = run_recurrence(form, (q, k, x, g), segment_ids, cache)
     y = y + x * self.D[...].astype(x.dtype)[:, None]
     y = (y * jax.nn.silu(self.z(u))).reshape(b, t, h * p)
     return self.o(self.norm(y)), (None if cache is None else {'conv': conv_cache, 'state': state})

@@ -11,6 +11,8 @@ The cache is {'state': fp32 S}.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ from flax import nnx
 
 from longctx.layers import registry
 from longctx.layers.common import Dense, rope
-from longctx.layers.linear import LinearMixer, decay_flops, linear_dims
+from longctx.layers.linear import LinearMixer, decay_flops, linear_dims, run_recurrence
 from longctx.ops.scalar_decay import chunk_scalar_decay
 
 
@@ -58,8 +60,8 @@ class _FixedDecayMixer(LinearMixer):
     b, t, _ = x.shape
     q, k, v = self.features(x, positions)
     g = jnp.broadcast_to(jnp.asarray(self.log_decay, jnp.float32), (b, t, self.heads))
-    o, state = chunk_scalar_decay(q, k, v, g, initial_state=None if cache is None else cache['state'],
-                                  segment_ids=segment_ids, chunk_size=self.chunk_size)
+    form = functools.partial(chunk_scalar_decay, chunk_size=self.chunk_size)
+    o, state = run_recurrence(form, (q, k, v, g), segment_ids, cache)
     y = self.o(self.o_norm(o) * self.output_gate(self.gate(x)))
     return y, (None if cache is None else {'state': state})
 

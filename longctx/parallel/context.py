@@ -14,6 +14,14 @@ result is the same in every order and only the work per device changes.
 * `all_gather_attention`: K/V (and their positions) gathered over the axis, queries stay sharded; one softmax per
   query over every key, differentiated by autodiff (all_gather's transpose is a reduce-scatter).
 
+* `sharded_recurrence`: a linear recurrence (the chunked forms of longctx.ops) over a sequence sharded in its
+  natural order. Its state map over a shard is affine, S_out = M S_in + S_local: each device finds S_local (zero
+  initial state) and M (the same form run on zero values from the identity, or for a vector state on zero inputs
+  from ones), the (M, S_local) of all devices are gathered and folded in device order — a scan over n small maps,
+  cut where a document starts at a shard boundary — and each device runs its form again from its incoming state.
+  Cost: two passes of the chunked form (plus the M pass with Dk-wide values), one all-gather of n states; no
+  device waits for another's outputs.
+
 `reorder(x, n, order)` / `restore` permute a [B, T, ...] row layout so that each of n contiguous shards holds a
 balanced share of the causal work: zigzag gives shard r chunks r and 2n − 1 − r of 2n; striped gives it every n-th
 token starting at r.
@@ -179,6 +187,57 @@ def _gather_local(q, k, v, pos, seg, *, axis, n, window, scale):
   return o.astype(q.dtype)
 
 
+def _shard_map(body, mesh, in_specs, out_specs):
+  shard_map = getattr(jax, 'shard_map', None)
+  if shard_map is None:
+    from jax.experimental.shard_map import shard_map
+    return shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+  return shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def sharded_recurrence(form, arrays: tuple, segment_ids, *, mesh, axis: str = 'sequence', vector: bool = False,
+                       value_index: int = 2):
+  """Runs `form(*arrays, initial_state=S, segment_ids=seg) -> (out, final state)` over arrays [B, T, ...] whose T
+  is sharded over `axis` in natural order (module docstring). The state is [B, H, Dk, Dv] (M acts on Dk), or with
+  `vector` [B, D] (M elementwise). `arrays[value_index]` is the value input that the M pass zeroes (widened to Dk
+  for a matrix state: arrays[1] are the keys). Returns the outputs, sharded like the inputs."""
+  from longctx.parallel.rules import logical_to_spec
+  n = mesh.shape[axis]
+  b = arrays[0].shape[0]
+  seg = jnp.ones(arrays[0].shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  batch = logical_to_spec(('batch',), (b,), mesh)[0]
+  specs = tuple(P(batch, axis) for _ in arrays) + (P(batch, axis),)
+
+  def body(*local):
+    *xs, sg = local
+    ids = None if segment_ids is None else sg
+    _, s_local = form(*xs, initial_state=None, segment_ids=ids)
+    zero = list(xs)
+    if vector:
+      zero[value_index] = jnp.zeros_like(xs[value_index])
+      _, m = form(*zero, initial_state=jnp.ones_like(s_local), segment_ids=ids)
+    else:
+      zero[value_index] = jnp.zeros_like(xs[1])
+      eye = jnp.broadcast_to(jnp.eye(s_local.shape[-2], dtype=jnp.float32), s_local.shape[:-1] + s_local.shape[-2:-1])
+      _, m = form(*zero, initial_state=eye, segment_ids=ids)
+    gather = lambda x: jax.lax.all_gather(x, axis)
+    ms, ss, first, last = gather(m), gather(s_local), gather(sg[:, 0]), gather(sg[:, -1])
+    me = jax.lax.axis_index(axis)
+    state = jnp.zeros_like(s_local)
+    for j in range(n - 1):
+      if vector:
+        moved = ms[j] * state + ss[j]
+      else:
+        moved = jnp.einsum('bhij,bhjv->bhiv', ms[j], state) + ss[j]
+      # Shard j+1 continues shard j's last document, or starts afresh.
+      keep = (first[j + 1] == last[j]).reshape(state.shape[:1] + (1,) * (state.ndim - 1))
+      state = jnp.where(j < me, jnp.where(keep, moved, 0.0), state)
+    out, _ = form(*xs, initial_state=state, segment_ids=ids)
+    return out
+
+  return _shard_map(body, mesh, specs, P(batch, axis))(*arrays, seg)
+
+
 def _specs(mesh, q, k, axis):
   from longctx.parallel.rules import logical_to_spec
   batch = logical_to_spec(('batch',), q.shape[:1], mesh)[0]
@@ -200,9 +259,5 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
   local = {'ring': _ring_local, 'all_gather': _gather_local}[method]
   q_spec, kv_spec, row_spec = _specs(mesh, q, k, axis)
   body = functools.partial(local, axis=axis, n=n, window=window, scale=scale)
-  shard_map = getattr(jax, 'shard_map', None)
-  if shard_map is None:
-    from jax.experimental.shard_map import shard_map
-  kwargs = {'check_vma': False} if hasattr(jax, 'shard_map') else {'check_rep': False}
-  f = shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec, **kwargs)
+  f = _shard_map(body, mesh, (q_spec, kv_spec, kv_spec, row_spec, row_spec), q_spec)
   return f(q, k, v, positions.astype(jnp.int32), seg)

@@ -1,6 +1,7 @@
 """Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
 
-With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
+With the argument `linear`: a stack of every linear mixer (and attention) on data × sequence meshes against one
+device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
 the EMA, on 4 data-parallel devices against one device with the whole batch."""
 import json
 import os
@@ -24,6 +25,10 @@ ROUTING = {'model.pattern': 'local,routing', 'model.routing.num_clusters': 4, 'm
            'model.routing.ema_decay': 0.9, 'model.routing.commitment': 0.1}
 
 
+LINEAR = {'model.pattern': 'hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,attention',
+          'model.num_layers': 9, 'model.linear.chunk_size': 8}
+
+
 def run(parallel, devices, overrides=None):
   cfg = small_config(**{'train.batch_size': 8, 'model.num_heads': 4, 'model.num_kv_heads': 2,
                         **{f'parallel.{k}': v for k, v in parallel.items()}, **(overrides or {})})
@@ -33,8 +38,10 @@ def run(parallel, devices, overrides=None):
   step = make_train_step(setup)
   rng = np.random.default_rng(0)
   b, t = cfg.train.batch_size, cfg.data.seq_len
-  seg = np.repeat([[1] * 20 + [2] * (t - 20)], b, 0)
-  pos = np.repeat([list(range(20)) + list(range(t - 20))], b, 0)
+  # Documents of 20, 12 and the rest: one starts inside a shard, one exactly where a shard starts (t/2).
+  cuts = [0, 20, t // 2, t]
+  seg = np.repeat([np.concatenate([np.full(e - s, i + 1) for i, (s, e) in enumerate(zip(cuts, cuts[1:]))])], b, 0)
+  pos = np.repeat([np.concatenate([np.arange(e - s) for s, e in zip(cuts, cuts[1:])])], b, 0)
   losses = []
   for _ in range(2):
     batch = {'tokens': rng.integers(0, 256, (b, t)), 'segment_ids': seg, 'positions': pos}
@@ -57,10 +64,14 @@ def main():
   devices = jax.devices()
   assert len(devices) == 8, devices
   routing = sys.argv[1:] == ['routing']
-  overrides = ROUTING if routing else None
+  linear = sys.argv[1:] == ['linear']
+  overrides = ROUTING if routing else (LINEAR if linear else None)
   ref, ref_losses, _, ref_buffers = run({'data': 1}, devices[:1], overrides)
   out = {}
   meshes = ({'data4': ({'data': 4}, devices[:4])} if routing else
+            {'data2_sequence4': ({'data': 2, 'sequence': 4, 'load_balance': 'none'}, devices),
+             'sequence8': ({'sequence': 8, 'data': 1, 'load_balance': 'none', 'context': 'all_gather'}, devices)}
+            if linear else
             {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices), 'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices),
              'data8': ({'data': 8}, devices),
              'data2_sequence4_ring': ({'data': 2, 'sequence': 4, 'context': 'ring'}, devices),
