@@ -19,6 +19,8 @@ def main(argv):
   if len(argv) > 1:
     common.fail(f'unexpected arguments {argv[1:]}', 2)
   common.quiet_library_logs()
+  from longctx.parallel import distributed
+  distributed.initialize()
   config = common.load_config(jax.device_count())
   from longctx.train.loop import IncompatibleCheckpoint, TrainingHalted, train
   try:

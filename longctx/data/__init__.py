@@ -124,10 +124,11 @@ def dataset(config, split: str, *, process_index: int = 0, process_count: int = 
   else:
     rows, needs_packing = tasks.get(d.source).rows(config, split), False
   ds = grain.MapDataset.source(rows) if not isinstance(rows, grain.MapDataset) else rows
-  if process_count > 1:
-    ds = ds[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=config.seed)
+  if process_count > 1:
+    # After the shuffle: for unpacked rows the global batch holds the same rows whatever the process count.
+    ds = ds[process_index::process_count]
   ds = ds.repeat(None).to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads,
                                                          prefetch_buffer_size=d.prefetch))
   if needs_packing:
