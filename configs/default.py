@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.model.dtype = 'float32' if variant.size == 'tiny' else 'bfloat16'   # compute dtype
   c.model.param_dtype = 'float32'     # parameters and optimizer state
   c.model.remat = 'none'              # none | full | dots_saveable
+  c.model.loss_chunks = 1             # >1: the loss in this many strided groups of tokens, never all logits at once
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.impl = 'auto'     # auto | cudnn | xla | chunked | naive
   c.model.attention.window = 0        # 0: full causal; w > 0: each token sees itself and w - 1 before it

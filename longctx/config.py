@@ -200,6 +200,9 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
   if chunk <= 0 or (d.seq_len > chunk and d.seq_len % chunk):
     raise ConfigError('data.seq_len', d.seq_len,
                       f'a multiple of model.attention.chunk_size={chunk} (or at most that size)')
+  loss_chunks = m.get('loss_chunks', 1)
+  if loss_chunks < 1 or d.seq_len % loss_chunks:
+    raise ConfigError('model.loss_chunks', loss_chunks, f'a positive divisor of data.seq_len={d.seq_len}')
   _choice(cfg, 'train.optimizer', OPTIMIZERS)
   _choice(cfg, 'train.schedule', SCHEDULES)
   _choice(cfg, 'train.nan_policy', NAN_POLICIES)

@@ -164,3 +164,42 @@ def test_weight_decay_skips_norms_and_embeddings_unless_asked():
   assert mask['embed'] is False and mask['blocks'][0]['mixer_norm']['scale'] is False
   assert mask['blocks'][0]['mlp']['up']['kernel'] is True
   assert decay_mask(params, decay_embeddings=True)['embed'] is True
+
+
+def test_chunked_cross_entropy_matches_the_reference_and_holds_one_chunk_of_logits():
+  from longctx.ops import cross_entropy
+  ks = jax.random.split(jax.random.PRNGKey(3), 4)
+  x, w = jax.random.normal(ks[0], (3, 42, 16)), jax.random.normal(ks[1], (16, 37)) * 0.3
+  targets = jax.random.randint(ks[2], (3, 42), 0, 37)
+  cot = tuple(jax.random.normal(ks[3], (2, 3, 42)))
+  out, vjp = jax.vjp(lambda x, w: cross_entropy.chunked(x, w, targets, 7), x, w)
+  ref, ref_vjp = jax.vjp(lambda x, w: cross_entropy.reference(x, w, targets), x, w)
+  for a, b in zip(out + vjp(cot), ref + ref_vjp(cot)):
+    assert np.isfinite(np.asarray(a)).all()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  shapes = (jax.ShapeDtypeStruct((2, 1024, 64), jnp.float32), jax.ShapeDtypeStruct((64, 8192), jnp.float32),
+            jax.ShapeDtypeStruct((2, 1024), jnp.int32))
+  temp = lambda f: jax.jit(jax.grad(lambda x, w, t: jnp.sum(f(x, w, t)[0]), argnums=(0, 1))).lower(
+      *shapes).compile().memory_analysis().temp_size_in_bytes
+  whole = 2 * 1024 * 8192 * 4
+  assert temp(cross_entropy.fused) >= whole and temp(lambda *a: cross_entropy.chunked(*a, 16)) < whole / 4
+
+
+def test_loss_chunks_do_not_change_the_step():
+  from longctx.train.state import TrainSetup
+  from longctx.train.step import _loss_sums
+  from longctx.parallel.mesh import make_mesh
+  losses = []
+  for chunks in (1, 8):
+    cfg = small_config(**{'model.loss_chunks': chunks})
+    setup = TrainSetup(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+    state = setup.init(0)
+    rng = np.random.default_rng(0)
+    t = cfg.data.seq_len
+    batch = {'tokens': jnp.asarray(rng.integers(0, 256, (2, t)), jnp.int32), 'segment_ids': jnp.ones((2, t), jnp.int32),
+             'positions': jnp.broadcast_to(jnp.arange(t), (2, t))}
+    value, grads = jax.value_and_grad(lambda p: _loss_sums(setup, p, batch)[0])(state['params'])
+    losses.append((value, grads))
+  np.testing.assert_allclose(losses[0][0], losses[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(losses[0][1]), jax.tree.leaves(losses[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

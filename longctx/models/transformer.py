@@ -64,6 +64,7 @@ class LanguageModel(nnx.Module):
     if not m.tie_embeddings:
       self.head = param(rngs, (m.d_model, m.vocab_size), ('embed', 'vocab'), std=m.d_model ** -0.5)
     self.remat = m.remat
+    self.loss_chunks = m.get('loss_chunks', 1)
     self.compute_dtype = jnp.dtype(m.dtype)
 
   def lower_bounds(self):
@@ -131,4 +132,6 @@ class LanguageModel(nnx.Module):
 
   def token_loss(self, tokens, positions, segment_ids, targets):
     x = self.hidden(tokens, positions, segment_ids)
+    if self.loss_chunks > 1:
+      return cross_entropy.chunked(x, self.head_weights(x.dtype), targets, self.loss_chunks)
     return cross_entropy.fused(x, self.head_weights(x.dtype), targets)
