@@ -33,6 +33,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
 _OUT = flags.DEFINE_string('out', 'benchmarks', 'directory for the JSON and markdown results')
 _CASES = flags.DEFINE_list('cases', [], 'run only these cases of the suite')
 _PROFILE = flags.DEFINE_integer('profile', 0, 'also trace this many steps per case and summarise kernel time')
+_MAX_CONTEXT = flags.DEFINE_bool('max-context', False, 'with --config: double data.seq_len from the config\'s until a '
+                                 'training step no longer fits, and record the longest that did')
+_MAX_CONTEXT_LIMIT = flags.DEFINE_integer('max-context-limit', 1 << 20, 'longest data.seq_len --max-context tries')
 
 _DENSE125M = {'data.source': 'random', 'model.tie_embeddings': False, 'train.eval_every': 0}
 # (case name, config spec, overrides). The 125M cases match shared/gpu/bare_dense_step.py's model and shapes.
@@ -93,6 +96,9 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
     starts = np.concatenate([np.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
     positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
     arrays = {'tokens': rng.integers(0, cfg.model.vocab_size, (b, t)), 'segment_ids': seg, 'positions': positions}
+    if setup.mesh.shape['sequence'] > 1:
+      from longctx import data
+      arrays = data.balance(arrays, setup.mesh.shape['sequence'], cfg.parallel.load_balance)
     return {k: jax.device_put(jnp.asarray(v, jnp.int32), sharding) for k, v in arrays.items()}
 
   batches = [batch() for _ in range(3)]
@@ -140,6 +146,44 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
       'compile_s': compile_s, 'attention': ','.join(chosen_paths()), 'loss': float(m['loss']),
       **({'profile': profile} if profile else {}),
   }
+
+
+def max_context(name: str, cfg, steps: int, limit: int) -> list[dict]:
+  """Training steps of `cfg` at data.seq_len, twice that, ... until a length fails to compile or run (out of
+  memory) or passes `limit`: one row per length tried, the last failing one with its error."""
+  import copy
+  import gc
+  rows = []
+  t = cfg.data.seq_len
+  while t <= limit:
+    c = config_lib.override(copy.deepcopy(cfg), {'data.seq_len': t})
+    try:
+      row = {**bench_case(f'{name}_T{t}', c, steps, 1), 'fits': True}
+    except Exception as e:  # running out of memory is the answer being looked for
+      row = {'case': f'{name}_T{t}', 'seq_len': t, 'fits': False, 'error': error_text(e)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if not row['fits']:
+      break
+    t *= 2
+    jax.clear_caches()
+    gc.collect()
+  return rows
+
+
+def max_context_markdown(env: dict, name: str, rows: list[dict]) -> str:
+  fits = [r['seq_len'] for r in rows if r['fits']]
+  lines = [f'Device: {env["device"]} × {env.get("device_count", 1)}; jax {env["jax"]}; {env["date"]}\n',
+           f'Longest context that trains ({name}): **{max(fits) if fits else "none"}** tokens per row'
+           f'{" (the limit; longer not tried)" if rows and rows[-1]["fits"] else ""}.\n',
+           '| seq_len | fits | step ms | tokens/s | step memory GiB | error |', '|---|---|---|---|---|---|']
+  for r in rows:
+    if r['fits']:
+      lines.append(f'| {r["seq_len"]} | yes | {r["step_ms"]:.1f} | {r["tokens_per_s"]:.0f} | '
+                   f'{(r.get("step_memory_gib") or float("nan")):.2f} | |')
+    else:
+      lines.append(f'| {r["seq_len"]} | no | | | | {r["error"][:80]} |')
+  return '\n'.join(lines) + '\n'
 
 
 def bench_attention(steps: int) -> list[dict]:
@@ -438,6 +482,10 @@ def main(argv):
              for n, spec, o in SUITES[_SUITE.value] if not _CASES.value or n in _CASES.value]
     title = _SUITE.value
   elif 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+    if _MAX_CONTEXT.value:
+      rows = max_context(_NAME.value, common.load_config(None), _STEPS.value, _MAX_CONTEXT_LIMIT.value)
+      write(env, f'max_context-{_NAME.value}', rows, max_context_markdown(env, _NAME.value, rows))
+      return
     cases, title = [(_NAME.value, common.load_config(None))], _NAME.value
   else:
     common.fail('give --suite NAME or --config FILE', 2)
