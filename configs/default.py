@@ -133,5 +133,6 @@ def get_config(arg=None):
   c.parallel.tensor = 1
   c.parallel.sequence = 1
   c.parallel.context = 'ring'         # attention over a sharded sequence: ring | all_gather
+  c.parallel.max_replicated = 0.05    # with fsdp or tensor > 1: most of the parameter bytes left whole on every device
   c.parallel.load_balance = 'zigzag'  # token order of a row split over the sequence axis: zigzag | striped | none
   return c

@@ -21,6 +21,12 @@ def test_sharded_step_equals_one_device(sharded, mesh):
   assert sharded[mesh]['param_rel'] < 1e-5
 
 
+def test_replicated_parameters_are_reported_and_refused_above_the_tolerance(sharded):
+  r = sharded['replication']
+  assert r['even'] < 0.05 and r['even_check'] == 'passed'
+  assert r['odd'] > 0.5 and r['odd_check'] == 'parallel.max_replicated'
+
+
 def test_fsdp_and_tensor_axes_really_shard_parameters(sharded):
   assert any('fsdp' in s for s in sharded['data2_fsdp4']['specs'])
   assert any('tensor' in s for s in sharded['data2_fsdp2_tensor2']['specs'])

@@ -41,3 +41,21 @@ def param_specs(param_state: nnx.State, mesh: Mesh):
       raise ValueError(f'parameter of shape {leaf.shape} has logical axes {axes}; every Param needs one per dim')
     specs.append(logical_to_spec(axes, leaf.shape, mesh))
   return jax.tree.unflatten(treedef, specs)
+
+
+def replication(abstract_params, param_shardings, mesh: Mesh) -> dict:
+  """How much of the parameters every device holds whole: {'replicated_bytes', 'total_bytes', 'fraction',
+  'largest': [(path, MiB), ...] the biggest fully replicated arrays}. Only meaningful when fsdp or tensor > 1."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  shardings = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  total = replicated = 0
+  whole = []
+  for (path, leaf), sharding in zip(leaves, shardings):
+    size = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    total += size
+    if all(axis is None for axis in sharding.spec):
+      replicated += size
+      whole.append((jax.tree_util.keystr(path), size / 2 ** 20))
+  whole.sort(key=lambda x: -x[1])
+  return {'replicated_bytes': replicated, 'total_bytes': total, 'fraction': replicated / max(total, 1),
+          'largest': whole[:5]}

@@ -124,6 +124,23 @@ class _Interval:
     return out
 
 
+def check_replication(setup, config) -> None:
+  """With fsdp or tensor parallelism, logs what stays whole on every device and refuses a layout that leaves more
+  than `parallel.max_replicated` of the parameter bytes so (dimensions the mesh axes do not divide)."""
+  if setup.mesh.shape['fsdp'] * setup.mesh.shape['tensor'] == 1:
+    return
+  report = mesh_lib.replication(setup.abstract_params, setup.param_shardings, setup.mesh)
+  logging.info('replicated parameters: %.1f%% of %.1f MiB; largest: %s', 100 * report['fraction'],
+               report['total_bytes'] / 2 ** 20, ', '.join(f'{p} {m:.2f} MiB' for p, m in report['largest']))
+  limit = config.parallel.get('max_replicated', 1.0)
+  if report['fraction'] > limit:
+    raise config_lib.ConfigError(
+        'parallel.max_replicated', limit,
+        f'at least {report["fraction"]:.3f}: {100 * report["fraction"]:.1f}% of the parameter bytes are whole on '
+        f'every device under mesh {dict(setup.mesh.shape)} (largest: {report["largest"][:3]}); choose sizes that '
+        'the fsdp/tensor axes divide, or raise the tolerance')
+
+
 def train(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the last metric row."""
   os.makedirs(workdir, exist_ok=True)
@@ -137,6 +154,7 @@ def train(config, workdir: str) -> dict:
   setup = TrainSetup(config, mesh)
   logging.info('layers: %s', list(setup.layer_names))
   logging.info('parameters: %d; mesh: %s', setup.param_count(), dict(mesh.shape))
+  check_replication(setup, config)
 
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=t.keep, keep_every=t.keep_every)
   data_iter = iter(data.dataset(config, 'train', process_index=jax.process_index(),

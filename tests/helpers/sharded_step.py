@@ -56,6 +56,26 @@ def run(parallel, devices, overrides=None):
   return jax.device_get(state['params']), losses, specs, jax.device_get(state.get('buffers', {}))
 
 
+def replication_checks(devices):
+  """Share of parameter bytes left whole on every device under fsdp 4, for sizes the axis divides and for odd ones,
+  and what the trainer's check says about the odd ones."""
+  from longctx import config as config_lib
+  from longctx.parallel.mesh import replication
+  from longctx.train.loop import check_replication
+  result = {}
+  for name, extra in (('even', {}), ('odd', {'model.d_model': 66, 'model.num_heads': 3, 'model.num_kv_heads': 3,
+                                           'model.mlp_dim': 130})):
+    cfg = small_config(**{'parallel.data': 2, 'parallel.fsdp': 4, 'train.batch_size': 8, **extra})
+    setup = TrainSetup(cfg, make_mesh(cfg.parallel, devices))
+    result[name] = replication(setup.abstract_params, setup.param_shardings, setup.mesh)['fraction']
+    try:
+      check_replication(setup, cfg)
+      result[f'{name}_check'] = 'passed'
+    except config_lib.ConfigError as e:
+      result[f'{name}_check'] = e.field
+  return result
+
+
 def flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
@@ -84,6 +104,8 @@ def main():
                  'loss_diff': max(abs(a - b) for a, b in zip(losses, ref_losses)), 'specs': specs}
     if routing:
       out[name]['centroid_rel'] = float(np.linalg.norm(flat(buffers) - flat(ref_buffers)) / np.linalg.norm(flat(ref_buffers)))
+  if not routing and not linear:
+    out['replication'] = replication_checks(devices)
   print(json.dumps(out))
 
 
