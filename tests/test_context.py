@@ -80,7 +80,7 @@ def linear_results():
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('mesh', ['data2_sequence4', 'sequence8'])
+@pytest.mark.parametrize('mesh', ['data2_sequence4'])
 def test_every_linear_mixer_under_sequence_sharding_trains_as_on_one_device(linear_results, mesh):
   # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2 and attention in one stack, two steps,
   # with a document starting inside a shard and one starting exactly at a shard boundary.
