@@ -261,6 +261,9 @@ def _check_context_parallel(cfg, layers, n: int) -> None:
   if recurrent and order != 'none':
     raise ConfigError('parallel.load_balance', order, f'none: the recurrent layers ({", ".join(recurrent)}) pass '
                       'their state along the sequence in its natural order')
+  if 'titans' in layers and (seq_len // n) % cfg.model.titans.chunk_size:
+    raise ConfigError('model.titans.chunk_size', cfg.model.titans.chunk_size,
+                      f'a divisor of the {seq_len // n} tokens each of parallel.sequence={n} shards holds')
   a = cfg.model.attention
   if a.get('conv_size', 0) or a.persistent_tokens:
     raise ConfigError('model.attention.conv_size' if a.get('conv_size', 0) else 'model.attention.persistent_tokens',

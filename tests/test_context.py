@@ -57,7 +57,8 @@ def test_balanced_rows_carry_targets_taken_in_the_original_order():
 
 
 @pytest.mark.parametrize('overrides,field', [
-    ({'model.pattern': 'titans'}, 'model.pattern'),
+    ({'model.pattern': 'routing'}, 'model.pattern'),
+    ({'model.pattern': 'titans', 'parallel.load_balance': 'none', 'model.titans.chunk_size': 32}, 'model.titans.chunk_size'),
     ({'model.pattern': 'hgrn,attention'}, 'parallel.load_balance'),
     ({'data.seq_len': 60}, 'data.seq_len'),
     ({'parallel.context': 'gather'}, 'parallel.context'),
@@ -82,7 +83,7 @@ def linear_results():
 
 @pytest.mark.parametrize('mesh', ['data2_sequence4'])
 def test_every_linear_mixer_under_sequence_sharding_trains_as_on_one_device(linear_results, mesh):
-  # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2 and attention in one stack, two steps,
-  # with a document starting inside a shard and one starting exactly at a shard boundary.
+  # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2, titans and attention in one stack, two
+  # steps, with a document starting inside a shard and one starting exactly at a shard boundary.
   r = linear_results[mesh]
   assert r['loss_diff'] < 1e-5 and r['param_rel'] < 1e-5, r

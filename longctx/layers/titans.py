@@ -29,6 +29,8 @@ from longctx.layers.common import Dense, RMSNorm, l2_normalize
 from longctx.layers.conv import ShortConv
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
 from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS
+from longctx.parallel.context import handed_recurrence
+from longctx.parallel.rules import current_mesh
 
 
 def titans_dims(config):
@@ -50,6 +52,8 @@ GATES = ('theta', 'eta', 'alpha', 'delta')
 @registry.register('titans')
 class Titans(registry.Mixer):
   """The long-term memory module (module docstring)."""
+  context_parallel = True
+  natural_order = True      # under sequence sharding the memory is handed from shard to shard in token order
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     del layer_index
@@ -133,7 +137,15 @@ class Titans(registry.Mixer):
     q, k, v, g, conv_cache = self.features(x, segment_ids, None if cache is None else cache['conv'])
     if cache is None:
       state = init_state(self.spec, [w[...] for w in self.memory], b)
-      o, _ = self.lmm(q, k, v, g, state, segment_ids, self.initial_weights(b))
+      mesh = current_mesh()
+      if mesh is not None and mesh.shape.get('sequence', 1) > 1:
+        # The memory is handed from device to device along the sharded sequence (longctx.parallel.context).
+        form = lambda q, k, v, theta, eta, alpha, delta, state, fresh, ids: self.lmm(
+            q, k, v, {'theta': theta, 'eta': eta, 'alpha': alpha, 'delta': delta}, state, ids, fresh['weights'])
+        o = handed_recurrence(form, (q, k, v, g['theta'], g['eta'], g['alpha'], g['delta']), state, segment_ids,
+                              mesh=mesh)
+      else:
+        o, _ = self.lmm(q, k, v, g, state, segment_ids, self.initial_weights(b))
     else:
       o, cache = self._decode(q, k, v, g, cache)
       cache = {**cache, 'conv': conv_cache}

@@ -22,6 +22,11 @@ result is the same in every order and only the work per device changes.
   Cost: two passes of the chunked form (plus the M pass with Dk-wide values), one all-gather of n states; no
   device waits for another's outputs.
 
+* `handed_recurrence`: a recurrence whose state map is not affine (Titans' memory): device r runs its shard once
+  device r − 1 has handed it the state (`ppermute`), so the n shards run one after another. Memory stays per
+  shard; time is that of one device doing the whole row (plus n small transfers of the memory state), so the gain
+  is memory and the layers around it, not this layer's speed.
+
 `reorder(x, n, order)` / `restore` permute a [B, T, ...] row layout so that each of n contiguous shards holds a
 balanced share of the causal work: zigzag gives shard r chunks r and 2n − 1 − r of 2n; striped gives it every n-th
 token starting at r.
@@ -236,6 +241,47 @@ def sharded_recurrence(form, arrays: tuple, segment_ids, *, mesh, axis: str = 's
     return out
 
   return _shard_map(body, mesh, specs, P(batch, axis))(*arrays, seg)
+
+
+def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, axis: str = 'sequence'):
+  """Runs `form(*arrays, state, fresh_state, segment_ids) -> (out, final state)` over arrays [B, T, ...] sharded
+  over `axis` in natural order, handing the state from device to device (module docstring). `fresh_state` (a
+  pytree with leading batch dim, the state at a document start) is where device 0 starts and where a device starts
+  whose first token begins a new document; `form` also gets it to restart documents inside the shard. Returns the
+  outputs, sharded like the inputs."""
+  from longctx.parallel.rules import logical_to_spec
+  n = mesh.shape[axis]
+  b = arrays[0].shape[0]
+  seg = jnp.ones(arrays[0].shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  batch = logical_to_spec(('batch',), (b,), mesh)[0]
+  row = P(batch, axis)
+  state_specs = jax.tree.map(lambda _: P(batch), fresh_state)
+
+  def body(*local):
+    *xs, sg, fresh = local
+    ids = None if segment_ids is None else sg
+    me = jax.lax.axis_index(axis)
+    last_before = jax.lax.ppermute(sg[:, -1], axis, [(i, i + 1) for i in range(n - 1)])
+    starts_fresh = (me == 0) | (sg[:, 0] != last_before)
+    state = fresh
+    out = None
+    for j in range(n):
+      def run(state):
+        begin = jax.tree.map(lambda f, s: jnp.where(starts_fresh.reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
+                             fresh, state)
+        return form(*xs, begin, fresh, ids)
+
+      shapes = jax.eval_shape(run, state)
+      idle = lambda state, shapes=shapes: (jnp.zeros(shapes[0].shape, shapes[0].dtype), state)
+      o, final = jax.lax.cond(me == j, run, idle, state)
+      out = o if out is None else jnp.where(me == j, o, out)
+      if j < n - 1:
+        handed = jax.lax.ppermute(final, axis, [(j, j + 1)])
+        state = jax.tree.map(lambda h, s: jnp.where(me == j + 1, h, s), handed, state)
+    return out
+
+  f = _shard_map(body, mesh, tuple(row for _ in arrays) + (row, state_specs), row)
+  return f(*arrays, seg, fresh_state)
 
 
 def _specs(mesh, q, k, axis):

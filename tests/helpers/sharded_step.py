@@ -25,8 +25,8 @@ ROUTING = {'model.pattern': 'local,routing', 'model.routing.num_clusters': 4, 'm
            'model.routing.ema_decay': 0.9, 'model.routing.commitment': 0.1}
 
 
-LINEAR = {'model.pattern': 'hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,attention',
-          'model.num_layers': 9, 'model.linear.chunk_size': 8}
+LINEAR = {'model.pattern': 'hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,titans,attention',
+          'model.num_layers': 10, 'model.linear.chunk_size': 8, 'model.titans.chunk_size': 4}
 
 
 def run(parallel, devices, overrides=None):
