@@ -20,7 +20,7 @@ import ml_collections
 
 OPTIMIZERS = ('adamw', 'adam', 'lion', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant')
-REMAT_POLICIES = ('none', 'full', 'dots_saveable')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'offload_dots')
 NAN_POLICIES = ('halt', 'skip')
 DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('auto', 'cudnn', 'xla', 'chunked', 'naive')

@@ -95,7 +95,7 @@ def rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots_saveable'])
+@pytest.mark.parametrize('remat', ['full', 'dots_saveable', 'offload_dots'])
 def test_remat_policies_do_not_change_the_step(remat):
   ref, m_ref = _one_step(small_config())
   out, m = _one_step(small_config(**{'model.remat': remat}))
@@ -203,3 +203,20 @@ def test_loss_chunks_do_not_change_the_step():
   np.testing.assert_allclose(losses[0][0], losses[1][0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(losses[0][1]), jax.tree.leaves(losses[1][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_offload_policy_marks_saved_matmuls_for_host_memory():
+  from longctx.parallel.mesh import make_mesh
+  from longctx.train.state import TrainSetup
+  from longctx.train.step import make_train_step
+
+  def lowered(remat):
+    cfg = small_config(**{'model.remat': remat})
+    setup = TrainSetup(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+    t = cfg.data.seq_len
+    batch = {'tokens': jnp.zeros((4, t), jnp.int32), 'segment_ids': jnp.ones((4, t), jnp.int32),
+             'positions': jnp.broadcast_to(jnp.arange(t), (4, t))}
+    return make_train_step(setup).lower(setup.abstract_state, batch).as_text()
+  # The device-to-host placements are in the program; backends without host offload (XLA:CPU) drop them.
+  assert 'annotate_device_placement' in lowered('offload_dots')
+  assert 'annotate_device_placement' not in lowered('dots_saveable')

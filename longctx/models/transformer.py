@@ -17,6 +17,8 @@ from longctx.parallel.rules import constrain
 REMAT_POLICIES = {
     'full': None,
     'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The same matmul outputs, kept in pinned host memory between the forward and the backward pass.
+    'offload_dots': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 
 
