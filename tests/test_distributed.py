@@ -54,3 +54,17 @@ def test_two_processes_stop_and_resume_to_the_parameters_of_one_process(tmp_path
   assert step_a == step_b == 6
   for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_a_single_process_does_not_start_jax_distributed_and_partial_settings_are_refused(monkeypatch):
+  import pytest
+  from longctx.parallel import distributed
+  for name in ('LONGCTX_NUM_PROCESSES', 'TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() is False
+  monkeypatch.setenv('LONGCTX_NUM_PROCESSES', '1')
+  assert distributed.initialize() is False
+  monkeypatch.setenv('LONGCTX_NUM_PROCESSES', '2')
+  monkeypatch.delenv('LONGCTX_COORDINATOR_ADDRESS', raising=False)
+  with pytest.raises(ValueError, match='LONGCTX_COORDINATOR_ADDRESS'):
+    distributed.initialize()

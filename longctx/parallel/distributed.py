@@ -35,11 +35,12 @@ def initialize() -> bool:
     return False
   if explicit and int(explicit) <= 1:
     return False
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if explicit:
     missing = [k for k in ('LONGCTX_COORDINATOR_ADDRESS', 'LONGCTX_PROCESS_ID') if not env.get(k)]
     if missing:
       raise ValueError(f'LONGCTX_NUM_PROCESSES={explicit} needs {" and ".join(missing)} set as well')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
     local = env.get('LONGCTX_LOCAL_DEVICE_IDS')
     jax.distributed.initialize(
         coordinator_address=env['LONGCTX_COORDINATOR_ADDRESS'], num_processes=int(explicit),
