@@ -8,6 +8,8 @@ import pytest
 from longctx.parallel import context
 from tests.conftest import run_script
 
+pytestmark = pytest.mark.xdist_group('context')
+
 
 @pytest.fixture(scope='module')
 def results():
@@ -81,6 +83,7 @@ def linear_results():
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.xdist_group('context_linear')
 @pytest.mark.parametrize('mesh', ['data2_sequence4'])
 def test_every_linear_mixer_under_sequence_sharding_trains_as_on_one_device(linear_results, mesh):
   # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2, titans and attention in one stack, two

@@ -6,6 +6,8 @@ import pytest
 from longctx.parallel.rules import logical_to_spec
 from tests.conftest import run_script
 
+pytestmark = pytest.mark.xdist_group('sharding')
+
 
 @pytest.fixture(scope='module')
 def sharded():
