@@ -279,6 +279,24 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
   return results
 
 
+def time_mixer_grad(row: dict, graph, params, x, dy, positions, segments, steps: int):
+  """Compiles the gradient of Σ mixer(x) · dy in the mixer's parameters and x, and records in `row` its median time
+  (`fwd_bwd_ms`) and the compiled step's own memory (`step_memory_gib`: arguments, outputs, temporaries).
+  Returns the compiled function (called as compiled(params, x))."""
+  from flax import nnx
+
+  def loss(params, x):
+    y, _ = nnx.merge(graph, params)(x, positions=positions, segment_ids=segments)
+    return jnp.sum(y.astype(jnp.float32) * dy)
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    row['step_memory_gib'] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2 ** 30
+  row['fwd_bwd_ms'] = median_ms(compiled, params, x, steps=steps)
+  return compiled
+
+
 def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), small: bool = False) -> list[dict]:
   """The Titans memory mixer (input projections, convolution, gates, the chunk-parallel memory, output gate and
   projection), forward+backward of a scalar loss in the input and every parameter, bf16 activations: dim 1024,
@@ -306,19 +324,9 @@ def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), sm
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     segments = jnp.ones((b, t), jnp.int32)
 
-    def loss(params, x):
-      y, _ = nnx.merge(graph, params)(x, positions=positions, segment_ids=segments)
-      return jnp.sum(y.astype(jnp.float32) * dy)
-
-    both = jax.jit(jax.grad(loss, argnums=(0, 1)))
     row = {'case': name, 'shape': f'B{b} T{t} dim {dm}, {heads}×{dh}, memory 2×4, chunk {chunk}'}
     try:
-      compiled = both.lower(params, x).compile()
-      mem = compiled.memory_analysis()
-      if mem is not None:
-        row['step_memory_gib'] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                  + mem.output_size_in_bytes) / 2 ** 30
-      row['fwd_bwd_ms'] = median_ms(compiled, params, x, steps=steps)
+      compiled = time_mixer_grad(row, graph, params, x, dy, positions, segments, steps)
       if profile_steps:
         logdir = os.path.join(out or '.', 'profile', name)
         profiling.trace(lambda: compiled(params, x), profile_steps, logdir)
@@ -353,21 +361,9 @@ def bench_routing(steps: int, cases=(), lengths=(8192, 16384, 32768), small: boo
       graph, state = nnx.split(registry.get(mixer)(cfg, layer_index=0, rngs=nnx.Rngs(0)))
       params = nnx.to_pure_dict(state)
       x, dy = (jax.random.normal(key, (1, t, dm), jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(1)))
-      positions = jnp.arange(t)[None]
-
-      def loss(params, x):
-        y, _ = nnx.merge(graph, params)(x, positions=positions, segment_ids=None)
-        return jnp.sum(y.astype(jnp.float32) * dy)
-
-      both = jax.jit(jax.grad(loss, argnums=(0, 1)))
       row = {'case': name, 'layer': kind, 'seq_len': t, 'shape': f'B1 T{t} d {dm}, {heads} heads'}
       try:
-        compiled = both.lower(params, x).compile()
-        mem = compiled.memory_analysis()
-        if mem is not None:
-          row['step_memory_gib'] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                    + mem.output_size_in_bytes) / 2 ** 30
-        row['fwd_bwd_ms'] = median_ms(compiled, params, x, steps=steps)
+        time_mixer_grad(row, graph, params, x, dy, jnp.arange(t)[None], None, steps)
       except Exception as e:  # out of memory is a result
         row['error'] = error_text(e)
       results.append(row)
