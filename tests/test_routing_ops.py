@@ -72,6 +72,37 @@ def test_balanced_routing_equals_its_dense_form_forward_and_backward():
     assert np.isfinite(np.asarray(a)).all() and rel(a, b) < 1e-5
 
 
+def nearest_reference(q, k, v, centroids, window, segment_ids):
+  """Dense form of prefix-only membership: a key counts when it is in the query's cluster and document, not later,
+  and among the latest `window` such members up to the query (counted by a reverse cumulative sum)."""
+  t, h = q.shape[1], q.shape[2]
+  cluster = routing.assign(q, centroids)                                          # [B, T, H]
+  group = jnp.moveaxis(cluster, 1, 2) * 1000 + segment_ids[:, None, :]           # [B, H, T]
+  seen = (group[..., :, None] == group[..., None, :]) & np.tril(np.ones((t, t), bool))
+  within = jnp.cumsum(seen[..., ::-1].astype(jnp.int32), axis=-1)[..., ::-1] <= window
+  mask = seen & within
+  logits = jnp.einsum('bihd,bjhd->bhij', q, k) / np.sqrt(q.shape[-1])
+  p = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1), 0.0)
+  return jnp.einsum('bhij,bjhd->bihd', p, v)
+
+
+def test_prefix_only_routing_equals_its_dense_form_forward_and_backward():
+  t, w = 29, 5
+  q, k, v = qkv(t, seed=13)
+  centroids = jax.random.normal(jax.random.PRNGKey(14), (3, 3, 16))
+  seg = jnp.asarray(np.repeat([[1] * 11 + [2] * (t - 11)], 2, 0))
+  do = jax.random.normal(jax.random.PRNGKey(15), q.shape)
+  segs = jnp.broadcast_to(seg[..., None], seg.shape + (3,))
+  fast_out = lambda *a: routing.nearest(*a, centroids, w, segment_ids=segs)[0]
+  ref_out = lambda *a: nearest_reference(*a, centroids, w, seg)
+  out = fast_out(q, k, v)
+  assert np.isfinite(np.asarray(out)).all() and rel(out, ref_out(q, k, v)) < 1e-5
+  fast = jax.grad(lambda *a: jnp.sum(fast_out(*a) * do), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda *a: jnp.sum(ref_out(*a) * do), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(fast, ref):
+    assert np.isfinite(np.asarray(a)).all() and rel(a, b) < 1e-5
+
+
 def test_local_heads_see_their_block_and_the_one_before():
   q, k, v = qkv(29, seed=5)
   block = 8
