@@ -42,6 +42,14 @@ def run_script(args, env=None, timeout=300, **kwargs):
                         cwd=ROOT, **kwargs)
 
 
+def script_json(args, timeout=300):
+  """The JSON object a helper script prints on its last line (the script must exit 0)."""
+  import json
+  result = run_script(args, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def small():
   return small_config

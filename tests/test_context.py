@@ -1,21 +1,18 @@
 """Context parallelism on fake devices: ring and all-gather attention against dense attention, forward and backward,
 in every token order, with GQA, odd head counts, documents and windows; the reorderings themselves."""
-import json
 
 import numpy as np
 import pytest
 
 from longctx.parallel import context
-from tests.conftest import run_script
+from tests.conftest import script_json
 
 pytestmark = pytest.mark.xdist_group('context')
 
 
 @pytest.fixture(scope='module')
 def results():
-  result = run_script(['tests/helpers/context_attention.py'])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return script_json(['tests/helpers/context_attention.py'])
 
 
 @pytest.mark.parametrize('method', ['ring', 'all_gather'])
@@ -78,9 +75,7 @@ def test_context_parallel_settings_that_cannot_work_name_the_field(overrides, fi
 
 @pytest.fixture(scope='module')
 def linear_results():
-  result = run_script(['tests/helpers/sharded_step.py', 'linear'], timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return script_json(['tests/helpers/sharded_step.py', 'linear'], timeout=600)
 
 
 @pytest.mark.xdist_group('context_linear')

@@ -18,7 +18,7 @@ from longctx.parallel.mesh import make_mesh
 from longctx.train import step as step_lib
 from longctx.train.loop import train
 from longctx.train.state import TrainSetup
-from tests.conftest import run_script, small_config
+from tests.conftest import script_json, small_config
 from tests.helpers.linear import rel
 from tests.helpers.mixers import prefill_then_decode
 from tests.test_train import final_state
@@ -153,9 +153,7 @@ def test_centroids_survive_checkpoint_and_resume(tmp_path):
 
 
 def test_four_data_parallel_devices_give_the_centroids_of_one_device_with_the_whole_batch():
-  result = run_script(['tests/helpers/sharded_step.py', 'routing'])
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.strip().splitlines()[-1])['data4']
+  out = script_json(['tests/helpers/sharded_step.py', 'routing'])['data4']
   assert out['centroid_rel'] < 1e-5 and out['param_rel'] < 1e-5 and out['loss_diff'] < 1e-5
 
 

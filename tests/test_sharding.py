@@ -1,19 +1,16 @@
 """The train step on 8 fake devices (data, fsdp, tensor meshes) equals the 1-device step."""
-import json
 
 import pytest
 
 from longctx.parallel.rules import logical_to_spec
-from tests.conftest import run_script
+from tests.conftest import script_json
 
 pytestmark = pytest.mark.xdist_group('sharding')
 
 
 @pytest.fixture(scope='module')
 def sharded():
-  result = run_script(['tests/helpers/sharded_step.py'])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return script_json(['tests/helpers/sharded_step.py'])
 
 
 @pytest.mark.parametrize('mesh', ['data2_fsdp4', 'data2_fsdp2_tensor2', 'data8', 'data2_sequence4_ring',

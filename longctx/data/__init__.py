@@ -141,20 +141,26 @@ def dataset(config, split: str, *, process_index: int = 0, process_count: int = 
   return ds
 
 
+def next_token_targets(batch: dict, xp=np):
+  """(targets, weights) [B, T]: the next token, counted (weight 1) only where it is in the same non-padding
+  document and, with a `loss_mask`, scored. `xp` is numpy (the loader) or jax.numpy (the train step)."""
+  tokens, seg = batch['tokens'], batch['segment_ids']
+  not_last = xp.arange(tokens.shape[1]) < tokens.shape[1] - 1
+  weights = ((seg == xp.roll(seg, -1, axis=1)) & (seg > 0) & not_last).astype(xp.float32)
+  if 'loss_mask' in batch:
+    weights = weights * xp.roll(batch['loss_mask'], -1, axis=1).astype(xp.float32)
+  return xp.roll(tokens, -1, axis=1), weights
+
+
 def balance(batch: dict, n: int, order: str) -> dict:
   """The batch with next-token targets and weights added (in the original order), then every [B, T] field
   reordered for n sequence shards (`longctx.parallel.context.permutation`)."""
   from longctx.parallel.context import permutation
-  tokens, seg = np.asarray(batch['tokens']), np.asarray(batch['segment_ids'])
-  targets = np.roll(tokens, -1, axis=1)
-  weights = (seg == np.roll(seg, -1, axis=1)) & (seg > 0)
-  weights[:, -1] = False
-  weights = weights.astype(np.int32)
-  if 'loss_mask' in batch:
-    weights = weights * np.roll(np.asarray(batch['loss_mask']), -1, axis=1)
-  perm = permutation(tokens.shape[1], n, order)
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  targets, weights = next_token_targets(batch)
+  perm = permutation(targets.shape[1], n, order)
   out = {**batch, 'targets': targets, 'target_weights': weights}
-  return {k: np.asarray(v)[:, perm] for k, v in out.items()}
+  return {k: v[:, perm] for k, v in out.items()}
 
 
 def _sequence_shards(config) -> int:

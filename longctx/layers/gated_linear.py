@@ -11,7 +11,8 @@ HGRN (Qin et al. 2023, "Hierarchically Gated Recurrent Neural Network"), real-va
     y = W_o (RMSNorm(h) ⊙ swish(W_g x))
 lb is the layer's forget-gate lower bound: the model keeps one row of logits per HGRN/HGRN2 layer, takes a softmax
 over those layers and a cumulative sum, minus the first row, so the bound is 0 in the first such layer and rises with
-depth (`depth_lower_bound`); the mixers receive log lb (`log_lower_bound`, None for no bound). The per-channel recurrences are `longctx.ops.channel_decay`. Caches: {'state': fp32}.
+depth (`depth_lower_bound`); the mixers receive log lb (`log_lower_bound`, None for no bound). The per-channel
+recurrences are `longctx.ops.channel_decay`. Caches: {'state': fp32}.
 """
 from __future__ import annotations
 
@@ -60,10 +61,10 @@ def _bounded_gate_fwd(x, log_lb):
 def _bounded_gate_bwd(res, cotangents):
   log_sig, log_sig_neg, log_alpha, log_lb, log_one_minus_lb = res
   d_log_alpha, d_one_minus = cotangents
-  slope = jnp.exp(log_one_minus_lb + log_sig + log_sig_neg)                  # (1 − lb) σ(x) σ(−x) = dα/dx
-  share = jnp.exp(log_lb + log_sig_neg - log_alpha)                         # lb σ(−x) / α = ∂ log α / ∂ log lb
-  d_x = d_log_alpha * jnp.exp(log_one_minus_lb + log_sig + log_sig_neg - log_alpha) - d_one_minus * slope
-  d_log_lb = d_log_alpha * share - d_one_minus * jnp.exp(log_lb + log_sig_neg)
+  log_slope = log_one_minus_lb + log_sig + log_sig_neg                      # log dα/dx = log (1 − lb) σ(x) σ(−x)
+  log_pull = log_lb + log_sig_neg                                           # log ∂α/∂ log lb = log lb σ(−x)
+  d_x = d_log_alpha * jnp.exp(log_slope - log_alpha) - d_one_minus * jnp.exp(log_slope)
+  d_log_lb = d_log_alpha * jnp.exp(log_pull - log_alpha) - d_one_minus * jnp.exp(log_pull)
   return d_x, d_log_lb
 
 

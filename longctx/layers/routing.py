@@ -34,8 +34,7 @@ from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense, rope
 from longctx.ops import routing as ops
-
-_MASKED = -1e30
+from longctx.ops.attention import masked
 
 
 class Centroids(nnx.Variable):
@@ -46,11 +45,9 @@ class RoutingStats(nnx.Variable):
   """What the last forward pass measured for the EMA and the commitment loss (recomputed every pass)."""
 
 
-def per_head_masked(q, k, v, mask, scale):
-  """Softmax attention of q [B, Tq, H, D] over k, v [B, Tk, H, D] under a per-head mask [B, H, Tq, Tk], fp32."""
-  s = jnp.einsum('bthd,bshd->bhts', q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-  p = jax.nn.softmax(jnp.where(mask, s, _MASKED), axis=-1) * mask
-  return jnp.einsum('bhts,bshd->bthd', p, v.astype(jnp.float32)).astype(q.dtype)
+def per_head(segment_ids, heads: int):
+  """Segment ids [B, T] repeated for each of `heads` heads: [B, T, heads] (None stays None)."""
+  return None if segment_ids is None else jnp.broadcast_to(segment_ids[..., None], segment_ids.shape + (heads,))
 
 
 @registry.register('routing')
@@ -65,7 +62,8 @@ class Routing(registry.Mixer):
     self.local_heads = h - self.routed
     self.head_dim = hd
     self.q = Dense((d,), (h, hd), ('embed', 'heads', 'head_dim'), rngs=rngs)
-    self.k = Dense((d,), (self.local_heads, hd), ('embed', 'heads', 'head_dim'), rngs=rngs) if self.local_heads else None
+    self.k = (Dense((d,), (self.local_heads, hd), ('embed', 'heads', 'head_dim'), rngs=rngs)
+              if self.local_heads else None)
     self.v = Dense((d,), (h, hd), ('embed', 'heads', 'head_dim'), rngs=rngs)
     self.o = Dense((h, hd), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
     self.rope_theta = m.rope_theta
@@ -150,9 +148,8 @@ class Routing(registry.Mixer):
     scale = self.head_dim ** -0.5
     outs = []
     if hl:
-      seg = None if segment_ids is None else jnp.broadcast_to(segment_ids[..., None], segment_ids.shape + (hl,))
       outs.append(ops.local(q_rot[:, :, :hl], k_rot[:, :, :hl], v[:, :, :hl], self.block,
-                            segment_ids=seg, scale=scale))
+                            segment_ids=per_head(segment_ids, hl), scale=scale))
     if self.routed:
       outs.append(self.route(q_rot[:, :, hl:], v[:, :, hl:], u, segment_ids, scale))
     return self.o(jnp.concatenate(outs, axis=2).astype(x.dtype)), None
@@ -165,7 +162,7 @@ class Routing(registry.Mixer):
       key = jax.random.fold_in(jax.random.PRNGKey(seed), self.layer_index)
       centroids = ops.kmeans_init(u, self.num_clusters, iterations, key)
       self.centroids[...] = centroids
-    seg = None if segment_ids is None else jnp.broadcast_to(segment_ids[..., None], segment_ids.shape + (self.routed,))
+    seg = per_head(segment_ids, self.routed)
     if self.causal:
       o, _ = ops.nearest(qk, qk, v, centroids, self.window, route=u, segment_ids=seg, scale=scale)
     else:
@@ -190,7 +187,7 @@ class Routing(registry.Mixer):
       cluster = ops.assign(u, self.centroids[...]).astype(jnp.int32)
       new['cluster'] = put(cache['cluster'], cluster)
       masks.append(ops.nearest_mask(cluster, new['cluster'], q_pos, self.window))
-    o = per_head_masked(q, new['k'], new['v'], jnp.concatenate(masks, axis=1), self.head_dim ** -0.5)
+    o = masked(q, new['k'], new['v'], jnp.concatenate(masks, axis=1), scale=self.head_dim ** -0.5)
     return self.o(o), new
 
 

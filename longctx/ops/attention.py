@@ -121,14 +121,15 @@ def cached(q, k_cache, v_cache, start, *, window=0, scale=None, prefix=None):
 
 
 def masked(q, k, v, mask, *, scale=None):
-  """Dense softmax attention of q [B, Tq, H, D] over k, v [B, Tk, KV, D] under an explicit boolean mask
-  [B or 1, Tq, Tk] (GQA: KV divides H); fp32 scores. A query that may see no key returns 0."""
+  """Dense softmax attention of q [B, Tq, H, D] over k, v [B, Tk, KV, D] under an explicit boolean mask, one for
+  all heads [B or 1, Tq, Tk] or one per query head [B, H, Tq, Tk] (GQA: KV divides H); fp32 scores. A query that
+  may see no key returns 0."""
   b, t, h, d = q.shape
   kv = k.shape[2]
   scale = d ** -0.5 if scale is None else scale
   qf = q.astype(jnp.float32).reshape(b, t, kv, h // kv, d)
   s = jnp.einsum('btkgd,bskd->bkgts', qf, k.astype(jnp.float32)) * scale
-  m = mask[:, None, None]
+  m = mask[:, None, None] if mask.ndim == 3 else mask.reshape(mask.shape[0], kv, h // kv, t, -1)
   s = jnp.where(m, s, _MASKED)
   p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))) * m
   p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)

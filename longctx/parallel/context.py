@@ -4,15 +4,16 @@ The sequence dimension of q, k, v is sharded over `axis` in whatever token order
 zigzag, striped or none); masks come from each token's true position and document, carried alongside, so the
 result is the same in every order and only the work per device changes.
 
-* `ring_attention` (Liu et al., "Ring Attention with Blockwise Transformers"): inside `jax.shard_map`, n steps;
-  each step attends the local queries to the K/V block held, while `lax.ppermute` passes K/V (kv heads only, GQA
-  stays grouped) to the next device; partial outputs merge in fp32 by their log-sum-exp. A block that no local
+* `context_attention(method='ring')` (Liu et al., "Ring Attention with Blockwise Transformers"): inside
+  `jax.shard_map`, n steps; each step attends the local queries to the K/V block held, while `lax.ppermute` passes
+  K/V (kv heads only, GQA stays grouped) to the next device; partial outputs merge in fp32 by their log-sum-exp. A block that no local
   query may see (every key later than every query, or in other documents) is skipped. The backward pass is a
   `custom_vjp` that recomputes each block's probabilities from the *global* output and LSE and passes dK/dV around
   the ring with K/V, so they arrive home after n steps: autodiff through a per-block LSE would be wrong (the LSE
   that `jax.nn.dot_product_attention` returns carries no gradient).
-* `all_gather_attention`: K/V (and their positions) gathered over the axis, queries stay sharded; one softmax per
-  query over every key, differentiated by autodiff (all_gather's transpose is a reduce-scatter).
+* `context_attention(method='all_gather')`: K/V (and their positions) gathered over the axis, queries stay
+  sharded; one softmax per query over every key, differentiated by autodiff (all_gather's transpose is a
+  reduce-scatter).
 
 * `sharded_recurrence`: a linear recurrence (the chunked forms of longctx.ops) over a sequence sharded in its
   natural order. Its state map over a shard is affine, S_out = M S_in + S_local: each device finds S_local (zero
@@ -39,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from longctx.parallel.rules import logical_to_spec
 
 ORDERS = ('zigzag', 'striped', 'none')
 _NEG = -1e30
@@ -200,18 +203,20 @@ def _shard_map(body, mesh, in_specs, out_specs):
   return shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def _rows(arrays, segment_ids, mesh, axis):
+  """(segment ids [B, T] int32, ones without documents; the spec of a [B, T, ...] row sharded over `axis`)."""
+  seg = jnp.ones(arrays[0].shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  return seg, P(logical_to_spec(('batch',), arrays[0].shape[:1], mesh)[0], axis)
+
+
 def sharded_recurrence(form, arrays: tuple, segment_ids, *, mesh, axis: str = 'sequence', vector: bool = False,
                        value_index: int = 2):
   """Runs `form(*arrays, initial_state=S, segment_ids=seg) -> (out, final state)` over arrays [B, T, ...] whose T
   is sharded over `axis` in natural order (module docstring). The state is [B, H, Dk, Dv] (M acts on Dk), or with
   `vector` [B, D] (M elementwise). `arrays[value_index]` is the value input that the M pass zeroes (widened to Dk
   for a matrix state: arrays[1] are the keys). Returns the outputs, sharded like the inputs."""
-  from longctx.parallel.rules import logical_to_spec
   n = mesh.shape[axis]
-  b = arrays[0].shape[0]
-  seg = jnp.ones(arrays[0].shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  batch = logical_to_spec(('batch',), (b,), mesh)[0]
-  specs = tuple(P(batch, axis) for _ in arrays) + (P(batch, axis),)
+  seg, row = _rows(arrays, segment_ids, mesh, axis)
 
   def body(*local):
     *xs, sg = local
@@ -240,7 +245,7 @@ def sharded_recurrence(form, arrays: tuple, segment_ids, *, mesh, axis: str = 's
     out, _ = form(*xs, initial_state=state, segment_ids=ids)
     return out
 
-  return _shard_map(body, mesh, specs, P(batch, axis))(*arrays, seg)
+  return _shard_map(body, mesh, (row,) * (len(arrays) + 1), row)(*arrays, seg)
 
 
 def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, axis: str = 'sequence'):
@@ -249,13 +254,9 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
   pytree with leading batch dim, the state at a document start) is where device 0 starts and where a device starts
   whose first token begins a new document; `form` also gets it to restart documents inside the shard. Returns the
   outputs, sharded like the inputs."""
-  from longctx.parallel.rules import logical_to_spec
   n = mesh.shape[axis]
-  b = arrays[0].shape[0]
-  seg = jnp.ones(arrays[0].shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  batch = logical_to_spec(('batch',), (b,), mesh)[0]
-  row = P(batch, axis)
-  state_specs = jax.tree.map(lambda _: P(batch), fresh_state)
+  seg, row = _rows(arrays, segment_ids, mesh, axis)
+  state_specs = jax.tree.map(lambda _: P(row[0]), fresh_state)
 
   def body(*local):
     *xs, sg, fresh = local
@@ -280,12 +281,11 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
         state = jax.tree.map(lambda h, s: jnp.where(me == j + 1, h, s), handed, state)
     return out
 
-  f = _shard_map(body, mesh, tuple(row for _ in arrays) + (row, state_specs), row)
+  f = _shard_map(body, mesh, (row,) * (len(arrays) + 1) + (state_specs,), row)
   return f(*arrays, seg, fresh_state)
 
 
 def _specs(mesh, q, k, axis):
-  from longctx.parallel.rules import logical_to_spec
   batch = logical_to_spec(('batch',), q.shape[:1], mesh)[0]
   heads = logical_to_spec(('act_heads',), q.shape[2:3], mesh)[0]
   kv_heads = logical_to_spec(('act_kv_heads',), k.shape[2:3], mesh)[0]

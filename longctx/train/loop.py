@@ -164,7 +164,9 @@ def train(config, workdir: str) -> dict:
     state, start = setup.init(config.seed), 0
     if config.init_from:
       weights = ckpt_lib.restore_weights(os.path.join(config.init_from, 'checkpoints'), setup.abstract_weights())
-      state.update(params=weights['params'], **({'buffers': weights['buffers']} if setup.has_buffers else {}))
+      state['params'] = weights['params']
+      if setup.has_buffers:
+        state['buffers'] = weights['buffers']
   else:
     logging.info('resumed from step %d', start)
     if start >= t.num_steps:

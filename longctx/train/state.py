@@ -73,8 +73,11 @@ class TrainSetup:
       if self.has_buffers:
         raise ValueError('this model has buffers (routing centroids): pass them with the parameters')
       buffers = {}
-    stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_stats)
-    return nnx.merge(self.graphdef, params, buffers, stats)
+    return nnx.merge(self.graphdef, params, buffers, self.zero_stats())
+
+  def zero_stats(self):
+    """`RoutingStats` as a forward pass starts them: zeros (a pure dict, {} without routing layers)."""
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_stats)
 
   def abstract_weights(self) -> dict:
     """Shapes and shardings of {'params', 'buffers'}."""

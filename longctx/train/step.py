@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from longctx.data import next_token_targets
 from longctx.layers import routing
 from longctx.parallel import mesh as mesh_lib
 from longctx.parallel.rules import activation_sharding
@@ -18,13 +19,7 @@ def targets_and_weights(batch):
   whose tokens the loader reordered (context parallelism) brings its own, taken in the original order."""
   if 'targets' in batch:
     return batch['targets'], batch['target_weights'].astype(jnp.float32)
-  tokens, seg = batch['tokens'], batch['segment_ids']
-  targets = jnp.roll(tokens, -1, axis=1)
-  same_doc = (seg == jnp.roll(seg, -1, axis=1)) & (seg > 0)
-  weights = same_doc.at[:, -1].set(False).astype(jnp.float32)
-  if 'loss_mask' in batch:
-    weights = weights * jnp.roll(batch['loss_mask'], -1, axis=1).astype(jnp.float32)
-  return targets, weights
+  return next_token_targets(batch, jnp)
 
 
 def _loss_sums(setup, params, batch, buffers=None):
@@ -62,8 +57,7 @@ def make_train_step(setup):
           return (jax.tree.map(jnp.add, g, dg), n + dn, c + dc, jax.tree.map(jnp.add, st, dst)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        no_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), setup.abstract_stats)
-        (grads, nll, count, stats), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, no_stats), micro)
+        (grads, nll, count, stats), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, setup.zero_stats()), micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     loss = nll / denom
