@@ -63,14 +63,13 @@ def test_bf16_inputs_keep_fp32_states():
   assert rel(np.asarray(o, np.float32), ref) < 3e-2 and rel(s, ref_s) < 3e-2
 
 
-def test_unit_lower_inverse_and_its_gradient():
+@pytest.mark.parametrize('c', [37, 64])   # the row loop; 16-blocks joined by matmuls
+def test_unit_lower_inverse_and_its_gradient(c):
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   from longctx.ops.triangular import unit_lower_inverse
-  a = np.tril(np.random.default_rng(0).normal(size=(3, 37, 37)) * 0.3, -1)
-  w = np.random.default_rng(1).normal(size=(3, 37, 37))
-  inv = np.linalg.inv(np.eye(37) + a)
+  a = np.tril(np.random.default_rng(c).normal(size=(3, c, c)) * 0.3, -1)
+  w = np.random.default_rng(1).normal(size=(3, c, c))
+  inv = np.linalg.inv(np.eye(c) + a)
   np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(a)), inv, rtol=1e-4, atol=1e-5)
   grad = jax.grad(lambda x: jnp.sum(unit_lower_inverse(x) * w))(jnp.asarray(a))
   expected = np.tril(-np.swapaxes(inv, -1, -2) @ w @ np.swapaxes(inv, -1, -2), -1)

@@ -10,6 +10,7 @@ model TFLOP/s and MFU (FLOPs as longctx.train.flops counts them), peak device me
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -249,34 +250,56 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
   gk = jax.nn.log_sigmoid(jax.random.normal(ks[6], (b, t, h, d))) / 16     # GLA's gate range
   flat = lambda x: x.reshape(b, t, h * d)
   # Gates are arguments, not closed-over constants, which XLA would spend seconds constant-folding.
-  forms = {
-      'gated_delta_rule': lambda q, k, v, beta, g, gk: chunk_delta_rule(q, k, v, beta, g, chunk_size=64)[0],
-      'delta_rule': lambda q, k, v, beta, g, gk: chunk_delta_rule(q, k, v, beta, None, chunk_size=64)[0],
-      'scalar_decay': lambda q, k, v, beta, g, gk: chunk_scalar_decay(q, k, v, g, chunk_size=64)[0],
-      'channel_decay': lambda q, k, v, beta, g, gk: chunk_channel_decay(q, k, v, gk, chunk_size=64)[0],
-      'vector_decay': lambda q, k, v, beta, g, gk: scan_vector_decay(flat(v), flat(gk))[0].reshape(b, t, h, d),
+  families = {
+      'gated_delta_rule': lambda q, k, v, beta, g, gk, kernel: chunk_delta_rule(q, k, v, beta, g, chunk_size=64,
+                                                                                kernel=kernel)[0],
+      'delta_rule': lambda q, k, v, beta, g, gk, kernel: chunk_delta_rule(q, k, v, beta, None, chunk_size=64,
+                                                                          kernel=kernel)[0],
+      'scalar_decay': lambda q, k, v, beta, g, gk, kernel: chunk_scalar_decay(q, k, v, g, chunk_size=64,
+                                                                              kernel=kernel)[0],
+      'channel_decay': lambda q, k, v, beta, g, gk, kernel: chunk_channel_decay(q, k, v, gk, chunk_size=64,
+                                                                                kernel=kernel)[0],
   }
+  kernels = ('jax', 'pallas') if jax.default_backend() == 'gpu' else ('jax',)
+  forms = {f'{name}_{kernel}': functools.partial(fn, kernel=kernel) for name, fn in families.items()
+           for kernel in kernels}
+  forms['vector_decay'] = lambda q, k, v, beta, g, gk: scan_vector_decay(flat(v), flat(gk))[0].reshape(b, t, h, d)
+  small = tuple(x[:1, :2048] for x in (q, k, v, beta, g, gk, do))
+  rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
   results = []
   for name, fn in forms.items():
-    if cases and name not in cases:
+    if cases and name not in cases and name.rsplit('_', 1)[0] not in cases:
       continue
     fwd = jax.jit(fn)
-    both = jax.jit(lambda q, k, v, beta, g, gk, fn=fn:
+    both = jax.jit(lambda q, k, v, beta, g, gk, do, fn=fn:
                    jax.vjp(lambda q, k, v: fn(q, k, v, beta, g, gk), q, k, v)[1](do))
     row = {'case': f'linear_{name}', 'shape': f'B{b} T{t} H{h} D{d} bf16, chunk 64'}
+    if name != 'vector_decay':
+      # Error of the bf16 form against the fp32 jax form, on B1 T2048 of the same inputs.
+      ref_fn = functools.partial(families[name.rsplit('_', 1)[0]], kernel='jax')
+      f32 = tuple(x.astype(jnp.float32) for x in small)
+      ref = jax.jit(lambda *a: (ref_fn(*a[:6]), both_of(ref_fn, *a)))(*f32)
+      got = jax.jit(lambda *a: (fn(*a[:6]), both_of(fn, *a)))(*small)
+      row['error_vs_fp32_jax'] = {'out': rel(got[0], ref[0]),
+                                  **{f'd{n}': rel(x, y) for n, x, y in zip('qkv', got[1], ref[1])}}
     args = (q, k, v, beta, g, gk)
-    for label, f in (('fwd', fwd), ('fwd_bwd', both)):
+    for label, f, a in (('fwd', fwd, args), ('fwd_bwd', both, args + (do,))):
       try:
-        row[f'{label}_ms'] = median_ms(f, *args, steps=steps)
+        row[f'{label}_ms'] = median_ms(f, *a, steps=steps)
       except Exception as e:  # out of memory is a result
         row[f'{label}_error'] = error_text(e)
     if profile_steps and 'fwd_bwd_ms' in row:
       logdir = os.path.join(out or '.', 'profile', f'linear_{name}')
-      profiling.trace(lambda: both(*args), profile_steps, logdir)
+      profiling.trace(lambda: both(*args, do), profile_steps, logdir)
       row['profile'] = profiling.summarize(logdir, profile_steps, top=8)
     results.append(row)
     print(json.dumps(row), flush=True)
   return results
+
+
+def both_of(fn, q, k, v, beta, g, gk, do):
+  """Gradients of Σ fn(...) · do in q, k, v."""
+  return jax.vjp(lambda q, k, v: fn(q, k, v, beta, g, gk), q, k, v)[1](do)
 
 
 def time_mixer_grad(row: dict, graph, params, x, dy, positions, segments, steps: int):
@@ -393,10 +416,13 @@ def titans_markdown(env: dict, results: list[dict]) -> str:
 
 
 def linear_markdown(env: dict, results: list[dict]) -> str:
-  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n', '| form | shape | fwd ms | fwd+bwd ms |',
-           '|---|---|---|---|']
+  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
+           '| form | shape | fwd ms | fwd+bwd ms | rel err vs fp32 jax: out / dq / dk / dv (B1 T2048) |',
+           '|---|---|---|---|---|']
   cell = lambda r, k: f'{r[k]:.2f}' if k in r else 'failed'
-  lines += [f'| {r["case"]} | {r["shape"]} | {cell(r, "fwd_ms")} | {cell(r, "fwd_bwd_ms")} |' for r in results]
+  err = lambda r: ' / '.join(f'{x:.1e}' for x in r['error_vs_fp32_jax'].values()) if 'error_vs_fp32_jax' in r else '-'
+  lines += [f'| {r["case"]} | {r["shape"]} | {cell(r, "fwd_ms")} | {cell(r, "fwd_bwd_ms")} | {err(r)} |'
+            for r in results]
   return '\n'.join(lines) + '\n' + profile_tables(results)
 
 

@@ -6,7 +6,7 @@ LAPACK triangular solves under differentiation, and on accelerators the explicit
 kernels use (the inverse is then applied with matmuls).
 
 With X = (I + A)⁻¹ − I (strictly lower): X_i = −A_i + (−A_i) X, row by row, since row i of −A only reaches rows
-before i, which are final. Backward: dX = −X̃ dA X̃ with X̃ = (I + A)⁻¹, so Ā = strictLower(−X̃ᵀ X̄ X̃ᵀ).
+before i, which are final; done inside 16×16 diagonal blocks, which are then joined by block forward substitution. Backward: dX = −X̃ dA X̃ with X̃ = (I + A)⁻¹, so Ā = strictLower(−X̃ᵀ X̄ X̃ᵀ).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _inverse(a):
+def _row_inverse(a):
   c = a.shape[-1]
   x = -a
 
@@ -25,6 +25,26 @@ def _inverse(a):
 
   x = jax.lax.fori_loop(1, c, row, x)
   return x + jnp.eye(c, dtype=a.dtype)
+
+
+def _inverse(a, block=16):
+  """Row substitution inside diagonal blocks of `block`, then block rows by matmuls:
+  X_ij = −X_ii Σ_{j ≤ k < i} A_ik X_kj. The row loop then touches [.., C/block, block, block] instead of [.., C, C]
+  per step, and runs `block` steps instead of C."""
+  c = a.shape[-1]
+  if c <= block or c % block:
+    return _row_inverse(a)
+  nb = c // block
+  lead = a.shape[:-2]
+  blocks = a.reshape(lead + (nb, block, nb, block))
+  diag = _row_inverse(jnp.stack([blocks[..., i, :, i, :] for i in range(nb)], axis=-3))   # [.., nb, b, b]
+  rows = [jnp.pad(diag[..., 0, :, :], [(0, 0)] * len(lead) + [(0, 0), (0, c - block)])]
+  for i in range(1, nb):
+    done = jnp.concatenate([r[..., :i * block] for r in rows], axis=-2)                  # X[:i·b, :i·b]
+    left = diag[..., i, :, :] @ -(a[..., i * block:(i + 1) * block, :i * block] @ done)  # [.., b, i·b]
+    rows.append(jnp.concatenate([left, diag[..., i, :, :], jnp.zeros(lead + (block, c - (i + 1) * block), a.dtype)],
+                                axis=-1))
+  return jnp.concatenate(rows, axis=-2)
 
 
 @jax.custom_vjp

@@ -8,7 +8,8 @@ sub-chunks of `sub_chunk` tokens:
     (q_i e^{G_i − G_r}) · (k_j e^{G_r − G_j}), each exponent ≤ 0, so nothing overflows and the product is a matmul;
   * keys in the query's own sub-chunk: e^{G_i − G_j} element by element, j ≤ i only, on [s, s, Dk] blocks.
 Across chunks, as for the scalar decay:  O += (scale · Q ⊙ e^G) S,   S ← e^{G_C} ⊙ S + (K ⊙ e^{G_C − G})ᵀ V.
-The intra-chunk part is recomputed in the backward pass (`jax.checkpoint`), as is each step of the state scan.
+The intra-chunk scores are recomputed in the backward pass (`jax.checkpoint`); the pass over chunks is
+`longctx.ops.state_pass` (a Pallas kernel where it applies).
 
 `vector_decay` (HGRN): h_t = e^{g_t} h_{t−1} + x_t is an associative recurrence over pairs (a, b) ∘ (a', b') =
 (a a', a' b + b'); `lax.associative_scan` evaluates it in log depth with exact gradients by autodiff.
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longctx.ops.chunking import chunked_inputs, resets, unchunk
+from longctx.ops.state_pass import state_pass
 
 
 def _masked_exp(mask, exponent):
@@ -50,7 +52,8 @@ def _intra_scores(q, k, G, sub):
   return off + diag
 
 
-def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64, sub_chunk=16):
+def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64, sub_chunk=16,
+                  kernel='auto'):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
@@ -62,21 +65,13 @@ def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=Non
 
   G = jnp.cumsum(g, axis=-2)                                            # [B, H, N, C, Dk]
   qs = q * scale
-  intra = jnp.einsum('...ij,...je->...ie', jnp.where(same, _intra_scores(qs, k, G, sub), 0.0), v)
+  P = jnp.where(same, _intra_scores(qs, k, G, sub), 0.0)
   Q_start = qs * jnp.where(from_start[..., None], jnp.exp(G), 0.0)
   K_end = k * _masked_exp(to_end[..., None], G[..., -1:, :] - G)
   state_decay = jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
-
-  @jax.checkpoint
-  def body(state, xs):
-    Q_n, K_n, V_n, decay_n = xs
-    o = jnp.einsum('bhcd,bhde->bhce', Q_n, state)
-    return decay_n[..., None] * state + jnp.einsum('bhcd,bhce->bhde', K_n, V_n), o
-
-  chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
   state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-  state, inter = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (Q_start, K_end, v, state_decay)))
-  return unchunk(intra + jnp.moveaxis(inter, 0, 2), t).astype(out_dtype), state
+  o, state = state_pass(Q_start, K_end, v, P, state_decay, state, kernel_name=kernel)
+  return unchunk(o, t).astype(out_dtype), state
 
 
 def vector_decay(x, g, *, initial_state=None, segment_ids=None):

@@ -6,19 +6,21 @@ Within a chunk of C tokens with cumulative log-gates G (γ = e^G) and the incomi
     U = Ũ − W S                                                          (the per-token corrections)
     O = (scale · Q ⊙ γ) S + (scale · Q Kᵀ ⊙ Γ ⊙ M) U                        (M: j ≤ i)
     S ← e^{G_C} S + (K ⊙ e^{G_C − G})ᵀ U
-Only the last three lines run in the sequential scan over chunks. Document starts zero Γ across them and cut the
+Only the last three lines run in the sequential pass over chunks (`longctx.ops.state_pass`, a Pallas kernel
+where it applies). Document starts zero Γ across them and cut the
 incoming state off (see longctx.ops.chunking), which is exact where a −∞ gate would make G − G undefined.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from longctx.ops.chunking import chunked_inputs, unchunk
+from longctx.ops.state_pass import state_pass
 from longctx.ops.triangular import unit_lower_inverse
 
 
-def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64):
+def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
+               kernel='auto'):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
@@ -40,16 +42,6 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   Q_start = qs * gamma_start[..., None]
   K_end = k * jnp.where(to_end, jnp.exp(G[..., -1:] - G), 0.0)[..., None]
   state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-
-  @jax.checkpoint
-  def body(state, xs):
-    W_n, U_n, P_n, Q_n, K_n, decay_n = xs
-    U = U_n - jnp.einsum('bhcd,bhde->bhce', W_n, state)
-    o = jnp.einsum('bhcd,bhde->bhce', Q_n, state) + jnp.einsum('bhij,bhje->bhie', P_n, U)
-    state = decay_n[..., None, None] * state + jnp.einsum('bhcd,bhce->bhde', K_n, U)
-    return state, o
-
-  chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
   state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-  state, o = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (W, U_tilde, P, Q_start, K_end, state_decay)))
-  return unchunk(jnp.moveaxis(o, 0, 2), t).astype(out_dtype), state
+  o, state = state_pass(Q_start, K_end, U_tilde, P, state_decay, state, W, kernel_name=kernel)
+  return unchunk(o, t).astype(out_dtype), state

@@ -3,17 +3,19 @@
 Within a chunk with cumulative log-decays G (γ = e^G) and incoming state S:
     O = (scale · Q ⊙ γ) S + (scale · Q Kᵀ ⊙ Γ ⊙ M) V,     Γ_ij = e^{G_i − G_j},  M: j ≤ i
     S ← e^{G_C} S + (K ⊙ e^{G_C − G})ᵀ V
-The intra-chunk term needs no state and is computed for all chunks at once; the scan carries S only.
+The masked scores need no state and are computed for all chunks at once; the pass over chunks
+(`longctx.ops.state_pass`, a Pallas kernel where it applies) carries S.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from longctx.ops.chunking import chunked_inputs, unchunk
+from longctx.ops.state_pass import state_pass
 
 
-def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64):
+def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
+                 kernel='auto'):
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
@@ -25,18 +27,10 @@ def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None
   G = jnp.cumsum(g, axis=-1)
   gamma = jnp.where(causal & same, jnp.exp(jnp.where(causal, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
   qs = q * scale
-  intra = jnp.einsum('...ij,...je->...ie', jnp.einsum('...id,...jd->...ij', qs, k) * gamma, v)
+  P = jnp.einsum('...id,...jd->...ij', qs, k) * gamma
   Q_start = qs * jnp.where(from_start, jnp.exp(G), 0.0)[..., None]
   K_end = k * jnp.where(to_end, jnp.exp(G[..., -1:] - G), 0.0)[..., None]
   state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-
-  @jax.checkpoint
-  def body(state, xs):
-    Q_n, K_n, V_n, decay_n = xs
-    o = jnp.einsum('bhcd,bhde->bhce', Q_n, state)
-    return decay_n[..., None, None] * state + jnp.einsum('bhcd,bhce->bhde', K_n, V_n), o
-
-  chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
   state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-  state, inter = jax.lax.scan(body, state, tuple(chunk_major(x) for x in (Q_start, K_end, v, state_decay)))
-  return unchunk(intra + jnp.moveaxis(inter, 0, 2), t).astype(out_dtype), state
+  o, state = state_pass(Q_start, K_end, v, P, state_decay, state, kernel_name=kernel)
+  return unchunk(o, t).astype(out_dtype), state

@@ -1,0 +1,206 @@
+"""Pallas kernels for the chunk state pass (see `reference.state_pass` for the operands and the recurrence).
+
+One program per (batch·head, block of value columns) keeps its state block S [Dk, BV] in fp32 registers and walks
+the chunks in order, so the state never goes to device memory between chunks; the jax form's scan writes and reads
+it back at every chunk and launches a handful of kernels per chunk. Each chunk costs three (four with w) small
+matmuls, [C, Dk] × [Dk, BV] and [C, C] × [C, BV] and their transposes.
+
+Backward (`custom_vjp`), as SPEC.md asks, recomputes the states rather than storing them in the forward pass: a
+forward sweep writes the state S entering each chunk (and the delta rule's U), then a reverse sweep carries the
+gradient dS of the state leaving each chunk, writing it and dU:
+    dU = pᵀ dO + k̃ dS,    dS ← a ⊙ dS + q̃ᵀ dO − wᵀ dU
+The rest needs nothing carried and runs as batched matmuls over all chunks at once:
+    dq̃ = dO Sᵀ,   dp = dO Uᵀ,   dk̃ = U dSᵀ,   dw = −dU Sᵀ,   da = rowsum(S ⊙ dS)
+
+The kernels use only portable Pallas (refs, `pl.ds`, dots, loops), lowered on GPU through the Triton lowering
+(`jax.experimental.pallas.triton.CompilerParams`), and run on CPU in interpret mode for the tests. Shapes: C, Dk
+and BV powers of two, at least 16 (`supported` says whether a call qualifies; callers pad head dims).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+class Options(NamedTuple):
+  chunk: int
+  block_v: int = 64
+  interpret: bool = False
+  num_warps: int = 4
+  num_stages: int = 1
+  precision: str = 'tf32'   # precision of the fp32 matmuls on GPU: tf32 | ieee
+
+
+def _pow2(n):
+  return n >= 16 and n & (n - 1) == 0
+
+
+def supported(chunk: int, dk: int, dv: int, block_v: int = 64) -> tuple[bool, str]:
+  """Whether the kernels take these sizes, and if not, why."""
+  for name, n in (('chunk size', chunk), ('key head dim', dk), ('value block', min(block_v, dv))):
+    if not _pow2(n):
+      return False, f'{name} {n} is not a power of two ≥ 16'
+  if dv % min(block_v, dv):
+    return False, f'value head dim {dv} is not a multiple of the value block {block_v}'
+  return True, ''
+
+
+def _dot(x, y, precision, trans_x=False, trans_y=False):
+  dims = (((0 if trans_x else 1,), (1 if trans_y else 0,)), ((), ()))
+  prec = jax.lax.Precision.HIGHEST if precision == 'ieee' else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(x.astype(jnp.float32), y.astype(jnp.float32), dims, precision=(prec, prec),
+                             preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(*refs, chunk, n_chunks, delta, store_states, precision):
+  q_ref, k_ref, u_ref, p_ref, a_ref, h0_ref = refs[:6]
+  rest = refs[6:]
+  w_ref = rest[0] if delta else None
+  rest = rest[1:] if delta else rest
+  o_ref, hT_ref = rest[:2]
+  h_ref, U_ref = (rest[2], rest[3] if delta else None) if store_states else (None, None)
+  dk = q_ref.shape[-1]
+  dot = functools.partial(_dot, precision=precision)
+
+  def body(n, S):
+    rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+    if store_states:
+      h_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = S
+    U = u_ref[rows, :].astype(jnp.float32)
+    if delta:
+      U = U - dot(w_ref[rows, :], S)
+      if store_states:
+        U_ref[rows, :] = U
+    o_ref[rows, :] = dot(q_ref[rows, :], S) + dot(p_ref[rows, :], U)
+    a = a_ref[:, pl.ds(n, 1)].astype(jnp.float32)                     # [Dk, 1]
+    return a * S + dot(k_ref[rows, :], U, trans_x=True)
+
+  hT_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+
+
+def _bwd_kernel(*refs, chunk, n_chunks, delta, precision):
+  q_ref, k_ref, p_ref, a_ref, do_ref, dhT_ref = refs[:6]
+  rest = refs[6:]
+  w_ref = rest[0] if delta else None
+  rest = rest[1:] if delta else rest
+  dS_ref, dU_ref, dh0_ref = rest
+  dk = q_ref.shape[-1]
+  dot = functools.partial(_dot, precision=precision)
+
+  def body(i, dS):
+    n = n_chunks - 1 - i
+    rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+    dS_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = dS
+    dO = do_ref[rows, :].astype(jnp.float32)
+    dU = dot(p_ref[rows, :], dO, trans_x=True) + dot(k_ref[rows, :], dS)
+    dU_ref[rows, :] = dU
+    dS = a_ref[:, pl.ds(n, 1)].astype(jnp.float32) * dS + dot(q_ref[rows, :], dO, trans_x=True)
+    if delta:
+      dS = dS - dot(w_ref[rows, :], dU, trans_x=True)
+    return dS
+
+  dh0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dhT_ref[...].astype(jnp.float32))
+
+
+def _compiler_params(opts):
+  return None if opts.interpret else pltriton.CompilerParams(num_warps=opts.num_warps, num_stages=opts.num_stages)
+
+
+def _specs(opts, t, dk, dv):
+  bv = min(opts.block_v, dv)
+  whole = lambda d: pl.BlockSpec((None, t, d), lambda i, j: (i, 0, 0))
+  vcols = lambda rows: pl.BlockSpec((None, rows, bv), lambda i, j: (i, 0, j))
+  decay = pl.BlockSpec((None, dk, t // opts.chunk), lambda i, j: (i, 0, 0))
+  return whole, vcols, decay, dv // bv
+
+
+def _call(kernel, opts, grid, in_specs, out_specs, out_shape, name):
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                        interpret=opts.interpret, compiler_params=_compiler_params(opts), name=name)
+
+
+def _forward(q, k, u, p, a, h0, w, opts, store_states):
+  """(O, final S) and with `store_states` also the state entering each chunk [BH, N·Dk, Dv] and, for the delta
+  rule, the corrected values U [BH, T, Dv]."""
+  bh, t, dk = q.shape
+  dv = u.shape[-1]
+  n = t // opts.chunk
+  whole, vcols, decay, nv = _specs(opts, t, dk, dv)
+  in_specs = [whole(dk), whole(dk), vcols(t), whole(opts.chunk), decay, vcols(dk)] + [whole(dk)] * (w is not None)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out_shape = [f32(bh, t, dv), f32(bh, dk, dv)]
+  out_specs = [vcols(t), vcols(dk)]
+  if store_states:
+    out_shape.append(f32(bh, n * dk, dv))
+    out_specs.append(vcols(n * dk))
+    if w is not None:
+      out_shape.append(f32(bh, t, dv))
+      out_specs.append(vcols(t))
+  kernel = functools.partial(_fwd_kernel, chunk=opts.chunk, n_chunks=n, delta=w is not None,
+                             store_states=store_states, precision=opts.precision)
+  args = [q, k, u, p, a, h0] + ([w] if w is not None else [])
+  return _call(kernel, opts, (bh, nv), in_specs, out_specs, out_shape, 'linear_state_pass_fwd')(*args)
+
+
+def _reverse(q, k, p, a, do, dhT, w, opts):
+  """The reverse sweep: (dS leaving each chunk [BH, N·Dk, Dv], dU [BH, T, Dv], dS of the initial state)."""
+  bh, t, dk = q.shape
+  dv = do.shape[-1]
+  n = t // opts.chunk
+  whole, vcols, decay, nv = _specs(opts, t, dk, dv)
+  in_specs = [whole(dk), whole(dk), whole(opts.chunk), decay, vcols(t), vcols(dk)] + [whole(dk)] * (w is not None)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  kernel = functools.partial(_bwd_kernel, chunk=opts.chunk, n_chunks=n, delta=w is not None, precision=opts.precision)
+  args = [q, k, p, a, do, dhT] + ([w] if w is not None else [])
+  return _call(kernel, opts, (bh, nv), in_specs, [vcols(n * dk), vcols(t), vcols(dk)],
+               [f32(bh, n * dk, dv), f32(bh, t, dv), f32(bh, dk, dv)], 'linear_state_pass_bwd')(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _state_pass(q, k, u, p, a, h0, w, opts):
+  o, hT = _forward(q, k, u, p, a, h0, w, opts, store_states=False)
+  return o, hT
+
+
+def _state_pass_fwd(q, k, u, p, a, h0, w, opts):
+  return _state_pass(q, k, u, p, a, h0, w, opts), (q, k, u, p, a, h0, w)
+
+
+def _state_pass_bwd(opts, res, grads):
+  q, k, u, p, a, h0, w = res
+  do, dhT = grads
+  bh, t, dk = q.shape
+  n, c, dv = t // opts.chunk, opts.chunk, u.shape[-1]
+  states = _forward(q, k, u, p, a, h0, w, opts, store_states=True)
+  h = states[2].reshape(bh, n, dk, dv)
+  U = (states[3] if w is not None else u.astype(jnp.float32)).reshape(bh, n, c, dv)
+  dS, dU, dh0 = _reverse(q, k, p, a, do, dhT, w, opts)
+  dS = dS.reshape(bh, n, dk, dv)
+  # What needs no carried gradient is computed for all chunks at once.
+  dO = do.reshape(bh, n, c, dv)
+  ein = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).reshape(bh, t, -1)
+  dq = ein('bncv,bndv->bncd', dO, h)
+  dk_ = ein('bncv,bndv->bncd', U, dS)
+  dp = ein('bncv,bnjv->bncj', dO, U)
+  da = jnp.einsum('bndv,bndv->bdn', h, dS)
+  dw = None if w is None else -ein('bncv,bndv->bncd', dU.reshape(bh, n, c, dv), h)
+  cast = lambda g, x: None if x is None else g.astype(x.dtype)
+  return (cast(dq, q), cast(dk_, k), cast(dU, u), cast(dp, p), cast(da, a), cast(dh0, h0), cast(dw, w))
+
+
+_state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
+
+
+def state_pass(q, k, u, p, a, h0, w=None, *, chunk: int, block_v: int = 64, interpret: bool = False,
+               num_warps: int = 4, num_stages: int = 1, precision: str = 'tf32'):
+  """The kernel form of `reference.state_pass`: same operands, layout and returns (O fp32, final S fp32)."""
+  ok, why = supported(chunk, q.shape[-1], u.shape[-1], block_v)
+  if not ok:
+    raise ValueError(f'linear state-pass kernel: {why}')
+  opts = Options(chunk, min(block_v, u.shape[-1]), interpret, num_warps, num_stages, precision)
+  return _state_pass(q, k, u, p, a, h0.astype(jnp.float32), w, opts)

@@ -1,0 +1,74 @@
+"""The sequential pass over chunks that every chunked linear-attention form ends in, and the choice of its path.
+
+The chunk forms (`scalar_decay.chunk`, `channel_decay.chunk`, `delta_rule.chunk`) compute everything that needs no
+state for all chunks at once, then call `state_pass` with [B, H, N, C, ·] operands (kernels_pallas.linear.reference
+says what each is). Paths:
+  jax     `lax.scan` over chunks (kernels_pallas.linear.reference), any platform and size.
+  pallas  kernels_pallas.linear: one program per (batch·head, value block) walks the chunks with the state in
+          registers; forward and a recomputing backward. Chunk and head sizes must be powers of two ≥ 16 (head dims
+          are zero-padded up to one here). GPU, or any platform in interpret mode (slow; for tests).
+`choose` picks one by platform and sizes (auto: pallas on GPU where it applies, else jax); the choice is logged once.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from kernels_pallas.linear import kernel, reference
+
+KERNELS = ('auto', 'pallas', 'jax', 'pallas_interpret')
+_chosen: dict[tuple, str] = {}
+
+
+def _padded(d: int) -> int:
+  return max(16, 1 << (d - 1).bit_length())
+
+
+def choose(requested: str, *, platform: str, chunk: int, dk: int, dv: int) -> str:
+  """'pallas', 'pallas_interpret' or 'jax' for these sizes; a forced kernel that cannot apply raises, saying why."""
+  if requested not in KERNELS:
+    raise ValueError(f'model.linear.kernel = {requested!r}: expected one of {", ".join(KERNELS)}')
+  ok, why = kernel.supported(chunk, _padded(dk), _padded(dv))
+  if requested in ('pallas', 'pallas_interpret') and not ok:
+    raise ValueError(f'model.linear.kernel = {requested}: {why} (chunk {chunk}, head dims {dk}/{dv})')
+  if requested == 'pallas' and platform != 'gpu':
+    raise ValueError(f'model.linear.kernel = pallas needs a GPU (platform {platform}); pallas_interpret runs the '
+                     'kernel on any platform, slowly')
+  if requested != 'auto':
+    return requested
+  return 'pallas' if ok and platform == 'gpu' else 'jax'
+
+
+def state_pass(q, k, u, p, a, h0, w=None, *, kernel_name: str = 'auto'):
+  """q, k, w [B, H, N, C, Dk], u [B, H, N, C, Dv], p [B, H, N, C, C], a [B, H, N] (one decay per state) or
+  [B, H, N, Dk] (one per key row), h0 [B, H, Dk, Dv]. Returns (O [B, H, N, C, Dv] fp32, final state fp32)."""
+  b, h, n, c, dk = q.shape
+  dv = u.shape[-1]
+  platform = jax.default_backend()
+  choice = choose(kernel_name, platform=platform, chunk=c, dk=dk, dv=dv)
+  key = (choice, platform, q.shape, w is not None)
+  if key not in _chosen:
+    _chosen[key] = choice
+    logging.info('linear state pass: %s (requested %s; platform %s, chunks %s of %d, head dims %d/%d, %s)', choice,
+                 kernel_name, platform, n, c, dk, dv, 'delta rule' if w is not None else 'decay')
+  rows = lambda x: x.reshape(b * h, n * c, x.shape[-1])
+  a = jnp.broadcast_to(a[..., None], (b, h, n, dk)) if a.ndim == 3 else a
+  a = jnp.swapaxes(a.reshape(b * h, n, dk), 1, 2)
+  args = [rows(q), rows(k), rows(u), rows(p), a, h0.reshape(b * h, dk, dv)]
+  if w is not None:
+    args.append(rows(w))
+  if choice == 'jax':
+    o, state = reference.state_pass(*args, chunk=c)
+  else:
+    pk, pv = _padded(dk) - dk, _padded(dv) - dv
+    pad = lambda x, n, axis: x if not n else jnp.pad(x, [(0, n if i == axis else 0) for i in range(x.ndim)])
+    args = [pad(x, pk, 2) for x in args[:2]] + [pad(args[2], pv, 2), args[3], pad(args[4], pk, 1),
+                                                 pad(pad(args[5], pk, 1), pv, 2)] + [pad(x, pk, 2) for x in args[6:]]
+    o, state = kernel.state_pass(*args, chunk=c, interpret=choice == 'pallas_interpret')
+    o, state = o[..., :dv], state[:, :dk, :dv]
+  return o.reshape(b, h, n, c, dv), state.reshape(b, h, dk, dv)
+
+
+def chosen_paths() -> list[str]:
+  return sorted(set(_chosen.values()))

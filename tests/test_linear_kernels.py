@@ -1,0 +1,92 @@
+"""The Pallas chunk state pass (kernels_pallas.linear), run in interpret mode: against its jax reference on raw
+operands, and inside each chunked family against the token-by-token recurrence (SPEC.md tolerances)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.linear import reference_state_pass, state_pass, supported
+from longctx.ops import state_pass as dispatch
+from longctx.ops.channel_decay import chunk_channel_decay
+from longctx.ops.channel_decay.naive import channel_decay as naive_channel_decay
+from longctx.ops.delta_rule import chunk_delta_rule, naive_delta_rule
+from longctx.ops.scalar_decay import chunk_scalar_decay, naive_scalar_decay
+
+from tests.helpers.linear import assert_chunked_matches_naive, inputs, rel
+
+
+def operands(seed, bh, n, c, dk, dv, delta):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+  t = n * c
+  x = dict(q=jax.random.normal(ks[0], (bh, t, dk)), k=0.3 * jax.random.normal(ks[1], (bh, t, dk)),
+           u=jax.random.normal(ks[2], (bh, t, dv)), p=jnp.tril(jax.random.normal(ks[3], (bh, n, c, c))).reshape(bh, t, c),
+           a=jax.random.uniform(ks[4], (bh, dk, n), minval=0.3, maxval=1.0),
+           h0=jax.random.normal(ks[5], (bh, dk, dv)))
+  if delta:
+    x['w'] = 0.1 * jax.random.normal(ks[6], (bh, t, dk))
+  cot = (jax.random.normal(ks[7], (bh, t, dv)), jax.random.normal(ks[8], (bh, dk, dv)))
+  return x, cot
+
+
+@pytest.mark.parametrize('delta', [False, True])
+def test_kernel_equals_reference_forward_and_backward(delta):
+  # Three chunks, two value blocks: the per-block partial gradients are summed.
+  x, cot = operands(int(delta), bh=3, n=3, c=16, dk=32, dv=64, delta=delta)
+  names = tuple(x)
+  kern = lambda *a: state_pass(*a, chunk=16, block_v=32, interpret=True)
+  ref = lambda *a: reference_state_pass(*a, chunk=16)
+
+  def run(fn):
+    loss = lambda *a: sum(jnp.sum(o * c) for o, c in zip(fn(*a), cot))
+    return fn(*x.values()), jax.grad(loss, argnums=tuple(range(len(names))))(*x.values())
+
+  (o, s), grads = run(kern)
+  (o_ref, s_ref), grads_ref = run(ref)
+  for arr in (o, s, *grads):
+    assert np.isfinite(np.asarray(arr)).all()
+  assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+  for name, g, g_ref in zip(names, grads, grads_ref):
+    assert rel(g, g_ref) < 1e-5, name
+
+
+def chunked_with_kernel(form, **kw):
+  return lambda *a, **k: form(*a, kernel='pallas_interpret', **kw, **k)
+
+
+def test_delta_rule_through_the_kernel_matches_the_recurrence():
+  # Head dim 24 is padded to 32 inside; documents and a nonzero initial state.
+  x = inputs(11, 1, 75, 2, 24, 16, strength=1.0, zero_gates=0.3, segments=True)
+  assert_chunked_matches_naive(naive_delta_rule, chunked_with_kernel(chunk_delta_rule, chunk_size=16), x,
+                               ('q', 'k', 'v', 'beta', 'g'))
+
+
+def test_scalar_decay_through_the_kernel_matches_the_recurrence():
+  x = inputs(12, 2, 50, 2, 16, 20, strength=0.5, segments=True)
+  assert_chunked_matches_naive(naive_scalar_decay, chunked_with_kernel(chunk_scalar_decay, chunk_size=16), x,
+                               ('q', 'k', 'v', 'g'))
+
+
+def test_channel_decay_through_the_kernel_matches_the_recurrence():
+  x = inputs(13, 1, 40, 2, 16, 16, strength=0.3, channel_gates=True)
+  assert_chunked_matches_naive(naive_channel_decay,
+                               chunked_with_kernel(chunk_channel_decay, chunk_size=16, sub_chunk=8), x,
+                               ('q', 'k', 'v', 'g'))
+
+
+def test_dispatch_choices_and_refusals():
+  choose = functools.partial(dispatch.choose, chunk=64, dk=128, dv=128)
+  assert choose('auto', platform='gpu') == 'pallas'
+  assert choose('auto', platform='cpu') == 'jax'
+  assert choose('jax', platform='gpu') == 'jax'
+  assert dispatch.choose('auto', platform='gpu', chunk=48, dk=128, dv=128) == 'jax'   # not a power of two
+  assert dispatch.choose('auto', platform='gpu', chunk=64, dk=100, dv=100) == 'pallas'  # padded to 128
+  with pytest.raises(ValueError, match='needs a GPU'):
+    choose('pallas', platform='cpu')
+  with pytest.raises(ValueError, match='chunk size 48'):
+    dispatch.choose('pallas_interpret', platform='cpu', chunk=48, dk=64, dv=64)
+  with pytest.raises(ValueError, match='model.linear.kernel'):
+    choose('triton', platform='gpu')
+  assert supported(64, 128, 128) == (True, '')
+  assert not supported(8, 128, 128)[0]
