@@ -61,6 +61,7 @@ def get_config(arg=None):
   c.model.linear.expand_v = 1         # value head dim = head_dim * expand_v
   c.model.linear.conv_size = 4
   c.model.linear.chunk_size = 64
+  c.model.linear.kernel = 'auto'      # the chunk state pass: auto (Pallas on GPU where it applies) | pallas | jax
   c.model.routing = ml_collections.ConfigDict()  # Routing Transformer layers (longctx.layers.routing)
   c.model.routing.heads = 2           # routing heads per 'routing' layer; the others are local
   c.model.routing.num_clusters = 4    # K centroids per routing head

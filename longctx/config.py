@@ -24,13 +24,14 @@ REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'offload_dots')
 NAN_POLICIES = ('halt', 'skip')
 DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('auto', 'cudnn', 'xla', 'chunked', 'naive')
+from longctx.ops.state_pass import KERNELS as LINEAR_KERNELS  # noqa: E402
 PARALLEL_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 
 # Fields that define the network and its input; a resume that changes one of them is refused. The exceptions
 # change how the same function is computed, not which function.
 ARCHITECTURE_FIELDS = ('model', 'data.seq_len', 'data.source')
 COMPUTE_FIELDS = ('model.remat', 'model.dtype', 'model.attention.impl', 'model.attention.chunk_size',
-                  'model.attention.max_segments')
+                  'model.attention.max_segments', 'model.linear.kernel')
 
 
 class ConfigError(ValueError):
@@ -194,6 +195,7 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
   _choice(cfg, 'model.param_dtype', DTYPES)
   _choice(cfg, 'model.remat', REMAT_POLICIES)
   _choice(cfg, 'model.attention.impl', ATTENTION_IMPLS)
+  _choice(cfg, 'model.linear.kernel', LINEAR_KERNELS)
   if m.attention.window < 0:
     raise ConfigError('model.attention.window', m.attention.window, '0 (full causal) or a positive window')
   chunk = m.attention.chunk_size

@@ -29,7 +29,7 @@ from jax.experimental.pallas import triton as pltriton
 
 class Options(NamedTuple):
   chunk: int
-  block_v: int = 64
+  block_v: int = 32
   interpret: bool = False
   num_warps: int = 4
   num_stages: int = 1
@@ -40,7 +40,7 @@ def _pow2(n):
   return n >= 16 and n & (n - 1) == 0
 
 
-def supported(chunk: int, dk: int, dv: int, block_v: int = 64) -> tuple[bool, str]:
+def supported(chunk: int, dk: int, dv: int, block_v: int = 32) -> tuple[bool, str]:
   """Whether the kernels take these sizes, and if not, why."""
   for name, n in (('chunk size', chunk), ('key head dim', dk), ('value block', min(block_v, dv))):
     if not _pow2(n):
@@ -196,7 +196,7 @@ def _state_pass_bwd(opts, res, grads):
 _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 
 
-def state_pass(q, k, u, p, a, h0, w=None, *, chunk: int, block_v: int = 64, interpret: bool = False,
+def state_pass(q, k, u, p, a, h0, w=None, *, chunk: int, block_v: int = 32, interpret: bool = False,
                num_warps: int = 4, num_stages: int = 1, precision: str = 'tf32'):
   """The kernel form of `reference.state_pass`: same operands, layout and returns (O fp32, final S fp32)."""
   ok, why = supported(chunk, q.shape[-1], u.shape[-1], block_v)

@@ -39,6 +39,8 @@ _MAX_CONTEXT = flags.DEFINE_bool('max-context', False, 'with --config: double da
 _MAX_CONTEXT_LIMIT = flags.DEFINE_integer('max-context-limit', 1 << 20, 'longest data.seq_len --max-context tries')
 
 _DENSE125M = {'data.source': 'random', 'model.tie_embeddings': False, 'train.eval_every': 0}
+_GDN340M = 'configs/hybrid.py:linear=gated_deltanet,ratio=3:1,size=340m'
+_HYBRID = {**_DENSE125M, 'model.remat': 'dots_saveable'}
 # (case name, config spec, overrides). The 125M cases match shared/gpu/bare_dense_step.py's model and shapes.
 SUITES = {
     'dense125m': [
@@ -55,6 +57,17 @@ SUITES = {
     ],
     'tiny': [
         ('tiny_T256_B16', 'configs/default.py', {'data.source': 'random'}),
+    ],
+    # Gated DeltaNet 3:1 hybrid at 340M (24 layers, d 1024) against the dense model of the same shape, 2K to 32K
+    # tokens per row at 32K tokens per step; the 8K case once more with the jax state pass.
+    'hybrid340m': [
+        *((f'gdn3to1_T{t}_B{32768 // t}', _GDN340M, {**_HYBRID, 'data.seq_len': t, 'train.batch_size': 32768 // t})
+          for t in (2048, 8192, 32768)),
+        ('gdn3to1_T8192_B4_jax_state_pass', _GDN340M,
+         {**_HYBRID, 'data.seq_len': 8192, 'train.batch_size': 4, 'model.linear.kernel': 'jax'}),
+        *((f'dense_T{t}_B{32768 // t}', _GDN340M,
+           {**_HYBRID, 'model.pattern': 'attention', 'data.seq_len': t, 'train.batch_size': 32768 // t})
+          for t in (2048, 8192, 32768)),
     ],
 }
 

@@ -65,10 +65,10 @@ class _DeltaRuleMixer(LinearMixer):
     if self.gated:
       g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a(x).astype(jnp.float32) + self.dt_bias[...])
     if g is None:
-      form = functools.partial(chunk_delta_rule, g=None, chunk_size=self.chunk_size)
+      form = functools.partial(chunk_delta_rule, g=None, chunk_size=self.chunk_size, kernel=self.kernel)
       o, state = run_recurrence(form, (q, k, v, beta), segment_ids, cache)
     else:
-      form = functools.partial(chunk_delta_rule, chunk_size=self.chunk_size)
+      form = functools.partial(chunk_delta_rule, chunk_size=self.chunk_size, kernel=self.kernel)
       o, state = run_recurrence(form, (q, k, v, beta, g), segment_ids, cache)
     o = self.o_norm(o)
     if self.gated:

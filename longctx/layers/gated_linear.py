@@ -83,7 +83,7 @@ class _ChannelDecayMixer(LinearMixer):
     return {'state': self.state_cache(batch)}
 
   def recurrence(self, q, k, v, g, segment_ids, cache):
-    form = functools.partial(chunk_channel_decay, chunk_size=self.chunk_size)
+    form = functools.partial(chunk_channel_decay, chunk_size=self.chunk_size, kernel=self.kernel)
     o, state = run_recurrence(form, (q, k, v, g), segment_ids, cache)
     return o, (None if cache is None else {'state': state})
 

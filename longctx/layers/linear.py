@@ -82,6 +82,7 @@ class LinearMixer(registry.Mixer):
     self.o_norm = RMSNorm(dv, eps=m.norm_eps)
     self.o = Dense((h, dv), (d,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
     self.chunk_size = m.linear.chunk_size
+    self.kernel = m.linear.kernel
 
   @classmethod
   def check_config(cls, config, layer_index):

@@ -47,6 +47,7 @@ class Mamba2(registry.Mixer):
     self.norm = RMSNorm(h * p, eps=m.norm_eps)
     self.o = Dense((h * p,), (d,), ('mlp', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
     self.chunk_size = m.linear.chunk_size
+    self.kernel = m.linear.kernel
 
   @classmethod
   def check_config(cls, config, layer_index):
@@ -71,7 +72,7 @@ class Mamba2(registry.Mixer):
     g = -jnp.exp(self.A_log[...]) * dt
     q = jnp.broadcast_to(C[:, :, None, :], (b, t, h, n))
     k = (B[:, :, None, :].astype(jnp.float32) * dt[..., None]).astype(x.dtype)
-    form = functools.partial(chunk_scalar_decay, scale=1.0, chunk_size=self.chunk_size)
+    form = functools.partial(chunk_scalar_decay, scale=1.0, chunk_size=self.chunk_size, kernel=self.kernel)
     y, state = run_recurrence(form, (q, k, x, g), segment_ids, cache)
     y = y + x * self.D[...].astype(x.dtype)[:, None]
     y = (y * jax.nn.silu(self.z(u))).reshape(b, t, h * p)

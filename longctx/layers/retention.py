@@ -60,7 +60,7 @@ class _FixedDecayMixer(LinearMixer):
     b, t, _ = x.shape
     q, k, v = self.features(x, positions)
     g = jnp.broadcast_to(jnp.asarray(self.log_decay, jnp.float32), (b, t, self.heads))
-    form = functools.partial(chunk_scalar_decay, chunk_size=self.chunk_size)
+    form = functools.partial(chunk_scalar_decay, chunk_size=self.chunk_size, kernel=self.kernel)
     o, state = run_recurrence(form, (q, k, v, g), segment_ids, cache)
     y = self.o(self.o_norm(o) * self.output_gate(self.gate(x)))
     return y, (None if cache is None else {'state': state})
