@@ -30,12 +30,13 @@ def operands(seed, bh, n, c, dk, dv, delta):
   return x, cot
 
 
+@pytest.mark.parametrize('backend', ['gpu', 'tpu'])
 @pytest.mark.parametrize('delta', [False, True])
-def test_kernel_equals_reference_forward_and_backward(delta):
-  # Three chunks, two value blocks: the per-block partial gradients are summed.
+def test_kernel_equals_reference_forward_and_backward(delta, backend):
+  # Three chunks; on the GPU kernel two value blocks.
   x, cot = operands(int(delta), bh=3, n=3, c=16, dk=32, dv=64, delta=delta)
   names = tuple(x)
-  kern = lambda *a: state_pass(*a, chunk=16, block_v=32, interpret=True)
+  kern = lambda *a: state_pass(*a, chunk=16, block_v=32, interpret=True, backend=backend)
   ref = lambda *a: reference_state_pass(*a, chunk=16)
 
   def run(fn):
@@ -79,10 +80,11 @@ def test_dispatch_choices_and_refusals():
   choose = functools.partial(dispatch.choose, chunk=64, dk=128, dv=128)
   assert choose('auto', platform='gpu') == 'pallas'
   assert choose('auto', platform='cpu') == 'jax'
+  assert choose('auto', platform='tpu') == 'pallas'
   assert choose('jax', platform='gpu') == 'jax'
   assert dispatch.choose('auto', platform='gpu', chunk=48, dk=128, dv=128) == 'jax'   # not a power of two
   assert dispatch.choose('auto', platform='gpu', chunk=64, dk=100, dv=100) == 'pallas'  # padded to 128
-  with pytest.raises(ValueError, match='needs a GPU'):
+  with pytest.raises(ValueError, match='needs a GPU or TPU'):
     choose('pallas', platform='cpu')
   with pytest.raises(ValueError, match='chunk size 48'):
     dispatch.choose('pallas_interpret', platform='cpu', chunk=48, dk=64, dv=64)

@@ -12,8 +12,9 @@ gradient dS of the state leaving each chunk, writing it and dU:
 The rest needs nothing carried and runs as batched matmuls over all chunks at once:
     dq̃ = dO Sᵀ,   dp = dO Uᵀ,   dk̃ = U dSᵀ,   dw = −dU Sᵀ,   da = rowsum(S ⊙ dS)
 
-The kernels use only portable Pallas (refs, `pl.ds`, dots, loops), lowered on GPU through the Triton lowering
-(`jax.experimental.pallas.triton.CompilerParams`), and run on CPU in interpret mode for the tests. Shapes: C, Dk
+The GPU kernels use only portable Pallas (refs, `pl.ds`, dots, loops), lowered through the Triton lowering
+(`jax.experimental.pallas.triton.CompilerParams`), and run on CPU in interpret mode for the tests; the TPU kernels
+(`tpu`, Mosaic TPU) share the per-chunk arithmetic (`steps`) and run on CPU in TPU interpret mode. Shapes: C, Dk
 and BV powers of two, at least 16 (`supported` says whether a call qualifies; callers pad head dims).
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.linear import steps, tpu
+
 
 class Options(NamedTuple):
   chunk: int
@@ -34,6 +37,7 @@ class Options(NamedTuple):
   num_warps: int = 4
   num_stages: int = 1
   precision: str = 'tf32'   # precision of the fp32 matmuls on GPU: tf32 | ieee
+  backend: str = 'gpu'      # gpu: the Triton-lowered kernels here; tpu: kernels_pallas.linear.tpu (Mosaic TPU)
 
 
 def _pow2(n):
@@ -50,58 +54,36 @@ def supported(chunk: int, dk: int, dv: int, block_v: int = 32) -> tuple[bool, st
   return True, ''
 
 
-def _dot(x, y, precision, trans_x=False, trans_y=False):
-  dims = (((0 if trans_x else 1,), (1 if trans_y else 0,)), ((), ()))
-  prec = jax.lax.Precision.HIGHEST if precision == 'ieee' else jax.lax.Precision.DEFAULT
-  return jax.lax.dot_general(x.astype(jnp.float32), y.astype(jnp.float32), dims, precision=(prec, prec),
-                             preferred_element_type=jnp.float32)
-
-
 def _fwd_kernel(*refs, chunk, n_chunks, delta, store_states, precision):
-  q_ref, k_ref, u_ref, p_ref, a_ref, h0_ref = refs[:6]
-  rest = refs[6:]
-  w_ref = rest[0] if delta else None
-  rest = rest[1:] if delta else rest
-  o_ref, hT_ref = rest[:2]
-  h_ref, U_ref = (rest[2], rest[3] if delta else None) if store_states else (None, None)
+  q_ref, k_ref, u_ref, p_ref, a_ref, h0_ref, w_ref, (o_ref, hT_ref), (h_ref, U_ref) = steps.forward_refs(
+      refs, delta, store_states)
   dk = q_ref.shape[-1]
-  dot = functools.partial(_dot, precision=precision)
 
   def body(n, S):
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
     if store_states:
       h_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = S
-    U = u_ref[rows, :].astype(jnp.float32)
-    if delta:
-      U = U - dot(w_ref[rows, :], S)
-      if store_states:
-        U_ref[rows, :] = U
-    o_ref[rows, :] = dot(q_ref[rows, :], S) + dot(p_ref[rows, :], U)
-    a = a_ref[:, pl.ds(n, 1)].astype(jnp.float32)                     # [Dk, 1]
-    return a * S + dot(k_ref[rows, :], U, trans_x=True)
+    o, U, S_next = steps.forward(S, q_ref[rows, :], k_ref[rows, :], u_ref[rows, :], p_ref[rows, :],
+                                 a_ref[:, pl.ds(n, 1)], None if w_ref is None else w_ref[rows, :], precision)
+    if store_states and delta:
+      U_ref[rows, :] = U
+    o_ref[rows, :] = o
+    return S_next
 
   hT_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
 
 def _bwd_kernel(*refs, chunk, n_chunks, delta, precision):
-  q_ref, k_ref, p_ref, a_ref, do_ref, dhT_ref = refs[:6]
-  rest = refs[6:]
-  w_ref = rest[0] if delta else None
-  rest = rest[1:] if delta else rest
-  dS_ref, dU_ref, dh0_ref = rest
+  q_ref, k_ref, p_ref, a_ref, do_ref, dhT_ref, w_ref, (dS_ref, dU_ref, dh0_ref) = steps.reverse_refs(refs, delta)
   dk = q_ref.shape[-1]
-  dot = functools.partial(_dot, precision=precision)
 
   def body(i, dS):
     n = n_chunks - 1 - i
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
     dS_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = dS
-    dO = do_ref[rows, :].astype(jnp.float32)
-    dU = dot(p_ref[rows, :], dO, trans_x=True) + dot(k_ref[rows, :], dS)
+    dU, dS = steps.reverse(dS, q_ref[rows, :], k_ref[rows, :], p_ref[rows, :], a_ref[:, pl.ds(n, 1)],
+                           do_ref[rows, :], None if w_ref is None else w_ref[rows, :], precision)
     dU_ref[rows, :] = dU
-    dS = a_ref[:, pl.ds(n, 1)].astype(jnp.float32) * dS + dot(q_ref[rows, :], dO, trans_x=True)
-    if delta:
-      dS = dS - dot(w_ref[rows, :], dU, trans_x=True)
     return dS
 
   dh0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dhT_ref[...].astype(jnp.float32))
@@ -127,6 +109,8 @@ def _call(kernel, opts, grid, in_specs, out_specs, out_shape, name):
 def _forward(q, k, u, p, a, h0, w, opts, store_states):
   """(O, final S) and with `store_states` also the state entering each chunk [BH, N·Dk, Dv] and, for the delta
   rule, the corrected values U [BH, T, Dv]."""
+  if opts.backend == 'tpu':
+    return tpu.forward(q, k, u, p, a, h0, w, opts, store_states)
   bh, t, dk = q.shape
   dv = u.shape[-1]
   n = t // opts.chunk
@@ -149,6 +133,8 @@ def _forward(q, k, u, p, a, h0, w, opts, store_states):
 
 def _reverse(q, k, p, a, do, dhT, w, opts):
   """The reverse sweep: (dS leaving each chunk [BH, N·Dk, Dv], dU [BH, T, Dv], dS of the initial state)."""
+  if opts.backend == 'tpu':
+    return tpu.reverse(q, k, p, a, do, dhT, w, opts)
   bh, t, dk = q.shape
   dv = do.shape[-1]
   n = t // opts.chunk
@@ -197,10 +183,13 @@ _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 
 
 def state_pass(q, k, u, p, a, h0, w=None, *, chunk: int, block_v: int = 32, interpret: bool = False,
-               num_warps: int = 4, num_stages: int = 1, precision: str = 'tf32'):
-  """The kernel form of `reference.state_pass`: same operands, layout and returns (O fp32, final S fp32)."""
+               num_warps: int = 4, num_stages: int = 1, precision: str = 'tf32', backend: str = 'gpu'):
+  """The kernel form of `reference.state_pass`: same operands, layout and returns (O fp32, final S fp32).
+  `backend` gpu or tpu; `interpret` runs either on any platform (the TPU one through TPU interpret mode)."""
   ok, why = supported(chunk, q.shape[-1], u.shape[-1], block_v)
   if not ok:
     raise ValueError(f'linear state-pass kernel: {why}')
-  opts = Options(chunk, min(block_v, u.shape[-1]), interpret, num_warps, num_stages, precision)
+  if backend not in ('gpu', 'tpu'):
+    raise ValueError(f'linear state-pass kernel: backend {backend!r}, expected gpu or tpu')
+  opts = Options(chunk, min(block_v, u.shape[-1]), interpret, num_warps, num_stages, precision, backend)
   return _state_pass(q, k, u, p, a, h0.astype(jnp.float32), w, opts)

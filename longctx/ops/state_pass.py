@@ -4,10 +4,12 @@ The chunk forms (`scalar_decay.chunk`, `channel_decay.chunk`, `delta_rule.chunk`
 state for all chunks at once, then call `state_pass` with [B, H, N, C, ·] operands (kernels_pallas.linear.reference
 says what each is). Paths:
   jax     `lax.scan` over chunks (kernels_pallas.linear.reference), any platform and size.
-  pallas  kernels_pallas.linear: one program per (batch·head, value block) walks the chunks with the state in
-          registers; forward and a recomputing backward. Chunk and head sizes must be powers of two ≥ 16 (head dims
-          are zero-padded up to one here). GPU, or any platform in interpret mode (slow; for tests).
-`choose` picks one by platform and sizes (auto: pallas on GPU where it applies, else jax); the choice is logged once.
+  pallas  kernels_pallas.linear: on GPU one program per (batch·head, value block) walks the chunks with the state in
+          registers (Triton lowering); on TPU one grid step per chunk with the state in VMEM (Mosaic TPU); forward
+          and a recomputing backward. Chunk and head sizes must be powers of two ≥ 16 (head dims are zero-padded up
+          to one here). `pallas_interpret` runs the GPU kernel on any platform in interpret mode (slow; for tests).
+`choose` picks one by platform and sizes (auto: pallas on GPU or TPU where it applies, else jax); the choice is
+logged once.
 """
 from __future__ import annotations
 
@@ -32,12 +34,12 @@ def choose(requested: str, *, platform: str, chunk: int, dk: int, dv: int) -> st
   ok, why = kernel.supported(chunk, _padded(dk), _padded(dv))
   if requested in ('pallas', 'pallas_interpret') and not ok:
     raise ValueError(f'model.linear.kernel = {requested}: {why} (chunk {chunk}, head dims {dk}/{dv})')
-  if requested == 'pallas' and platform != 'gpu':
-    raise ValueError(f'model.linear.kernel = pallas needs a GPU (platform {platform}); pallas_interpret runs the '
-                     'kernel on any platform, slowly')
+  if requested == 'pallas' and platform not in ('gpu', 'tpu'):
+    raise ValueError(f'model.linear.kernel = pallas needs a GPU or TPU (platform {platform}); pallas_interpret '
+                     'runs the kernel on any platform, slowly')
   if requested != 'auto':
     return requested
-  return 'pallas' if ok and platform == 'gpu' else 'jax'
+  return 'pallas' if ok and platform in ('gpu', 'tpu') else 'jax'
 
 
 def state_pass(q, k, u, p, a, h0, w=None, *, kernel_name: str = 'auto'):
@@ -65,7 +67,8 @@ def state_pass(q, k, u, p, a, h0, w=None, *, kernel_name: str = 'auto'):
     pad = lambda x, n, axis: x if not n else jnp.pad(x, [(0, n if i == axis else 0) for i in range(x.ndim)])
     args = [pad(x, pk, 2) for x in args[:2]] + [pad(args[2], pv, 2), args[3], pad(args[4], pk, 1),
                                                  pad(pad(args[5], pk, 1), pv, 2)] + [pad(x, pk, 2) for x in args[6:]]
-    o, state = kernel.state_pass(*args, chunk=c, interpret=choice == 'pallas_interpret')
+    o, state = kernel.state_pass(*args, chunk=c, interpret=choice == 'pallas_interpret',
+                                 backend='tpu' if platform == 'tpu' and choice == 'pallas' else 'gpu')
     o, state = o[..., :dv], state[:, :dk, :dv]
   return o.reshape(b, h, n, c, dv), state.reshape(b, h, dk, dv)
 
