@@ -89,7 +89,8 @@ def main():
   ref, ref_losses, _, ref_buffers = run({'data': 1}, devices[:1], overrides)
   out = {}
   meshes = ({'data4': ({'data': 4}, devices[:4])} if routing else
-            {'data2_sequence4': ({'data': 2, 'sequence': 4, 'load_balance': 'none'}, devices)}
+            {'data2_sequence4': ({'data': 2, 'sequence': 4, 'load_balance': 'none'}, devices),
+             'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices)}
             if linear else
             {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices), 'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices),
              'data8': ({'data': 8}, devices),
