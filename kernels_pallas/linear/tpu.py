@@ -35,7 +35,7 @@ def _fwd_kernel(*refs, n_chunks, delta, store_states):
   if store_states:
     h_ref[...] = S
   o, U, S_next = steps.forward(S, q_ref[...], k_ref[...], u_ref[...], p_ref[...], a_ref[...],
-                               None if w_ref is None else w_ref[...], 'tpu')
+                               None if w_ref is None else w_ref[...], 'default')
   o_ref[...] = o
   if store_states and delta:
     U_ref[...] = U
@@ -58,7 +58,7 @@ def _bwd_kernel(*refs, n_chunks, delta):
   dS = dS_scratch[...]
   dS_ref[...] = dS
   dU, dS = steps.reverse(dS, q_ref[...], k_ref[...], p_ref[...], a_ref[...], do_ref[...],
-                         None if w_ref is None else w_ref[...], 'tpu')
+                         None if w_ref is None else w_ref[...], 'default')
   dU_ref[...] = dU
   dS_scratch[...] = dS
 
