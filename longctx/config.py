@@ -18,13 +18,14 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from longctx.ops.state_pass import KERNELS as LINEAR_KERNELS
+
 OPTIMIZERS = ('adamw', 'adam', 'lion', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'offload_dots')
 NAN_POLICIES = ('halt', 'skip')
 DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('auto', 'cudnn', 'xla', 'chunked', 'naive')
-from longctx.ops.state_pass import KERNELS as LINEAR_KERNELS  # noqa: E402
 PARALLEL_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 
 # Fields that define the network and its input; a resume that changes one of them is refused. The exceptions

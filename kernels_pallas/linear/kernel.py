@@ -149,8 +149,7 @@ def _reverse(q, k, p, a, do, dhT, w, opts):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _state_pass(q, k, u, p, a, h0, w, opts):
-  o, hT = _forward(q, k, u, p, a, h0, w, opts, store_states=False)
-  return o, hT
+  return tuple(_forward(q, k, u, p, a, h0, w, opts, store_states=False))
 
 
 def _state_pass_fwd(q, k, u, p, a, h0, w, opts):

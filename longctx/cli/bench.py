@@ -27,7 +27,8 @@ from longctx.cli import common
 from longctx.layers import registry
 
 common.define_config_flag(required=False)
-_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, attention, linear, titans, routing')
+_SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, hybrid340m, attention, linear, '
+                             'state_pass, titans, routing')
 _NAME = flags.DEFINE_string('name', 'custom', 'case name when --config is given')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per case')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
@@ -87,7 +88,13 @@ def error_text(e: Exception) -> str:
   return f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
 
 
+def rel_error(a, b) -> float:
+  """‖a − b‖ / ‖b‖ over all elements, a taken to fp32."""
+  return float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
 def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, out: str = '') -> dict:
+  from longctx.ops import state_pass
   from longctx.ops.attention import chosen_paths
   from longctx.parallel.mesh import batch_sharding, make_mesh
   from longctx.train import flops as flops_lib
@@ -157,7 +164,8 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
       'mfu': flops / step_s / (peak * jax.device_count()) if peak else None,
       'step_memory_gib': step_bytes / 2 ** 30 if step_bytes is not None else None,
       'process_peak_memory_gib': memory / 2 ** 30 if memory is not None else None,
-      'compile_s': compile_s, 'attention': ','.join(chosen_paths()), 'loss': float(m['loss']),
+      'compile_s': compile_s, 'attention': ','.join(chosen_paths()),
+      'linear_state_pass': ','.join(state_pass.chosen_paths()), 'loss': float(m['loss']),
       **({'profile': profile} if profile else {}),
   }
 
@@ -215,7 +223,6 @@ def bench_attention(steps: int) -> list[dict]:
     out, vjp = jax.vjp(lambda q, k, v: attn.attention(q, k, v, seg, impl=impl, chunk_size=512), q, k, v)
     return out, vjp(do)
 
-  rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
   impls = [i for i in ('cudnn', 'xla', 'chunked') if i != 'cudnn' or jax.default_backend() == 'gpu']
   b, t, h, d = 4, 8192, 16, 128
   fwd_flops = 2 * b * h * t * t * d
@@ -226,7 +233,8 @@ def bench_attention(steps: int) -> list[dict]:
     errors = {}
     for impl in impls:
       out, grads = jax.jit(lambda *a, impl=impl: run(impl, seg, *a))(q, k, v, do)
-      errors[impl] = {'out': rel(out, ref), **{f'd{n}': rel(g, r) for n, g, r in zip('qkv', grads, ref_grads)}}
+      errors[impl] = {'out': rel_error(out, ref),
+                      **{f'd{n}': rel_error(g, r) for n, g, r in zip('qkv', grads, ref_grads)}}
     (q, k, v, do), seg = inputs(b, t, h, d, packed)
     for impl in impls:
       fwd = jax.jit(lambda q, k, v, impl=impl: attn.attention(q, k, v, seg, impl=impl, chunk_size=512))
@@ -278,14 +286,12 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
            for kernel in kernels}
   forms['vector_decay'] = lambda q, k, v, beta, g, gk: scan_vector_decay(flat(v), flat(gk))[0].reshape(b, t, h, d)
   small = tuple(x[:1, :2048] for x in (q, k, v, beta, g, gk, do))
-  rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
   results = []
   for name, fn in forms.items():
     if cases and name not in cases and name.rsplit('_', 1)[0] not in cases:
       continue
     fwd = jax.jit(fn)
-    both = jax.jit(lambda q, k, v, beta, g, gk, do, fn=fn:
-                   jax.vjp(lambda q, k, v: fn(q, k, v, beta, g, gk), q, k, v)[1](do))
+    both = jax.jit(functools.partial(both_of, fn))
     row = {'case': f'linear_{name}', 'shape': f'B{b} T{t} H{h} D{d} bf16, chunk 64'}
     if name != 'vector_decay':
       # Error of the bf16 form against the fp32 jax form, on B1 T2048 of the same inputs.
@@ -293,8 +299,8 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
       f32 = tuple(x.astype(jnp.float32) for x in small)
       ref = jax.jit(lambda *a: (ref_fn(*a[:6]), both_of(ref_fn, *a)))(*f32)
       got = jax.jit(lambda *a: (fn(*a[:6]), both_of(fn, *a)))(*small)
-      row['error_vs_fp32_jax'] = {'out': rel(got[0], ref[0]),
-                                  **{f'd{n}': rel(x, y) for n, x, y in zip('qkv', got[1], ref[1])}}
+      row['error_vs_fp32_jax'] = {'out': rel_error(got[0], ref[0]),
+                                  **{f'd{n}': rel_error(x, y) for n, x, y in zip('qkv', got[1], ref[1])}}
     args = (q, k, v, beta, g, gk)
     for label, f, a in (('fwd', fwd, args), ('fwd_bwd', both, args + (do,))):
       try:
@@ -308,6 +314,63 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
     results.append(row)
     print(json.dumps(row), flush=True)
   return results
+
+
+def bench_state_pass(steps: int) -> list[dict]:
+  """The chunk state pass alone (kernels_pallas.linear) over its GPU launch options, next to the jax scan: delta
+  rule operands, B·H 64, T 8192, chunk 64, D 128, fp32; forward and forward+backward, error against the scan."""
+  import itertools
+
+  from kernels_pallas.linear import kernel, reference
+
+  bh, t, c, d = 64, 8192, 64, 128
+  n = t // c
+  ks = jax.random.split(jax.random.PRNGKey(0), 8)
+  x = [jax.random.normal(ks[0], (bh, t, d)), 0.1 * jax.random.normal(ks[1], (bh, t, d)),
+       jax.random.normal(ks[2], (bh, t, d)), jnp.tril(0.1 * jax.random.normal(ks[3], (bh, n, c, c))).reshape(bh, t, c),
+       jax.random.uniform(ks[4], (bh, d, n), minval=0.9, maxval=1.0), jax.random.normal(ks[5], (bh, d, d)),
+       0.01 * jax.random.normal(ks[6], (bh, t, d))]
+  cot = jax.random.normal(ks[7], (bh, t, d))
+
+  def timed(fn):
+    fwd = jax.jit(lambda *a: fn(*a)[0])
+    both = jax.jit(lambda *a: jax.grad(lambda *a: jnp.sum(fn(*a)[0] * cot), argnums=tuple(range(len(a))))(*a))
+    return fwd, both
+
+  ref_fwd, ref_both = timed(lambda *a: reference.state_pass(*a, chunk=c))
+  o_ref, g_ref = ref_fwd(*x), ref_both(*x)
+  shape = f'BH{bh} T{t} C{c} D{d} fp32, delta rule'
+  results = [{'case': 'state_pass_jax', 'shape': shape, 'fwd_ms': median_ms(ref_fwd, *x, steps=steps),
+              'fwd_bwd_ms': median_ms(ref_both, *x, steps=steps)}]
+  print(json.dumps(results[0]), flush=True)
+  options = itertools.product((32, 64), (4, 8), (1, 2)) if jax.default_backend() == 'gpu' else ()
+  for block_v, warps, stages in options:
+    fwd, both = timed(functools.partial(kernel.state_pass, chunk=c, block_v=block_v, num_warps=warps,
+                                        num_stages=stages))
+    row = {'case': 'state_pass_pallas', 'shape': shape, 'block_v': block_v, 'num_warps': warps, 'num_stages': stages}
+    try:
+      o, g = fwd(*x), both(*x)
+      row.update(err_out=rel_error(o, o_ref), err_grad=max(rel_error(a, b) for a, b in zip(g, g_ref)),
+                 fwd_ms=median_ms(fwd, *x, steps=steps), fwd_bwd_ms=median_ms(both, *x, steps=steps))
+    except Exception as e:  # an option the compiler refuses (e.g. out of shared memory) is a result
+      row['error'] = error_text(e)
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  return results
+
+
+def state_pass_markdown(env: dict, results: list[dict]) -> str:
+  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
+           '| form | value block | warps | stages | fwd ms | fwd+bwd ms | rel err out / grads |',
+           '|---|---|---|---|---|---|---|']
+  for r in results:
+    opts = ' | '.join(str(r.get(k, '-')) for k in ('block_v', 'num_warps', 'num_stages'))
+    if 'error' in r:
+      lines.append(f'| {r["case"]} | {opts} | failed: {r["error"][:60]} | | |')
+      continue
+    err = f'{r["err_out"]:.1e} / {r["err_grad"]:.1e}' if 'err_out' in r else 'reference'
+    lines.append(f'| {r["case"]} | {opts} | {r["fwd_ms"]:.2f} | {r["fwd_bwd_ms"]:.2f} | {err} |')
+  return '\n'.join(lines) + '\n'
 
 
 def both_of(fn, q, k, v, beta, g, gk, do):
@@ -500,6 +563,10 @@ def main(argv):
     results = bench_linear(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
     write(env, 'linear', results, linear_markdown(env, results))
     return
+  if _SUITE.value == 'state_pass':
+    results = bench_state_pass(_STEPS.value)
+    write(env, 'state_pass', results, state_pass_markdown(env, results))
+    return
   if _SUITE.value == 'titans':
     results = bench_titans(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
     write(env, 'titans', results, titans_markdown(env, results))
@@ -511,7 +578,7 @@ def main(argv):
   if _SUITE.value:
     if _SUITE.value not in SUITES:
       config_lib.exit_with(config_lib.ConfigError(
-          '--suite', _SUITE.value, f'one of {", ".join([*SUITES, "attention", "linear", "titans", "routing"])}'))
+          '--suite', _SUITE.value, f'one of {", ".join([*SUITES, "attention", "linear", "state_pass", "titans", "routing"])}'))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cases = [(n, config_lib.override(config_lib.load_file(os.path.join(repo, spec)), o))
              for n, spec, o in SUITES[_SUITE.value] if not _CASES.value or n in _CASES.value]

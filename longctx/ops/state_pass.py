@@ -42,9 +42,16 @@ def choose(requested: str, *, platform: str, chunk: int, dk: int, dv: int) -> st
   return 'pallas' if ok and platform in ('gpu', 'tpu') else 'jax'
 
 
-def state_pass(q, k, u, p, a, h0, w=None, *, kernel_name: str = 'auto'):
+def _pad(x, axis: int, to: int):
+  """Zero-pads `axis` up to size `to` (exact for the state pass: padded key rows stay zero, value columns unread)."""
+  extra = to - x.shape[axis]
+  return x if not extra else jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
+
+
+def state_pass(q, k, u, p, a, h0=None, w=None, *, kernel_name: str = 'auto'):
   """q, k, w [B, H, N, C, Dk], u [B, H, N, C, Dv], p [B, H, N, C, C], a [B, H, N] (one decay per state) or
-  [B, H, N, Dk] (one per key row), h0 [B, H, Dk, Dv]. Returns (O [B, H, N, C, Dv] fp32, final state fp32)."""
+  [B, H, N, Dk] (one per key row), h0 [B, H, Dk, Dv] (None: zeros). Returns (O [B, H, N, C, Dv] fp32, final state
+  fp32)."""
   b, h, n, c, dk = q.shape
   dv = u.shape[-1]
   platform = jax.default_backend()
@@ -57,21 +64,22 @@ def state_pass(q, k, u, p, a, h0, w=None, *, kernel_name: str = 'auto'):
   rows = lambda x: x.reshape(b * h, n * c, x.shape[-1])
   a = jnp.broadcast_to(a[..., None], (b, h, n, dk)) if a.ndim == 3 else a
   a = jnp.swapaxes(a.reshape(b * h, n, dk), 1, 2)
-  args = [rows(q), rows(k), rows(u), rows(p), a, h0.reshape(b * h, dk, dv)]
-  if w is not None:
-    args.append(rows(w))
+  h0 = jnp.zeros((b * h, dk, dv), jnp.float32) if h0 is None else h0.reshape(b * h, dk, dv).astype(jnp.float32)
+  q, k, u, p = rows(q), rows(k), rows(u), rows(p)
+  w = None if w is None else rows(w)
   if choice == 'jax':
-    o, state = reference.state_pass(*args, chunk=c)
+    o, state = reference.state_pass(q, k, u, p, a, h0, w, chunk=c)
   else:
-    pk, pv = _padded(dk) - dk, _padded(dv) - dv
-    pad = lambda x, n, axis: x if not n else jnp.pad(x, [(0, n if i == axis else 0) for i in range(x.ndim)])
-    args = [pad(x, pk, 2) for x in args[:2]] + [pad(args[2], pv, 2), args[3], pad(args[4], pk, 1),
-                                                 pad(pad(args[5], pk, 1), pv, 2)] + [pad(x, pk, 2) for x in args[6:]]
-    o, state = kernel.state_pass(*args, chunk=c, interpret=choice == 'pallas_interpret',
+    pk, pv = _padded(dk), _padded(dv)
+    q, k = _pad(q, 2, pk), _pad(k, 2, pk)
+    w = None if w is None else _pad(w, 2, pk)
+    o, state = kernel.state_pass(q, k, _pad(u, 2, pv), p, _pad(a, 1, pk), _pad(_pad(h0, 1, pk), 2, pv), w, chunk=c,
+                                 interpret=choice == 'pallas_interpret',
                                  backend='tpu' if platform == 'tpu' and choice == 'pallas' else 'gpu')
     o, state = o[..., :dv], state[:, :dk, :dv]
   return o.reshape(b, h, n, c, dv), state.reshape(b, h, dk, dv)
 
 
 def chosen_paths() -> list[str]:
+  """Every state-pass path this process has dispatched to, for benchmark reports."""
   return sorted(set(_chosen.values()))

@@ -6,7 +6,8 @@ LAPACK triangular solves under differentiation, and on accelerators the explicit
 kernels use (the inverse is then applied with matmuls).
 
 With X = (I + A)⁻¹ − I (strictly lower): X_i = −A_i + (−A_i) X, row by row, since row i of −A only reaches rows
-before i, which are final; done inside 16×16 diagonal blocks, which are then joined by block forward substitution. Backward: dX = −X̃ dA X̃ with X̃ = (I + A)⁻¹, so Ā = strictLower(−X̃ᵀ X̄ X̃ᵀ).
+before i, which are final; done inside 16×16 diagonal blocks, which are then joined by block forward
+substitution. Backward: dX = −X̃ dA X̃ with X̃ = (I + A)⁻¹, so Ā = strictLower(−X̃ᵀ X̄ X̃ᵀ).
 """
 from __future__ import annotations
 

@@ -55,7 +55,6 @@ def _intra_scores(q, k, G, sub):
 def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64, sub_chunk=16,
                   kernel='auto'):
   b, t, h, dk = q.shape
-  dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   sub = min(sub_chunk, c)
@@ -69,8 +68,7 @@ def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=Non
   Q_start = qs * jnp.where(from_start[..., None], jnp.exp(G), 0.0)
   K_end = k * _masked_exp(to_end[..., None], G[..., -1:, :] - G)
   state_decay = jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
-  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-  o, state = state_pass(Q_start, K_end, v, P, state_decay, state, kernel_name=kernel)
+  o, state = state_pass(Q_start, K_end, v, P, state_decay, initial_state, kernel_name=kernel)
   return unchunk(o, t).astype(out_dtype), state
 
 

@@ -7,8 +7,8 @@ Within a chunk of C tokens with cumulative log-gates G (γ = e^G) and the incomi
     O = (scale · Q ⊙ γ) S + (scale · Q Kᵀ ⊙ Γ ⊙ M) U                        (M: j ≤ i)
     S ← e^{G_C} S + (K ⊙ e^{G_C − G})ᵀ U
 Only the last three lines run in the sequential pass over chunks (`longctx.ops.state_pass`, a Pallas kernel
-where it applies). Document starts zero Γ across them and cut the
-incoming state off (see longctx.ops.chunking), which is exact where a −∞ gate would make G − G undefined.
+where it applies). Document starts zero Γ across them and cut the incoming state off (see longctx.ops.chunking),
+which is exact where a −∞ gate would make G − G undefined.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from longctx.ops.triangular import unit_lower_inverse
 def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
                kernel='auto'):
   b, t, h, dk = q.shape
-  dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   out_dtype = v.dtype
@@ -42,6 +41,5 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   Q_start = qs * gamma_start[..., None]
   K_end = k * jnp.where(to_end, jnp.exp(G[..., -1:] - G), 0.0)[..., None]
   state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-  o, state = state_pass(Q_start, K_end, U_tilde, P, state_decay, state, W, kernel_name=kernel)
+  o, state = state_pass(Q_start, K_end, U_tilde, P, state_decay, initial_state, W, kernel_name=kernel)
   return unchunk(o, t).astype(out_dtype), state

@@ -17,7 +17,6 @@ from longctx.ops.state_pass import state_pass
 def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
                  kernel='auto'):
   b, t, h, dk = q.shape
-  dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   out_dtype = v.dtype
@@ -31,6 +30,5 @@ def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None
   Q_start = qs * jnp.where(from_start, jnp.exp(G), 0.0)[..., None]
   K_end = k * jnp.where(to_end, jnp.exp(G[..., -1:] - G), 0.0)[..., None]
   state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-  state = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-  o, state = state_pass(Q_start, K_end, v, P, state_decay, state, kernel_name=kernel)
+  o, state = state_pass(Q_start, K_end, v, P, state_decay, initial_state, kernel_name=kernel)
   return unchunk(o, t).astype(out_dtype), state
