@@ -78,7 +78,10 @@ def get_config(arg=None):
   c.model.titans.memory_depth = 2     # layers of the memory MLP; 1 = a linear memory
   c.model.titans.memory_expansion = 4 # hidden width of the memory MLP = head_dim * expansion
   c.model.titans.activation = 'gelu'  # gelu | silu | relu
-  c.model.titans.chunk_size = 16      # tokens whose gradients share one memory state (the paper's b)
+  c.model.titans.chunk_size = 16      # tokens per step of the sequential scan (one state kept per chunk for backward)
+  c.model.titans.anchor_batch = 0     # tokens whose gradients share one memory state (the paper's b); 0 = chunk_size
+  c.model.titans.gate_granularity = 'token'  # token | chunk (gates held at each anchor batch's first token)
+  c.model.titans.forget_gate = 'head' # head | channel (α per head, or per channel of the memory)
   c.model.titans.max_lr = 0.1         # θ = max_lr · σ(W_θ x): the inner learning rate's bound
   c.model.titans.grad_clip = 1.0      # per-token inner-gradient norm bound (0: none)
   c.model.titans.conv_size = 4

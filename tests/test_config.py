@@ -20,6 +20,10 @@ INVALID = [
     ({'data.source': 'text', 'data.path': '/nonexistent/*.txt'}, 'data.path'),
     ({'model.vocab_size': 100}, 'model.vocab_size'),                  # smaller than the byte vocabulary
     ({'train.warmup_steps': 10_000}, 'train.warmup_steps'),
+    ({'model.pattern': 'titans', 'model.titans.anchor_batch': 5}, 'model.titans.anchor_batch'),   # divides no chunk
+    ({'model.pattern': 'titans', 'model.titans.gate_granularity': 'segment'}, 'model.titans.gate_granularity'),
+    ({'model.pattern': 'titans', 'model.titans.forget_gate': 'channel', 'model.titans.memory_depth': 3},
+     'model.titans.forget_gate'),
 ]
 
 

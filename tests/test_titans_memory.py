@@ -170,3 +170,34 @@ def test_retention_maps():
   en = memory.retain(MemorySpec(dk=5, dv=4, retention='elastic_net', l1=0.5), w)
   np.testing.assert_allclose(en, np.sign(w) * np.maximum(np.abs(w) - 0.5, 0), rtol=1e-6)
   assert (memory.retain(MemorySpec(dk=5, dv=4), w) == w).all()
+
+
+@pytest.mark.parametrize('depth,chunk,t', [(2, 8, 16), (1, 4, 12)])
+def test_per_channel_forgetting_equals_the_references(depth, chunk, t):
+  """α [B, T, H, d]: the first layer's rows and the last layer's columns decay channel by channel."""
+  spec = MemorySpec(dk=8, dv=8, depth=depth, expansion=2, grad_clip=0.5)
+  x = {n: (a[:, :t] if n != 'state' else a) for n, a in inputs(11, 2, t, 2, 8, 8, spec).items()}
+  x['alpha'] = 0.3 * jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(4), x['k'].shape))
+  seg = jnp.asarray([[1] * 3 + [2] * (t - 3), [1] * t])
+  init = [w * 0.5 for w in x['state']['weights']]
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=chunk, segment_ids=seg, reset_weights=init),
+               lambda *a: materialized_lmm(spec, *a, chunk, segment_ids=seg, reset_weights=init), x)
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=1), lambda *a: naive_lmm(spec, *a), x)
+  # Within one batch (gradients at its start) channel 3's gate moves only the first layer's row 3.
+  one = {n: (a[:, :chunk] if n != 'state' else a) for n, a in x.items()}
+  _, s = chunk_lmm(spec, *(one[n] for n in NAMES), chunk_size=chunk)
+  one['alpha'] = one['alpha'].at[..., 3].set(0.9)
+  _, s2 = chunk_lmm(spec, *(one[n] for n in NAMES), chunk_size=chunk)
+  moved = np.abs(np.asarray(s2['weights'][0] - s['weights'][0])).max(axis=(0, 1, 3)) > 1e-6
+  assert moved[3] and not moved[np.arange(8) != 3].any()
+
+
+def test_anchor_batches_inside_a_chunk_are_the_anchor_sized_chunks():
+  """Gradients anchored every 4 tokens inside scan steps of 12 equal chunks of 4 (one state kept per 12)."""
+  spec = MemorySpec(dk=8, dv=8, depth=2, expansion=2, grad_clip=0.5)
+  x = inputs(12, 2, 29, 2, 8, 8, spec)
+  seg = jnp.asarray([[1] * 6 + [2] * 23, [1] * 9 + [2] * 20])
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=12, anchor=4, segment_ids=seg),
+               lambda *a: chunk_lmm(spec, *a, chunk_size=4, segment_ids=seg), x, out_tol=1e-5, grad_tol=1e-5)
+  with pytest.raises(ValueError, match='divide'):
+    chunk_lmm(spec, *(x[n] for n in NAMES), chunk_size=12, anchor=5)

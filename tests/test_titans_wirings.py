@@ -64,8 +64,10 @@ def inputs(cfg, t, seed=0):
 @pytest.mark.parametrize('name,overrides', [
     ('swa', {}), ('titans_mag', {}), ('titans_mac', {}),
     ('titans', {'model.titans.objective': 'huber', 'model.titans.retention': 'lq'}),   # Miras memories decode too
+    ('titans', {'model.titans.chunk_size': 8, 'model.titans.anchor_batch': 4, 'model.titans.forget_gate': 'channel',
+                'model.titans.gate_granularity': 'chunk'}),
     ('attention', {'model.attention.conv_size': 3, 'model.attention.persistent_tokens': 0}),
-], ids=['swa', 'titans_mag', 'titans_mac', 'titans_miras', 'attention_conv'])
+], ids=['swa', 'titans_mag', 'titans_mac', 'titans_miras', 'titans_chunk_gates', 'attention_conv'])
 def test_prefill_then_decoding_equals_the_full_forward(name, overrides):
   mixer, cfg = make(name, **overrides)
   x, pos = inputs(cfg, 23, seed=1)
@@ -93,10 +95,14 @@ def responses(mixer, x, pos, seg, perturbed):
   return [np.abs(y[i + 1] - y[0]).max(axis=(0, 2)) for i in range(len(perturbed))]
 
 
-@pytest.mark.parametrize('name,boundary', [('titans_mag', 13), ('titans_mac', 13), ('titans_mac', 16)])
-def test_no_token_sees_the_future_or_another_document(name, boundary):
+CHUNK_GATES = {'model.titans.gate_granularity': 'chunk', 'model.titans.forget_gate': 'channel'}
+
+
+@pytest.mark.parametrize('name,boundary,overrides', [
+    ('titans_mag', 13, {}), ('titans_mac', 13, {}), ('titans_mac', 16, {}), ('titans', 13, CHUNK_GATES)])
+def test_no_token_sees_the_future_or_another_document(name, boundary, overrides):
   # MAC's segments are 8 tokens: the second document starts inside a segment, or with one.
-  mixer, cfg = make(name)
+  mixer, cfg = make(name, **overrides)
   x, pos = inputs(cfg, 30, seed=3)
   seg = jnp.asarray([[1] * boundary + [2] * (30 - boundary)] * 2)
   first, second = responses(mixer, x, pos, seg, (5, 20))

@@ -2,7 +2,7 @@
 Memorize at Test Time"): the LMM alone, `model.pattern = 'titans'`.
 
     q, k, v = SiLU(ShortConv(W_{q,k,v} x));  q, k ← q/‖q‖, k/‖k‖
-    θ_t = max_lr · σ(W_θ x_t),  η_t = σ(W_η x_t),  α_t = σ(W_α x_t)                     (per head)
+    θ_t = max_lr · σ(W_θ x_t),  η_t = σ(W_η x_t),  α_t = σ(W_α x_t)         (per head; α optionally per channel)
     S_t = η_t S_{t−1} − θ_t ∇ℓ(M_{t−1}; k_t, v_t),  M_t = (1 − α_t) M_{t−1} + S_t,  ℓ = ‖M(k) − v‖²
     o_t = M_t(q_t);  y = W_o (RMSNorm(o) ⊙ SiLU(W_g x))
 
@@ -10,11 +10,16 @@ M is a per-head MLP (`model.titans.memory_depth`, expansion, activation; residua
 LayerNorm for depth ≥ 2) whose initial weights are learned. Training uses the chunk-parallel form
 (`longctx.ops.titans.chunk_lmm`: gradients of a chunk of `model.titans.chunk_size` tokens at the memory the last
 chunk left); packed documents each start from the initial memory. The forgetting gate starts near 0 (bias −4) and
-the momentum gate near 0.5.
+the momentum gate near 0.5. Three separate fields shape the chunking: `anchor_batch` (the paper's b: tokens whose
+gradients share one memory state; 0 = chunk_size), `chunk_size` (tokens per step of the sequential scan, a multiple of
+the anchor batch: one state per chunk is kept for the backward pass) and `gate_granularity` (`token`: θ, η, α per
+token; `chunk`: each anchor batch holds the gates of its first token — or of the first token of a document starting
+inside it — the paper's faster variant, still causal). `forget_gate = channel` gives α one value per channel
+(`longctx.ops.titans.memory.decay_axis`).
 
-Decoding follows the same chunk semantics: the cache holds the memory at the last chunk boundary and the tokens of
-the chunk in progress; each new token re-reads that partial chunk (at most chunk_size tokens) and the memory
-advances when the chunk fills, so cached decoding equals the full forward. The cache is
+Decoding follows the same chunk semantics: the cache holds the memory at the last anchor-batch boundary and the
+tokens of the batch in progress; each new token re-reads that partial batch (at most anchor_batch tokens) and the
+memory advances when the batch fills, so cached decoding equals the full forward. The cache is
 {'conv', 'memory': {'weights', 'momentum'}, 'k', 'v', 'theta', 'eta', 'alpha', 'delta' (the partial chunk), 'count'}.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm, l2_normalize
 from longctx.layers.conv import ShortConv
+from longctx.ops.chunking import resets
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
 from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS
 from longctx.parallel.context import handed_recurrence
@@ -47,6 +53,19 @@ def memory_spec(config) -> MemorySpec:
 
 
 GATES = ('theta', 'eta', 'alpha', 'delta')
+GATE_GRANULARITIES = ('token', 'chunk')
+FORGET_GATES = ('head', 'channel')
+
+
+def hold_per_batch(gates: dict, anchor: int, segment_ids):
+  """Each gate [B, T, H, ...] replaced by its value at the start of the token's anchor batch, or at the start of its
+  document if that is later (so no gate crosses a document boundary or looks ahead)."""
+  b, t = gates['theta'].shape[:2]
+  pos = jnp.arange(t)
+  start = (pos % anchor == 0)[None] | resets(segment_ids, t, b)
+  source = jax.lax.cummax(jnp.where(start, pos, 0), axis=1)                  # [B, T]
+  take = lambda g: jnp.take_along_axis(g, source.reshape((b, t) + (1,) * (g.ndim - 2)), axis=1)
+  return {name: take(g) for name, g in gates.items()}
 
 
 @registry.register('titans')
@@ -64,11 +83,16 @@ class Titans(registry.Mixer):
     dm = m.d_model
     self.qkv = Dense((dm,), (3, h, d), ('embed', None, 'heads', 'head_dim'), rngs=rngs)
     self.conv = ShortConv(3 * h * d, t.conv_size, ('heads',), rngs=rngs)
-    # θ, η, α logits (and Huber's δ, through softplus, for the 'huber' objective).
-    n_gates = 4 if t.objective == 'huber' else 3
-    self.gates = Dense((dm,), (n_gates, h), ('embed', None, 'heads'), rngs=rngs, std=0.02)
-    self.gate_bias = nnx.Param(jnp.asarray([[0.0] * h, [0.0] * h, [-4.0] * h, [0.0] * h][:n_gates], jnp.float32),
+    # θ, η, α logits per head (and Huber's δ, through softplus, for the 'huber' objective); α per channel apart.
+    self.gate_names = ('theta', 'eta') + (('alpha',) if t.forget_gate == 'head' else ()) + (
+        ('delta',) if t.objective == 'huber' else ())
+    self.gates = Dense((dm,), (len(self.gate_names), h), ('embed', None, 'heads'), rngs=rngs, std=0.02)
+    bias = {'theta': 0.0, 'eta': 0.0, 'alpha': -4.0, 'delta': 0.0}
+    self.gate_bias = nnx.Param(jnp.asarray([[bias[n]] * h for n in self.gate_names], jnp.float32),
                                logical_axes=(None, 'heads'))
+    if t.forget_gate == 'channel':
+      self.forget = Dense((dm,), (h, d), ('embed', 'heads', 'head_dim'), rngs=rngs, std=0.02)
+      self.forget_bias = nnx.Param(jnp.full((h, d), -4.0, jnp.float32), logical_axes=('heads', 'head_dim'))
     self.memory = nnx.List([
         nnx.Param(jax.random.normal(rngs.params(), (h, i, o), jnp.float32) * i ** -0.5,
                   logical_axes=('heads', None, None)) for i, o in self.spec.layer_shapes()])
@@ -76,6 +100,8 @@ class Titans(registry.Mixer):
     self.o_norm = RMSNorm(d, eps=m.norm_eps)
     self.o = Dense((h, d), (dm,), ('heads', 'head_dim', 'embed'), rngs=rngs, std=0.02 / (2 * m.num_layers) ** 0.5)
     self.chunk_size = t.chunk_size
+    self.anchor = t.anchor_batch or t.chunk_size
+    self.per_chunk_gates = t.gate_granularity == 'chunk'
     self.max_lr = t.max_lr
 
   @classmethod
@@ -87,6 +113,11 @@ class Titans(registry.Mixer):
         ('memory_expansion', t.memory_expansion >= 1, 'a positive integer'),
         ('activation', t.activation in ACTIVATIONS, f'one of {", ".join(ACTIVATIONS)}'),
         ('chunk_size', t.chunk_size >= 1, 'a positive chunk length (16 in the paper)'),
+        ('anchor_batch', t.anchor_batch >= 0 and t.chunk_size % (t.anchor_batch or t.chunk_size) == 0,
+         f'0 (= chunk_size) or a divisor of model.titans.chunk_size={t.chunk_size}'),
+        ('gate_granularity', t.gate_granularity in GATE_GRANULARITIES, f'one of {", ".join(GATE_GRANULARITIES)}'),
+        ('forget_gate', t.forget_gate in FORGET_GATES and (t.forget_gate == 'head' or t.memory_depth <= 2),
+         f'one of {", ".join(FORGET_GATES)} (channel: memory_depth 1 or 2, here {t.memory_depth})'),
         ('max_lr', 0 < t.max_lr <= 10, 'an inner learning-rate bound in (0, 10]'),
         ('grad_clip', t.grad_clip >= 0, 'a norm bound >= 0 (0: none)'),
         ('conv_size', t.conv_size >= 1, 'a positive kernel size (4 in the paper)'),
@@ -105,11 +136,12 @@ class Titans(registry.Mixer):
   @classmethod
   def flops(cls, config, seq_len):
     """Per token and head: the keys' forward and backward through the memory (6 · weights), the read through the
-    chunk-start memory and momentum (4 · weights), and the dual form's two C×C products per layer."""
+    batch-start memory and momentum (4 · weights), and the dual form's two C×C products per layer."""
     h, d = titans_dims(config)
     spec = memory_spec(config)
     weights = sum(i * o for i, o in spec.layer_shapes())
-    c = min(config.model.titans.chunk_size, seq_len)
+    t = config.model.titans
+    c = min(t.anchor_batch or t.chunk_size, seq_len)
     dual = sum(2 * c * (i + o) for i, o in spec.layer_shapes())
     return float(seq_len * h * (10 * weights + dual))
 
@@ -121,15 +153,20 @@ class Titans(registry.Mixer):
     h, d = self.heads, self.head_dim
     qkv, conv_cache = self.conv(self.qkv(x).reshape(b, t, 3 * h * d), segment_ids, conv_cache, conv_segment_ids)
     q, k, v = jnp.split(jax.nn.silu(qkv).reshape(b, t, 3, h, d), 3, axis=2)
-    logits = self.gates(x).astype(jnp.float32) + self.gate_bias[...]                      # [B, T, 3 or 4, H]
-    gates = jax.nn.sigmoid(logits[:, :, :3])
-    g = {'theta': self.max_lr * gates[:, :, 0], 'eta': gates[:, :, 1], 'alpha': gates[:, :, 2],
-         'delta': jax.nn.softplus(logits[:, :, 3]) if logits.shape[2] == 4 else jnp.ones_like(gates[:, :, 0])}
+    logits = self.gates(x).astype(jnp.float32) + self.gate_bias[...]                      # [B, T, gates, H]
+    logit = {n: logits[:, :, i] for i, n in enumerate(self.gate_names)}
+    if 'alpha' not in logit:
+      logit['alpha'] = self.forget(x).astype(jnp.float32) + self.forget_bias[...]          # [B, T, H, D]
+    g = {'theta': self.max_lr * jax.nn.sigmoid(logit['theta']), 'eta': jax.nn.sigmoid(logit['eta']),
+         'alpha': jax.nn.sigmoid(logit['alpha']),
+         'delta': jax.nn.softplus(logit['delta']) if 'delta' in logit else jnp.ones_like(logit['theta'])}
     return l2_normalize(q[:, :, 0]), l2_normalize(k[:, :, 0]), v[:, :, 0], g, conv_cache
 
   def lmm(self, q, k, v, g, state, segment_ids=None, reset_weights=None):
+    if self.per_chunk_gates:
+      g = hold_per_batch(g, self.anchor, segment_ids)
     return chunk_lmm(self.spec, q, k, v, g['theta'], g['eta'], g['alpha'], state, self.chunk_size,
-                     segment_ids=segment_ids, reset_weights=reset_weights, delta=g['delta'])
+                     anchor=self.anchor, segment_ids=segment_ids, reset_weights=reset_weights, delta=g['delta'])
 
   def __call__(self, x, *, positions, segment_ids, cache=None):
     del positions
@@ -156,12 +193,14 @@ class Titans(registry.Mixer):
     return self.o(self.o_norm(o.astype(x.dtype)) * jax.nn.silu(self.gate(x)))
 
   def _decode(self, q, k, v, g, cache):
-    """Token by token through the chunk in progress (module docstring)."""
-    c = self.chunk_size
+    """Token by token through the anchor batch in progress (module docstring)."""
+    c = self.anchor
 
     def one(cache, xs):
       q_t, k_t, v_t, *g_t = xs                               # [B, H, ...] / [B, H]
       n = cache['count']
+      if self.per_chunk_gates:
+        g_t = [jnp.where(n > 0, cache[name][:, 0], val) for name, val in zip(GATES, g_t)]
       put = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), n, axis=1)
       buf = {name: put(cache[name], val) for name, val in zip(('k', 'v') + GATES, (k_t, v_t, *g_t))}
       qs = put(jnp.zeros_like(buf['k']), q_t)
@@ -179,9 +218,11 @@ class Titans(registry.Mixer):
 
   def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
     del max_len
-    h, d, c = self.heads, self.head_dim, self.chunk_size
+    h, d, c = self.heads, self.head_dim, self.anchor
     buffers = {name: jnp.zeros((batch, c, h, d), jnp.float32) for name in ('k', 'v')}
     buffers.update({name: jnp.zeros((batch, c, h), jnp.float32) for name in GATES})
+    if 'alpha' not in self.gate_names:
+      buffers['alpha'] = jnp.zeros((batch, c, h, d), jnp.float32)
     return {'conv': jnp.zeros((batch, self.conv.size - 1, 3 * h * d), dtype),
             'memory': init_state(self.spec, [w[...] for w in self.memory], batch),
             'count': jnp.zeros((), jnp.int32), **buffers}

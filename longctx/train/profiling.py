@@ -43,13 +43,15 @@ def summarize(logdir: str, steps: int, top: int = 15) -> dict:
   device_pids = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'
                  and '/device:' in str(e.get('args', {}).get('name', ''))}
   by_name: collections.Counter = collections.Counter()
+  launches = 0
   for e in events:
     if e.get('ph') == 'X' and e.get('pid') in device_pids:
       by_name[e['name']] += e.get('dur', 0.0)
+      launches += 1
   by_kind: collections.Counter = collections.Counter()
   for name, us in by_name.items():
     by_kind[kind_of(name)] += us
   per_step = lambda us: us / steps / 1e3
-  return {'device_ms_per_step': per_step(sum(by_name.values())),
+  return {'device_ms_per_step': per_step(sum(by_name.values())), 'kernels_per_step': launches / steps,
           'by_kind_ms': {k: per_step(v) for k, v in by_kind.most_common()},
           'top_kernels_ms': [(n[:120], per_step(v)) for n, v in by_name.most_common(top)]}

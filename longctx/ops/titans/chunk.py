@@ -1,18 +1,23 @@
 """Titans' memory at the paper's chunk-parallel semantics without per-token weights.
 
-In a chunk of C tokens every gradient is taken at the chunk-start memory M⁰ (and momentum S⁰). For a linear layer
-the gradient of token s is rank one, G_s = x_s δ_sᵀ (x_s the layer's input, δ_s = ∂ℓ_s/∂z_s at its output, both
-from one forward and backward pass of M⁰ on the chunk's keys). Momentum and decay are linear in the G_s, so
+In an anchor batch of C tokens (the paper's chunk b) every gradient is taken at the batch-start memory M⁰ (and
+momentum S⁰). For a linear layer the gradient of token s is rank one, G_s = x_s δ_sᵀ (x_s the layer's input, δ_s =
+∂ℓ_s/∂z_s at its output, both from one forward and backward pass of M⁰ on the batch's keys). Momentum and decay are
+linear in the G_s, so
 
     W_t = A_t W⁰ + B_t S⁰ − Σ_{s≤t} C_ts θ_s G_s,      S_t = E_t S⁰ − Σ_{s≤t} D_ts θ_s G_s
 
-with A, B, C, D, E products and sums of α and η (`coefficients`, a scan over the chunk on [C]-vectors whose entries
+with A, B, C, D, E products and sums of α and η (`coefficients`, a scan over the batch on [C]-vectors whose entries
 stay in [0, 1]-products, so nothing overflows). A read of token t through layer l never forms W_t:
 
-    h W_t = A_t (h W⁰) + B_t (h S⁰) − ((h Xᵀ) ⊙ C ⊙ θ) Δ          (the dual form; X, Δ stacked over the chunk)
+    h W_t = A_t (h W⁰) + B_t (h S⁰) − ((h Xᵀ) ⊙ C ⊙ θ) Δ          (the dual form; X, Δ stacked over the batch)
 
-and the next chunk's state is the t = C row. A per-token gradient clip scales θ_s (‖G_s‖² = Σ_l ‖x_s‖²‖δ_s‖²).
-Chunks run one after another in a `lax.scan` whose body is rematerialised in the backward pass.
+and the next batch's state is the t = C row. A per-token gradient clip scales θ_s (‖G_s‖² = Σ_l ‖x_s‖²‖δ_s‖²).
+A per-channel forgetting gate (α [..., d]) makes A, B, C per channel: they scale the first layer's rows and the
+last layer's columns (`memory.decay_axis`), and the dual form's scores carry the channel.
+
+Anchor batches run one after another; `chunk_size` of them at a time form one step of a `lax.scan` whose body is
+rematerialised in the backward pass (so the memory saved for the backward is one state per chunk).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from longctx.ops.titans import memory
 
 def coefficients(eta, alpha, valid, reset):
   """eta, alpha, valid, reset [..., C] -> (A [.., C], B [.., C], C [.., C, C] (t, s), E [..], D [.., C] (s)): the
-  weights of the base memory, S⁰ and each θ_s G_s in W_t, and of S⁰ and θ_s G_s in the chunk's last momentum.
+  weights of the base memory, S⁰ and each θ_s G_s in W_t, and of S⁰ and θ_s G_s in the batch's last momentum.
   Invalid (padding) tokens leave everything as it was; at a reset (a document starts) the base becomes the reset
   memory and everything before is forgotten."""
   c = eta.shape[-1]
@@ -58,7 +63,7 @@ def coefficients(eta, alpha, valid, reset):
 
 
 def _keys_pass(spec, weights, k, v, delta):
-  """Layer inputs X_l [B, H, C, d_in] and output deltas Δ_l [B, H, C, d_out] of M⁰ on the chunk's keys (the
+  """Layer inputs X_l [B, H, C, d_in] and output deltas Δ_l [B, H, C, d_out] of M⁰ on the batch's keys (the
   objective's gradient: any Miras attentional bias keeps each token's gradient rank one per layer)."""
   act = memory.ACTIVATIONS[spec.activation]
 
@@ -76,69 +81,128 @@ def _keys_pass(spec, weights, k, v, delta):
   return inputs, deltas
 
 
-def _chunk(spec, reset_weights, state, xs):
-  q, k, v, delta, theta, A, B, Cm, E, D, from_start = xs   # [B, H, C, ...]; Cm [B, H, C, C]; E [B, H]; D [B, H, C]
+def _per_token(c, axis):
+  """A coefficient [B, H, C] or per channel [B, H, d, C] as a factor on [B, H, C, d] activations."""
+  return c[..., None] if axis is None else jnp.swapaxes(c, -1, -2)
+
+
+def _read(h, base, s0, x, d, A, B, Cm, theta, axis):
+  """h [B, H, C, d_in] through layer W_t of each token t (module docstring); `base(h)` is h through the batch's base
+  memory. Per-channel coefficients scale the rows (axis −1: the inputs) or the columns (axis −2: the outputs)."""
+  th = theta[..., None, :]
+  if axis == -1:
+    scores = jnp.einsum('bhti,bhsi,bhits->bhts', h, x, Cm) * th
+    return (base(h * _per_token(A, axis)) + jnp.einsum('bhci,bhio->bhco', h * _per_token(B, axis), s0)
+            - jnp.einsum('bhts,bhso->bhto', scores, d))
+  z = _per_token(A, axis) * base(h) + _per_token(B, axis) * jnp.einsum('bhci,bhio->bhco', h, s0)
+  scores = jnp.einsum('bhti,bhsi->bhts', h, x) * th
+  if axis is None:
+    return z - jnp.einsum('bhts,bhso->bhto', scores * Cm, d)
+  return z - jnp.einsum('bhts,bhots,bhso->bhto', scores, Cm, d)
+
+
+def _end(w0, s0, x, d, A, B, Cm, theta, axis):
+  """The layer's weights after the batch's last token."""
+  last = Cm[..., -1, :] * theta if axis is None else Cm[..., -1, :] * theta[..., None, :]
+  spec = {None: 'bhsi,bhs,bhso->bhio', -1: 'bhsi,bhis,bhso->bhio', -2: 'bhsi,bhos,bhso->bhio'}[axis]
+  return memory.scale(w0, A[..., -1], axis) + memory.scale(s0, B[..., -1], axis) - jnp.einsum(spec, x, last, d)
+
+
+def _batch(spec, axes, reset_weights, state, xs):
+  """One anchor batch. With `reset_weights`, a document starting inside it takes its gradients and base memory
+  from them (`after` marks its tokens); without, no document starts after the batch's first token."""
+  q, k, v, delta, theta, A, B, Cm, E, D, after = xs
   W0, S0 = state['weights'], state['momentum']
   X, Delta = _keys_pass(spec, W0, k, v, delta)
   if reset_weights is not None:
-    # Tokens of a document that began inside this chunk learn from the memory before that document.
     X_new, Delta_new = _keys_pass(spec, reset_weights, k, v, delta)
-    pick = lambda old, new: [jnp.where(from_start[..., None], a, b) for a, b in zip(old, new)]
+    pick = lambda old, new: [jnp.where(after[..., None], b, a) for a, b in zip(old, new)]
     X, Delta = pick(X, X_new), pick(Delta, Delta_new)
 
-  def base(h, i):
-    """h through layer i of the chunk's base memory: W⁰ until a document starts, the reset memory after."""
-    out = jnp.einsum('bhci,bhio->bhco', h, W0[i])
-    if reset_weights is None:
-      return out
-    return jnp.where(from_start[..., None], out, jnp.einsum('bhci,bhio->bhco', h, reset_weights[i]))
+  def base(i):
+    def through(h):
+      out = jnp.einsum('bhci,bhio->bhco', h, W0[i])
+      if reset_weights is None:
+        return out
+      return jnp.where(after[..., None], jnp.einsum('bhci,bhio->bhco', h, reset_weights[i]), out)
+    return through
 
   sq = sum(jnp.sum(jnp.square(x), -1) * jnp.sum(jnp.square(d), -1) for x, d in zip(X, Delta))
   theta = theta * memory.clip_scale(spec, sq)                              # [B, H, C]
-  coef = Cm * theta[..., None, :]                                          # C_ts θ_s
   act = memory.ACTIVATIONS[spec.activation]
   h = q
   for i, (s0, x, d) in enumerate(zip(S0, X, Delta)):
-    z = (A[..., None] * base(h, i) + B[..., None] * jnp.einsum('bhci,bhio->bhco', h, s0)
-         - jnp.einsum('bhts,bhso->bhto', jnp.einsum('bhti,bhsi->bhts', h, x) * coef, d))
+    z = _read(h, base(i), s0, x, d, A, B, Cm, theta, axes[i])
     h = act(z) if i < len(W0) - 1 else z
   o = memory.finish(spec, q, h)
-  outer = lambda x, c, d: jnp.einsum('bhsi,bhs,bhso->bhio', x, c, d)
   end_base = W0 if reset_weights is None else [
-      jnp.where(from_start[..., -1, None, None], w0, wr) for w0, wr in zip(W0, reset_weights)]
-  weights = [memory.retain(spec, A[..., -1, None, None] * w0 + B[..., -1, None, None] * s0
-                           - outer(x, coef[..., -1, :], d)) for w0, s0, x, d in zip(end_base, S0, X, Delta)]
+      jnp.where(after[..., -1, None, None], wr, w0) for w0, wr in zip(W0, reset_weights)]
+  weights = [memory.retain(spec, _end(w0, s0, x, d, A, B, Cm, theta, axes[i]))
+             for i, (w0, s0, x, d) in enumerate(zip(end_base, S0, X, Delta))]
+  outer = lambda x, c, d: jnp.einsum('bhsi,bhs,bhso->bhio', x, c, d)
   momentum = [E[..., None, None] * s0 - outer(x, D * theta, d) for s0, x, d in zip(S0, X, Delta)]
   return {'weights': weights, 'momentum': momentum}, o
 
 
-def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, segment_ids=None, reset_weights=None,
-        delta=None):
-  """q, k [B, T, H, dk], v [B, T, H, dv], theta, eta, alpha (and Huber's `delta`) [B, T, H]; state as
-  `memory.init_state`. The retention map (spec.retention) applies to the weights at each chunk's end.
-  Where segment_ids [B, T] start a new document the memory restarts from `reset_weights` (default: the state's
-  weights; per layer [B, H, d_in, d_out]) with zero momentum; inside a chunk that document's gradients are taken at
-  that memory. Returns (o [B, T, H, dv] in v's dtype, final state fp32). Any T: the last chunk is padded with tokens
-  that change nothing."""
+def _anchor(spec, axes, reset_weights, state, xs):
+  """An anchor batch: a document starting at its first token restarts the state before it; one starting later
+  takes the second keys pass (`_batch` with reset weights), chosen at run time."""
+  *xs, start, mid = xs
+  if reset_weights is None:
+    return _batch(spec, axes, None, state, xs)
+  s = start[..., None, None]
+  state = {'weights': [jnp.where(s, wr, w) for wr, w in zip(reset_weights, state['weights'])],
+           'momentum': [jnp.where(s, 0.0, m) for m in state['momentum']]}
+  return jax.lax.cond(mid, functools.partial(_batch, spec, axes, reset_weights),
+                      functools.partial(_batch, spec, axes, None), state, xs)
+
+
+def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor: int = 0, segment_ids=None,
+        reset_weights=None, delta=None):
+  """q, k [B, T, H, dk], v [B, T, H, dv], theta, eta (and Huber's `delta`) [B, T, H], alpha [B, T, H] or per
+  channel [B, T, H, dk]; state as `memory.init_state`. Gradients are anchored every `anchor` tokens (0: chunk_size;
+  it divides chunk_size), and the backward pass keeps one state per chunk_size tokens. The retention map
+  (spec.retention) applies to the weights at each anchor batch's end. Where segment_ids [B, T] start a new
+  document the memory restarts from `reset_weights` (default: the state's weights; per layer [B, H, d_in, d_out])
+  with zero momentum; inside a batch that document's gradients are taken at that memory. Returns (o [B, T, H, dv]
+  in v's dtype, final state fp32). Any T: the last batch is padded with tokens that change nothing."""
   b, t, h = q.shape[:3]
+  anchor = anchor or chunk_size
+  if chunk_size % anchor:
+    raise ValueError(f'the anchor batch ({anchor}) must divide the chunk ({chunk_size})')
+  per_channel = alpha.ndim == 4
+  axes = [memory.decay_axis(i, spec.depth, per_channel) for i in range(spec.depth)]
   if segment_ids is not None and reset_weights is None:
     reset_weights = state['weights']
   if reset_weights is not None:
     reset_weights = [w.astype(jnp.float32) for w in reset_weights]
-  c = min(chunk_size, t)
-  valid = pad_to_multiple(jnp.ones((b, t, h), bool), c, value=False)
+  c = min(anchor, t)
+  group = max(1, min(chunk_size // anchor, -(-t // c)))
+  valid = pad_to_multiple(jnp.ones((b, t, h), bool), c * group, value=False)
   n = valid.shape[1] // c
   # [B, T, H, ...] -> [N, B, H, C, ...]
-  chunked = lambda x: jnp.moveaxis(pad_to_multiple(x, c).reshape((b, n, c, h) + x.shape[3:]), (1, 2), (0, 3))
+  chunked = lambda x: jnp.moveaxis(pad_to_multiple(x, c * group).reshape((b, n, c, h) + x.shape[3:]), (1, 2), (0, 3))
   f32 = lambda x: chunked(x.astype(jnp.float32))
-  qs, ks, vs, ds, th, et, al = (f32(x) for x in (q, k, v, memory.thresholds(delta, theta), theta, eta, alpha))
+  qs, ks, vs, ds, th, et = (f32(x) for x in (q, k, v, memory.thresholds(delta, theta), theta, eta))
   ok = chunked(valid)
-  reset = chunked(jnp.broadcast_to(pad_to_multiple(resets(segment_ids, t, b), c)[..., None], valid.shape))
-  A, B, Cm, E, D = coefficients(et, al, ok, reset)
-  from_start = jnp.cumsum(reset.astype(jnp.int32), axis=-1) == 0
+  reset = chunked(jnp.broadcast_to(pad_to_multiple(resets(segment_ids, t, b), c * group)[..., None], valid.shape))
+  if per_channel:
+    al = jnp.swapaxes(f32(alpha), -1, -2)                                     # [N, B, H, d, C]
+    wide = lambda x: jnp.broadcast_to(x[..., None, :], al.shape)
+    A, B, Cm, E, D = coefficients(wide(et), al, wide(ok), wide(reset))
+    E, D = E[..., 0], D[..., 0, :]
+  else:
+    A, B, Cm, E, D = coefficients(et, f32(alpha), ok, reset)
+  start = reset[..., 0]
+  after = jnp.cumsum(reset.at[..., 0].set(False).astype(jnp.int32), axis=-1) > 0
+  mid = jnp.any(after, axis=(1, 2, 3))
   th = jnp.where(ok, th, 0.0)
-  body = jax.checkpoint(functools.partial(_chunk, spec, reset_weights))
+  xs = (qs, ks, vs, ds, th, A, B, Cm, E, D, after, start, mid)
+  xs = jax.tree.map(lambda x: x.reshape((n // group, group) + x.shape[1:]), xs)
+  one = functools.partial(_anchor, spec, axes, reset_weights)
+  body = jax.checkpoint(lambda state, xs: jax.lax.scan(one, state, xs))
   state = jax.tree.map(lambda x: x.astype(jnp.float32), state)
-  state, o = jax.lax.scan(body, state, (qs, ks, vs, ds, th, A, B, Cm, E, D, from_start))
+  state, o = jax.lax.scan(body, state, xs)
+  o = o.reshape((n,) + o.shape[2:])
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(b, n * c, h, -1)[:, :t]
   return o.astype(v.dtype), state

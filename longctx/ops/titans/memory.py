@@ -105,6 +105,25 @@ def retain(spec: MemorySpec, weights):
   return weights
 
 
+def decay_axis(layer: int, depth: int, per_channel: bool):
+  """Where a per-channel forgetting gate α [..., d] acts on layer `layer`'s [d_in, d_out] weights: the first layer's
+  rows (one per key channel, as in GLA) and the last layer's columns (one per value channel); None for a per-head
+  gate (a scalar per matrix). Memories deeper than 2 layers take per-head gates only."""
+  if not per_channel:
+    return None
+  if 0 < layer < depth - 1:
+    raise ValueError('a per-channel forgetting gate acts on memories of depth 1 or 2')
+  return -1 if layer == 0 else -2
+
+
+def scale(w, factor, axis):
+  """w [..., d_in, d_out] times a per-head factor [...] (axis None) or a per-channel factor [..., d] along rows
+  (axis −1: factor[..., :, None]) or columns (axis −2: factor[..., None, :])."""
+  if axis is None:
+    return factor[..., None, None] * w
+  return jnp.expand_dims(factor, axis) * w
+
+
 def init_state(spec: MemorySpec, initial_weights, batch: int):
   """The state at the start of a document: the learned initial weights ([H, d_in, d_out] each) for every row,
   zero momentum."""
@@ -113,7 +132,9 @@ def init_state(spec: MemorySpec, initial_weights, batch: int):
 
 
 def clip_scale(spec: MemorySpec, sq_norm):
-  """Factor that brings a gradient of squared norm `sq_norm` within spec.grad_clip."""
+  """Factor that brings a gradient of squared norm `sq_norm` within spec.grad_clip (the inner `where` keeps the
+  rsqrt's derivative finite at a zero gradient, such as a padding token's)."""
   if not spec.grad_clip:
     return jnp.ones_like(sq_norm)
-  return jnp.minimum(1.0, spec.grad_clip * jax.lax.rsqrt(jnp.maximum(sq_norm, 1e-30)))
+  over = sq_norm > spec.grad_clip ** 2
+  return jnp.where(over, spec.grad_clip * jax.lax.rsqrt(jnp.where(over, sq_norm, 1.0)), 1.0)

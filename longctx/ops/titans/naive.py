@@ -32,11 +32,13 @@ def _restart(state, reset, reset_weights):
 def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weights=None, delta=None):
   """Token by token: each gradient at the memory the previous token left; the retention map applies as the memory
   passes to the next token (the read of a token sees the weights before it, as the last read of a chunk does).
-  q, k [B, T, H, dk], v [B, T, H, dv], gates (and Huber's `delta`) [B, T, H]. Where segment_ids start a new
+  q, k [B, T, H, dk], v [B, T, H, dv], gates (and Huber's `delta`) [B, T, H]; alpha may be per channel
+  [B, T, H, dk] (`memory.decay_axis`). Where segment_ids start a new
   document the memory restarts from `reset_weights` (default: the state's weights) with zero momentum. Returns
   (o [B, T, H, dv], final state)."""
   grad = _per_token(spec, lambda w, k, v, d: _clipped_grad(spec, w, k, v, d))
   read = _per_token(spec, lambda w, q: memory.apply(spec, w, q))
+  axes = [memory.decay_axis(i, spec.depth, alpha.ndim == 4) for i in range(spec.depth)]
   b, t = q.shape[:2]
   reset = resets(segment_ids, t, b)
   if segment_ids is not None and reset_weights is None:
@@ -48,7 +50,7 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weig
     g = grad(state['weights'], k_t, v_t, d_t)
     b = lambda x, w: x[..., None, None]
     mom = [b(et, s) * s - b(th, s) * gi for s, gi in zip(state['momentum'], g)]
-    weights = [(1 - b(al, w)) * w + s for w, s in zip(state['weights'], mom)]
+    weights = [memory.scale(w, 1 - al, ax) + s for w, s, ax in zip(state['weights'], mom, axes)]
     return {'weights': [memory.retain(spec, w) for w in weights], 'momentum': mom}, read(weights, q_t)
 
   f32 = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 0)
@@ -64,6 +66,7 @@ def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, seg
   memory the previous chunk left; momentum and decay then run token by token. A document that starts inside a
   chunk takes its gradients at `reset_weights` (the memory before it) and starts with zero momentum. T must be a
   multiple of chunk_size. The retention map applies at each chunk's end."""
+  axes = [memory.decay_axis(i, spec.depth, alpha.ndim == 4) for i in range(spec.depth)]
   b, t = q.shape[:2]
   reset = resets(segment_ids, t, b)
   if segment_ids is not None and reset_weights is None:
@@ -87,7 +90,7 @@ def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, seg
       carry = _restart(carry, r_t, reset_weights)
       e = lambda x: x[..., None, None]
       mom = [e(et_t) * s - e(th_t) * gi for s, gi in zip(carry['momentum'], g_t)]
-      weights = [(1 - e(al_t)) * w + s for w, s in zip(carry['weights'], mom)]
+      weights = [memory.scale(w, 1 - al_t, ax) + s for w, s, ax in zip(carry['weights'], mom, axes)]
       return {'weights': weights, 'momentum': mom}, read(weights, q_t)
 
     state, o = jax.lax.scan(token, state, (qc, g, th, et, al, rc))
