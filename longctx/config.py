@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from longctx.ops.state_pass import KERNELS as LINEAR_KERNELS
+from longctx.ops.titans.chunk import KERNELS as TITANS_KERNELS
 
 OPTIMIZERS = ('adamw', 'adam', 'lion', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant')
@@ -32,7 +33,7 @@ PARALLEL_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 # change how the same function is computed, not which function.
 ARCHITECTURE_FIELDS = ('model', 'data.seq_len', 'data.source')
 COMPUTE_FIELDS = ('model.remat', 'model.dtype', 'model.attention.impl', 'model.attention.chunk_size',
-                  'model.attention.max_segments', 'model.linear.kernel')
+                  'model.attention.max_segments', 'model.linear.kernel', 'model.titans.kernel')
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,7 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
   _choice(cfg, 'model.remat', REMAT_POLICIES)
   _choice(cfg, 'model.attention.impl', ATTENTION_IMPLS)
   _choice(cfg, 'model.linear.kernel', LINEAR_KERNELS)
+  _choice(cfg, 'model.titans.kernel', TITANS_KERNELS)
   if m.attention.window < 0:
     raise ConfigError('model.attention.window', m.attention.window, '0 (full causal) or a positive window')
   chunk = m.attention.chunk_size

@@ -400,40 +400,65 @@ def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), sm
   """The Titans memory mixer (input projections, convolution, gates, the chunk-parallel memory, output gate and
   projection), forward+backward of a scalar loss in the input and every parameter, bf16 activations: dim 1024,
   8 heads × 128, a 2-layer MLP memory ×4, B2 T4096 at chunk 16 and 64 — the shape titans-pytorch's NeuralMemory is
-  compared at (scripts/peers/titans_neural_memory.py). Memory is the compiled step's own (arguments, outputs and
-  temporaries), the figure that decides what fits."""
+  compared at (scripts/peers/titans_neural_memory.py) — through the default path (`model.titans.kernel` auto) and
+  the Pallas kernel (cases ending `_pallas`). Memory is the compiled step's own (arguments, outputs and
+  temporaries), the figure that decides what fits. Each kernel row also records its largest relative error against
+  the jax form over the output and every gradient, at B1 T1024 in fp32."""
   from flax import nnx
 
   from longctx.layers.titans import Titans
+  from longctx.ops.titans import chunk as titans_chunk
   from longctx.train import profiling
 
   b, t, dm = (2, 64, 64) if small else (2, 4096, 1024)
   heads, dh = (2, 16) if small else (8, 128)
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  results = []
-  for chunk in (16, 64):
-    name = f'titans_lmm_chunk{chunk}'
-    if cases and name not in cases:
-      continue
+
+  def mixer(chunk, kernel, dtype='bfloat16'):
     cfg = config_lib.override(config_lib.load_file(os.path.join(repo, 'configs/titans.py')), {
         'model.d_model': dm, 'model.num_heads': heads, 'model.titans.num_heads': heads,
-        'model.titans.head_dim': dh, 'model.titans.chunk_size': chunk})
-    graph, params = nnx.split(Titans(cfg, layer_index=0, rngs=nnx.Rngs(0)))
-    x, dy = (jax.random.normal(key, (b, t, dm), jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(1)))
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    segments = jnp.ones((b, t), jnp.int32)
+        'model.titans.head_dim': dh, 'model.titans.chunk_size': chunk, 'model.titans.kernel': kernel,
+        'model.dtype': dtype})
+    return nnx.split(Titans(cfg, layer_index=0, rngs=nnx.Rngs(0)))
 
-    row = {'case': name, 'shape': f'B{b} T{t} dim {dm}, {heads}×{dh}, memory 2×4, chunk {chunk}'}
-    try:
-      compiled = time_mixer_grad(row, graph, params, x, dy, positions, segments, steps)
-      if profile_steps:
-        logdir = os.path.join(out or '.', 'profile', name)
-        profiling.trace(lambda: compiled(params, x), profile_steps, logdir)
-        row['profile'] = profiling.summarize(logdir, profile_steps, top=8)
-    except Exception as e:  # out of memory is a result
-      row['error'] = error_text(e)
-    results.append(row)
-    print(json.dumps(row), flush=True)
+  def error_vs_jax(chunk):
+    """Output and gradients of the kernel path against the jax form, fp32, a shorter sequence."""
+    tt = min(t, 1024)
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, tt, dm), jnp.float32)
+    pos = jnp.arange(tt)[None]
+
+    def run(kernel):
+      graph, params = mixer(chunk, kernel, 'float32')
+      f = lambda p, x: nnx.merge(graph, p)(x, positions=pos, segment_ids=None)[0]
+      y, back = jax.vjp(f, params, x)
+      return [y] + jax.tree.leaves(back(jnp.cos(y)))
+
+    fast, ref = jax.jit(lambda: run('pallas'))(), jax.jit(lambda: run('jax'))()
+    return max(float(rel_error(a, b_)) for a, b_ in zip(fast, ref))
+
+  results = []
+  for chunk in (16, 64):
+    for kernel in ('auto', 'pallas'):
+      name = f'titans_lmm_chunk{chunk}' + ('_pallas' if kernel == 'pallas' else '')
+      if cases and name not in cases:
+        continue
+      graph, params = mixer(chunk, kernel)
+      x, dy = (jax.random.normal(key, (b, t, dm), jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(1)))
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      row = {'case': name, 'shape': f'B{b} T{t} dim {dm}, {heads}×{dh}, memory 2×4, chunk {chunk}'}
+      try:
+        compiled = time_mixer_grad(row, graph, params, x, dy, positions, None, steps)
+        row['memory_path'] = ','.join(titans_chunk.chosen_paths()) if kernel == 'auto' else kernel
+        if kernel == 'pallas':
+          row['max_rel_error_vs_jax'] = error_vs_jax(chunk)
+        if profile_steps:
+          logdir = os.path.join(out or '.', 'profile', name)
+          profiling.trace(lambda: compiled(params, x), profile_steps, logdir)
+          row['profile'] = profiling.summarize(logdir, profile_steps, top=8)
+      except Exception as e:  # out of memory is a result
+        row['error'] = error_text(e)
+      results.append(row)
+      print(json.dumps(row), flush=True)
   return results
 
 
@@ -483,10 +508,12 @@ def routing_markdown(env: dict, results: list[dict]) -> str:
 
 
 def titans_markdown(env: dict, results: list[dict]) -> str:
-  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n', '| case | shape | fwd+bwd ms | step memory GiB |',
-           '|---|---|---|---|']
+  lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
+           '| case | shape | memory path | fwd+bwd ms | step memory GiB | max rel err vs jax (fp32, T1024) |',
+           '|---|---|---|---|---|---|']
   cell = lambda r, k, f: format(r[k], f) if k in r else r.get('error', 'failed')[:60]
-  lines += [f'| {r["case"]} | {r["shape"]} | {cell(r, "fwd_bwd_ms", ".1f")} | {cell(r, "step_memory_gib", ".2f")} |'
+  lines += [f'| {r["case"]} | {r["shape"]} | {r.get("memory_path", "-")} | {cell(r, "fwd_bwd_ms", ".1f")} | '
+            f'{cell(r, "step_memory_gib", ".2f")} | {format(r["max_rel_error_vs_jax"], ".1e") if "max_rel_error_vs_jax" in r else "-"} |'
             for r in results]
   return '\n'.join(lines) + '\n' + profile_tables(results)
 

@@ -33,6 +33,7 @@ from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm, l2_normalize
 from longctx.layers.conv import ShortConv
 from longctx.ops.chunking import resets
+from kernels_pallas.titans import supported as kernel_supported
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
 from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS
 from longctx.parallel.context import handed_recurrence
@@ -102,6 +103,7 @@ class Titans(registry.Mixer):
     self.chunk_size = t.chunk_size
     self.anchor = t.anchor_batch or t.chunk_size
     self.per_chunk_gates = t.gate_granularity == 'chunk'
+    self.kernel = t.kernel
     self.max_lr = t.max_lr
 
   @classmethod
@@ -132,6 +134,10 @@ class Titans(registry.Mixer):
     for name, ok, allowed in checks:
       if not ok:
         raise ConfigError(f'model.titans.{name}', t[name], allowed)
+    if t.kernel in ('pallas', 'pallas_interpret'):
+      ok, why = kernel_supported(memory_spec(config), t.anchor_batch or t.chunk_size, t.forget_gate == 'channel')
+      if not ok:
+        raise ConfigError('model.titans.kernel', t.kernel, f'auto or jax for this memory: the kernel cannot take {why}')
 
   @classmethod
   def flops(cls, config, seq_len):
@@ -162,11 +168,12 @@ class Titans(registry.Mixer):
          'delta': jax.nn.softplus(logit['delta']) if 'delta' in logit else jnp.ones_like(logit['theta'])}
     return l2_normalize(q[:, :, 0]), l2_normalize(k[:, :, 0]), v[:, :, 0], g, conv_cache
 
-  def lmm(self, q, k, v, g, state, segment_ids=None, reset_weights=None):
+  def lmm(self, q, k, v, g, state, segment_ids=None, reset_weights=None, kernel=None):
     if self.per_chunk_gates:
       g = hold_per_batch(g, self.anchor, segment_ids)
     return chunk_lmm(self.spec, q, k, v, g['theta'], g['eta'], g['alpha'], state, self.chunk_size,
-                     anchor=self.anchor, segment_ids=segment_ids, reset_weights=reset_weights, delta=g['delta'])
+                     anchor=self.anchor, segment_ids=segment_ids, reset_weights=reset_weights, delta=g['delta'],
+                     kernel=kernel or self.kernel)
 
   def __call__(self, x, *, positions, segment_ids, cache=None):
     del positions
@@ -204,7 +211,7 @@ class Titans(registry.Mixer):
       put = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), n, axis=1)
       buf = {name: put(cache[name], val) for name, val in zip(('k', 'v') + GATES, (k_t, v_t, *g_t))}
       qs = put(jnp.zeros_like(buf['k']), q_t)
-      o, state = self.lmm(qs, buf['k'], buf['v'], buf, cache['memory'])
+      o, state = self.lmm(qs, buf['k'], buf['v'], buf, cache['memory'], kernel='jax')
       o_t = jax.lax.dynamic_index_in_dim(o, n, axis=1, keepdims=False)
       full = n + 1 == c
       # Slots after n are empty; they do not reach the read at n, and the memory only advances on a full chunk.

@@ -16,15 +16,19 @@ and the next batch's state is the t = C row. A per-token gradient clip scales θ
 A per-channel forgetting gate (α [..., d]) makes A, B, C per channel: they scale the first layer's rows and the
 last layer's columns (`memory.decay_axis`), and the dual form's scores carry the channel.
 
-Anchor batches run one after another; `chunk_size` of them at a time form one step of a `lax.scan` whose body is
-rematerialised in the backward pass (so the memory saved for the backward is one state per chunk).
+Anchor batches run one after another; `chunk_size` tokens of them at a time form one step of a `lax.scan` whose
+body is rematerialised in the backward pass, so the backward keeps one state per chunk. (Saving each batch's
+intermediates instead measured 1.9× slower and 3.3× the memory on the H100: the scan's stacked residuals cost more
+than recomputing the batch.)
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from longctx.ops.chunking import pad_to_multiple, resets
 from longctx.ops.titans import memory
@@ -157,15 +161,68 @@ def _anchor(spec, axes, reset_weights, state, xs):
                       functools.partial(_batch, spec, axes, None), state, xs)
 
 
+KERNELS = ('auto', 'pallas', 'jax', 'pallas_interpret')
+_chosen: dict[tuple, str] = {}
+
+
+def choose(requested: str, spec, anchor: int, per_channel: bool, platform: str) -> str:
+  """'pallas', 'pallas_interpret' or 'jax' for this memory (kernels_pallas.titans: a GPU kernel, taken only when
+  asked for); a forced kernel that cannot apply raises, saying why. The choice is logged once per shape."""
+  from kernels_pallas.titans import supported
+  if requested not in KERNELS:
+    raise ValueError(f'model.titans.kernel = {requested!r}: expected one of {", ".join(KERNELS)}')
+  ok, why = supported(spec, anchor, per_channel)
+  if requested in ('pallas', 'pallas_interpret') and not ok:
+    raise ValueError(f'model.titans.kernel = {requested}: {why}')
+  if requested == 'pallas' and platform != 'gpu':
+    raise ValueError(f'model.titans.kernel = pallas needs a GPU (platform {platform}); pallas_interpret runs the '
+                     'kernel on any platform, slowly')
+  # auto takes the jax form: the kernel measured slower on the H100 at every batch size tried (benchmarks/titans-*).
+  choice = requested if requested != 'auto' else 'jax'
+  key = (choice, requested, platform, spec, anchor, per_channel)
+  if key not in _chosen:
+    _chosen[key] = choice
+    logging.info('titans memory: %s (requested %s; platform %s, anchor batch %d%s)', choice, requested, platform,
+                 anchor, f'; kernel refused: {why}' if not ok else '')
+  return choice
+
+
+def chosen_paths() -> list[str]:
+  """Every memory path this process has dispatched to, for benchmark reports."""
+  return sorted(set(_chosen.values()))
+
+
+def _kernel_pass(spec, choice, xs, state):
+  """The whole pass through kernels_pallas.titans on [N, B, H, C, ...] operands (no document starts)."""
+  from kernels_pallas.titans import Options, memory_pass
+  qs, ks, vs, th, A, B, Cm, E, D = xs
+  n, b, h, c = th.shape
+  rows = lambda x: jnp.moveaxis(x, 0, 2).reshape((b * h, n * c) + x.shape[4:])
+  col = lambda x: rows(x)[..., None]
+  heads = lambda w: w.reshape((b * h,) + w.shape[2:])
+  hidden = state['weights'][0].shape[-1]
+  opts = Options(chunk=c, activation=spec.activation, grad_clip=spec.grad_clip, block=math.gcd(32, hidden),
+                 interpret=choice == 'pallas_interpret')
+  o, weights, momentum = memory_pass(
+      rows(qs), rows(ks), rows(vs), col(th), col(A), col(B), rows(Cm), col(D),
+      col(jnp.broadcast_to(E[..., None], th.shape)), [heads(w) for w in state['weights']],
+      [heads(m) for m in state['momentum']], opts)
+  back = lambda w: w.reshape((b, h) + w.shape[1:])
+  o = jnp.moveaxis(o.reshape(b, h, n, c, -1), 2, 0)
+  return {'weights': [back(w) for w in weights], 'momentum': [back(m) for m in momentum]}, o
+
+
 def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor: int = 0, segment_ids=None,
-        reset_weights=None, delta=None):
+        reset_weights=None, delta=None, kernel: str = 'jax'):
   """q, k [B, T, H, dk], v [B, T, H, dv], theta, eta (and Huber's `delta`) [B, T, H], alpha [B, T, H] or per
   channel [B, T, H, dk]; state as `memory.init_state`. Gradients are anchored every `anchor` tokens (0: chunk_size;
   it divides chunk_size), and the backward pass keeps one state per chunk_size tokens. The retention map
   (spec.retention) applies to the weights at each anchor batch's end. Where segment_ids [B, T] start a new
   document the memory restarts from `reset_weights` (default: the state's weights; per layer [B, H, d_in, d_out])
-  with zero momentum; inside a batch that document's gradients are taken at that memory. Returns (o [B, T, H, dv]
-  in v's dtype, final state fp32). Any T: the last batch is padded with tokens that change nothing."""
+  with zero momentum; inside a batch that document's gradients are taken at that memory. `kernel` (`choose`) may
+  send the pass to kernels_pallas.titans, which takes sequences without document starts (a batch with one runs
+  here). Returns (o [B, T, H, dv] in v's dtype, final state fp32). Any T: the last batch is padded with tokens
+  that change nothing."""
   b, t, h = q.shape[:3]
   anchor = anchor or chunk_size
   if chunk_size % anchor:
@@ -193,16 +250,25 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor
     E, D = E[..., 0], D[..., 0, :]
   else:
     A, B, Cm, E, D = coefficients(et, f32(alpha), ok, reset)
-  start = reset[..., 0]
-  after = jnp.cumsum(reset.at[..., 0].set(False).astype(jnp.int32), axis=-1) > 0
-  mid = jnp.any(after, axis=(1, 2, 3))
   th = jnp.where(ok, th, 0.0)
-  xs = (qs, ks, vs, ds, th, A, B, Cm, E, D, after, start, mid)
-  xs = jax.tree.map(lambda x: x.reshape((n // group, group) + x.shape[1:]), xs)
-  one = functools.partial(_anchor, spec, axes, reset_weights)
-  body = jax.checkpoint(lambda state, xs: jax.lax.scan(one, state, xs))
   state = jax.tree.map(lambda x: x.astype(jnp.float32), state)
-  state, o = jax.lax.scan(body, state, xs)
-  o = o.reshape((n,) + o.shape[2:])
+
+  def scan_path():
+    start = reset[..., 0]
+    after = jnp.cumsum(reset.at[..., 0].set(False).astype(jnp.int32), axis=-1) > 0
+    mid = jnp.any(after, axis=(1, 2, 3))
+    xs = (qs, ks, vs, ds, th, A, B, Cm, E, D, after, start, mid)
+    xs = jax.tree.map(lambda x: x.reshape((n // group, group) + x.shape[1:]), xs)
+    one = functools.partial(_anchor, spec, axes, reset_weights)
+    body = jax.checkpoint(lambda state, xs: jax.lax.scan(one, state, xs))
+    final, o = jax.lax.scan(body, state, xs)
+    return final, o.reshape((n,) + o.shape[2:])
+
+  choice = choose(kernel, spec, c, per_channel, jax.default_backend()) if kernel != 'jax' else 'jax'
+  if choice == 'jax':
+    state, o = scan_path()
+  else:
+    fast = lambda: _kernel_pass(spec, choice, (qs, ks, vs, th, A, B, Cm, E, D), state)
+    state, o = fast() if segment_ids is None else jax.lax.cond(jnp.any(reset), scan_path, fast)
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(b, n * c, h, -1)[:, :t]
   return o.astype(v.dtype), state

@@ -1,0 +1,51 @@
+"""The Pallas kernel for Titans' memory (kernels_pallas.titans) equals the jax chunk form, forward and backward,
+run in interpret mode on CPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx.ops.titans import MemorySpec, chunk_lmm
+from longctx.ops.titans.chunk import choose
+from tests.test_titans_memory import NAMES, assert_close, inputs
+
+
+@pytest.mark.parametrize('clip,activation,t', [(0.0, 'gelu', 40), (80.0, 'gelu', 48), (80.0, 'silu', 35)])
+def test_kernel_equals_the_chunk_form(clip, activation, t):
+  """Odd lengths (a padded last batch), the clip on for about half the tokens (norms 50–110), two hidden blocks."""
+  spec = MemorySpec(dk=16, dv=16, depth=2, expansion=2, grad_clip=clip, activation=activation)
+  x = inputs(t, 2, t, 2, 16, 16, spec, scale=1.5)
+  x['alpha'] = jnp.concatenate([x['alpha'][:, :8], 0.9 * jnp.ones_like(x['alpha'][:, 8:12]), x['alpha'][:, 12:]], 1)
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=16, kernel='pallas_interpret'),
+               lambda *a: chunk_lmm(spec, *a, chunk_size=16), x, out_tol=1e-5, grad_tol=1e-5)
+
+
+def test_documents_take_the_jax_form_and_equal_it():
+  spec = MemorySpec(dk=16, dv=16, depth=2, expansion=2, grad_clip=0.3)
+  x = inputs(1, 2, 32, 2, 16, 16, spec)
+  seg = jnp.asarray([[1] * 20 + [2] * 12, [1] * 32])
+  args = [x[n] for n in NAMES]
+  o, s = chunk_lmm(spec, *args, chunk_size=16, segment_ids=seg, kernel='pallas_interpret')
+  o_ref, s_ref = chunk_lmm(spec, *args, chunk_size=16, segment_ids=seg)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
+  one_doc = jnp.ones_like(seg)
+  o, _ = chunk_lmm(spec, *args, chunk_size=16, segment_ids=one_doc, kernel='pallas_interpret')
+  o_ref, _ = chunk_lmm(spec, *args, chunk_size=16)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_choice():
+  spec = MemorySpec(dk=128, dv=128, depth=2, expansion=4)
+  assert choose('auto', spec, 16, False, 'gpu') == 'jax'                # the kernel is slower (benchmarks/)
+  assert choose('pallas', spec, 16, False, 'gpu') == 'pallas'
+  for refused in (MemorySpec(dk=128, dv=128, depth=1), MemorySpec(dk=128, dv=128, objective='huber')):
+    with pytest.raises(ValueError, match='the kernel has'):
+      choose('pallas', refused, 16, False, 'gpu')
+  with pytest.raises(ValueError, match='per-channel'):
+    choose('pallas', spec, 16, True, 'gpu')
+  with pytest.raises(ValueError, match='anchor batch 8'):
+    choose('pallas_interpret', spec, 8, False, 'cpu')
+  with pytest.raises(ValueError, match='needs a GPU'):
+    choose('pallas', spec, 16, False, 'cpu')
+  with pytest.raises(ValueError, match='expected one of'):
+    choose('triton', spec, 16, False, 'gpu')
