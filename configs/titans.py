@@ -6,8 +6,9 @@ Variants: variant —
   mag: memory as a gate (`titans_mag`), sliding-window attention of 2048 beside the memory;
   mal: memory as a layer, `titans` and `swa` (window 2048) layers alternating;
 the last three with 128 persistent tokens in every attention layer (longctx/layers/titans_wirings.py);
-  moneta, yaad: Miras memories as the sequence mixer (LMM wiring): Moneta the lp objective (p = 3) with lq retention
-  (q = 4), Yaad the Huber objective with a per-token δ and the decay retention (longctx/ops/titans/memory.py).
+  moneta, yaad, memora: Miras memories as the sequence mixer (LMM wiring): Moneta the lp objective (p = 3) with lq
+  retention (q = 4), Yaad the Huber objective with a per-token δ and the decay retention, Memora the l2 objective
+  with the KL retention (a softmax mirror step per chunk; longctx/ops/titans/memory.py).
 size: tiny
 (segments, windows and persistent tokens scaled down with it), and the paper's 170m: 12 blocks, d 768, 12 heads;
 340m: 24 blocks, d 1024, 16 heads; 760m: 24 blocks, d 1536, 16 heads; 4K context. Memory settings are
@@ -18,10 +19,11 @@ import os
 
 from longctx.config import ConfigError, load_sized, parse_variant
 
-VARIANTS = ('lmm', 'mac', 'mag', 'mal', 'moneta', 'yaad')
+VARIANTS = ('lmm', 'mac', 'mag', 'mal', 'moneta', 'yaad', 'memora')
 MIRAS = {
     'moneta': {'objective': 'lp', 'p': 3.0, 'retention': 'lq', 'q': 4.0},
     'yaad': {'objective': 'huber', 'retention': 'l2'},
+    'memora': {'objective': 'l2', 'retention': 'kl'},
 }
 #            persistent tokens, MAC segment, SWA window
 WIRING = {'tiny': (4, 64, 64)}
@@ -37,9 +39,6 @@ SIZES = {
 
 def get_config(arg=None):
   variant = parse_variant(arg, variant='lmm', size='tiny')
-  if variant.variant == 'memora':
-    raise ConfigError('--config variant variant', 'memora', 'one of ' + ', '.join(VARIANTS) +
-                      ' (Memora needs the KL retention, which longctx does not have yet)')
   if variant.variant not in VARIANTS:
     raise ConfigError('--config variant variant', variant.variant, f'one of {", ".join(VARIANTS)}')
   c = load_sized(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'), variant.size, SIZES)
@@ -50,7 +49,7 @@ def get_config(arg=None):
   c.model.titans.segment_size = segment
   c.model.attention.swa_window = window
   c.model.pattern = {
-      'lmm': 'titans', 'moneta': 'titans', 'yaad': 'titans', 'mac': 'titans_mac', 'mag': 'titans_mag',
+      'lmm': 'titans', 'moneta': 'titans', 'yaad': 'titans', 'memora': 'titans', 'mac': 'titans_mac', 'mag': 'titans_mag',
       'mal': ','.join(['titans', 'swa'] * (c.model.num_layers // 2) + ['titans'] * (c.model.num_layers % 2)),
   }[variant.variant]
   return c

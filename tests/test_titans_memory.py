@@ -201,3 +201,28 @@ def test_anchor_batches_inside_a_chunk_are_the_anchor_sized_chunks():
                lambda *a: chunk_lmm(spec, *a, chunk_size=4, segment_ids=seg), x, out_tol=1e-5, grad_tol=1e-5)
   with pytest.raises(ValueError, match='divide'):
     chunk_lmm(spec, *(x[n] for n in NAMES), chunk_size=12, anchor=5)
+
+
+def test_kl_retention_is_memoras_mirror_step():
+  """Linear memory, chunk 1, no momentum: W_t = Softmax((1 − α_t) log W_{t−1} − θ_t ∇ℓ) row by row, from the row
+  softmax of the parameters; and the chunk form equals the per-token-weight reference at chunk 8."""
+  spec = MemorySpec(dk=8, dv=6, depth=1, retention='kl')
+  x = inputs(13, 1, 10, 1, 8, 6, spec)
+  params = [jax.random.normal(jax.random.PRNGKey(5), (1, 8, 6))]
+  x['state'] = init_state(spec, params, 1)
+  W = jax.nn.softmax(params[0][0], axis=-1)
+  np.testing.assert_allclose(x['state']['weights'][0][0, 0], W, rtol=1e-6)
+  zeros = jnp.zeros_like(x['theta'])
+  _, s = chunk_lmm(spec, x['q'], x['k'], x['v'], x['theta'], zeros, x['alpha'], x['state'], chunk_size=1)
+  for t in range(10):
+    k, v = x['k'][0, t, 0], x['v'][0, t, 0]
+    grad = 2 * jnp.outer(k, k @ W - v)
+    W = jax.nn.softmax((1 - x['alpha'][0, t, 0]) * jnp.log(W) - x['theta'][0, t, 0] * grad, axis=-1)
+  np.testing.assert_allclose(s['weights'][0][0, 0], W, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(jnp.sum(s['weights'][0], -1), 1.0, rtol=1e-6)
+  spec2 = MemorySpec(dk=8, dv=8, depth=2, expansion=2, retention='kl', grad_clip=0.5)
+  x = inputs(14, 2, 16, 2, 8, 8, spec2)
+  x['state'] = init_state(spec2, [w[0] for w in x['state']['weights']], 2)
+  seg = jnp.asarray([[1] * 5 + [2] * 11, [1] * 16])
+  assert_close(lambda *a: chunk_lmm(spec2, *a, chunk_size=8, segment_ids=seg),
+               lambda *a: materialized_lmm(spec2, *a, 8, segment_ids=seg), x)

@@ -66,8 +66,9 @@ def inputs(cfg, t, seed=0):
     ('titans', {'model.titans.objective': 'huber', 'model.titans.retention': 'lq'}),   # Miras memories decode too
     ('titans', {'model.titans.chunk_size': 8, 'model.titans.anchor_batch': 4, 'model.titans.forget_gate': 'channel',
                 'model.titans.gate_granularity': 'chunk'}),
+    ('titans', {'model.titans.retention': 'kl'}),                                        # Memora
     ('attention', {'model.attention.conv_size': 3, 'model.attention.persistent_tokens': 0}),
-], ids=['swa', 'titans_mag', 'titans_mac', 'titans_miras', 'titans_chunk_gates', 'attention_conv'])
+], ids=['swa', 'titans_mag', 'titans_mac', 'titans_miras', 'titans_chunk_gates', 'titans_memora', 'attention_conv'])
 def test_prefill_then_decoding_equals_the_full_forward(name, overrides):
   mixer, cfg = make(name, **overrides)
   x, pos = inputs(cfg, 23, seed=1)
@@ -124,7 +125,7 @@ def test_mac_segments_pass_information_only_through_the_memory():
 
 def test_titans_wiring_configs_validate_and_train_a_step():
   from tests.test_model import _one_step
-  for variant in ('mac', 'mag', 'mal', 'moneta', 'yaad'):
+  for variant in ('mac', 'mag', 'mal', 'moneta', 'yaad', 'memora'):
     cfg = config_lib.load_file(os.path.join(ROOT, 'configs', f'titans.py:variant={variant},size=tiny'))
     config_lib.validate(cfg, 1)
   # MAG and MAL are made of layers trained elsewhere (swa, titans); MAC's segment scan is its own.

@@ -35,7 +35,7 @@ from longctx.layers.conv import ShortConv
 from longctx.ops.chunking import resets
 from kernels_pallas.titans import supported as kernel_supported
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
-from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS
+from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS, starting_weights
 from longctx.parallel.context import handed_recurrence
 from longctx.parallel.rules import current_mesh
 
@@ -126,7 +126,7 @@ class Titans(registry.Mixer):
         ('num_heads', t.num_heads >= 0, 'a count >= 0 (0: model.num_heads)'),
         ('head_dim', t.head_dim >= 0, 'a size >= 0 (0: the attention head dim)'),
         ('objective', t.objective in OBJECTIVES, f'one of {", ".join(OBJECTIVES)} (Miras attentional bias)'),
-        ('retention', t.retention in RETENTIONS, f'one of {", ".join(RETENTIONS)} (Miras retention)'),
+        ('retention', t.retention in RETENTIONS, f'one of {", ".join(RETENTIONS)} (Miras retention; kl: Memora)'),
         ('p', t.p >= 1, 'an exponent >= 1 for the lp objective (Moneta: 3)'),
         ('q', t.q >= 2, 'an exponent >= 2 for the lq retention (Moneta: 4)'),
         ('l1', t.l1 >= 0, 'a threshold >= 0 for the elastic-net retention'),
@@ -152,7 +152,7 @@ class Titans(registry.Mixer):
     return float(seq_len * h * (10 * weights + dual))
 
   def initial_weights(self, batch: int):
-    return [jnp.broadcast_to(w[...], (batch,) + w.shape) for w in self.memory]
+    return [jnp.broadcast_to(w, (batch,) + w.shape) for w in starting_weights(self.spec, [w[...] for w in self.memory])]
 
   def features(self, x, segment_ids, conv_cache, conv_segment_ids=None):
     b, t, _ = x.shape

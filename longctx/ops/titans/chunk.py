@@ -141,7 +141,7 @@ def _batch(spec, axes, reset_weights, state, xs):
   o = memory.finish(spec, q, h)
   end_base = W0 if reset_weights is None else [
       jnp.where(after[..., -1, None, None], wr, w0) for w0, wr in zip(W0, reset_weights)]
-  weights = [memory.retain(spec, _end(w0, s0, x, d, A, B, Cm, theta, axes[i]))
+  weights = [memory.retain(spec, _end(w0, s0, x, d, A, B, Cm, theta, axes[i]), w0, A[..., -1], axes[i])
              for i, (w0, s0, x, d) in enumerate(zip(end_base, S0, X, Delta))]
   outer = lambda x, c, d: jnp.einsum('bhsi,bhs,bhso->bhio', x, c, d)
   momentum = [E[..., None, None] * s0 - outer(x, D * theta, d) for s0, x, d in zip(S0, X, Delta)]

@@ -18,8 +18,13 @@ class MemorySpec:
   Miras ("It's All Connected", Behrouz et al. 2025) axes: `objective`, the attentional bias on e = M(k) − v per
   channel — 'l2' e² (Titans), 'lp' |e|_ε^p with the smooth |e|_ε = √(e² + ε²) (so its sign is e/|e|_ε; Moneta, p = 3),
   'huber' e² within a per-token δ and 2δ|e| − δ² beyond it (Yaad); and `retention`, a map applied to the weights as
-  they pass a chunk boundary, on top of the (1 − α) decay (reads inside the chunk see the weights before it) — 'l2' none, 'lq' W / ‖W‖_q^{q−2} per weight matrix (Moneta, q = 4),
-  'elastic_net' soft-thresholding by `l1` (the ℓ1 half of an elastic net whose ℓ2 half is the decay)."""
+  they pass a chunk boundary, on top of the (1 − α) decay (reads inside the chunk see the weights before it) — 'l2'
+  none, 'lq' W / ‖W‖_q^{q−2} per weight matrix (Moneta, q = 4), 'elastic_net' soft-thresholding by `l1` (the ℓ1
+  half of an elastic net whose ℓ2 half is the decay), 'kl' Memora's mirror step W ← Softmax((1 − α) log W⁰ − η∇ℓ)
+  over each row (the weights stay on the simplex; the memory starts from the row softmax of its parameters). The
+  kl step is taken once per chunk on the chunk's summed update: with W_lin = A W⁰ + B S⁰ − Σ C θ G the chunk's
+  linear result, W ← Softmax(W_lin + A (log W⁰ − W⁰)) = Softmax(A log W⁰ + B S⁰ − Σ C θ G); with chunk 1 and no
+  momentum that is Memora's recurrence exactly."""
   dk: int
   dv: int
   depth: int = 2
@@ -69,7 +74,7 @@ def apply(spec: MemorySpec, weights, x, perturb=None):
 
 
 OBJECTIVES = ('l2', 'lp', 'huber')
-RETENTIONS = ('l2', 'lq', 'elastic_net')
+RETENTIONS = ('l2', 'lq', 'elastic_net', 'kl')
 
 
 def objective(spec: MemorySpec, out, v, delta=None):
@@ -95,8 +100,12 @@ def loss(spec: MemorySpec, weights, k, v, perturb=None, delta=None):
   return objective(spec, apply(spec, weights, k, perturb), v, delta)
 
 
-def retain(spec: MemorySpec, weights):
-  """The retention map applied at chunk ends, per [..., d_in, d_out] weight matrix."""
+def retain(spec: MemorySpec, weights, base=None, decay=None, axis=None):
+  """The retention map applied at chunk ends, per [..., d_in, d_out] weight matrix; the kl map also takes the
+  chunk's base weights W⁰ and their decay factor A (per head [...], or per channel along `axis`, as `scale`)."""
+  if spec.retention == 'kl':
+    log_base = jnp.log(jnp.maximum(base, 1e-30))
+    return jax.nn.softmax(weights + scale(log_base - base, decay, axis), axis=-1)
   if spec.retention == 'lq':
     norm = jnp.sum(jnp.abs(weights) ** spec.q, axis=(-2, -1), keepdims=True) ** (1 / spec.q)
     return weights / jnp.maximum(norm, 1e-6) ** (spec.q - 2)
@@ -124,10 +133,17 @@ def scale(w, factor, axis):
   return jnp.expand_dims(factor, axis) * w
 
 
+def starting_weights(spec: MemorySpec, params):
+  """The memory a document starts from, given its learned parameters: themselves, or for the kl retention their
+  row softmax (on the simplex)."""
+  params = [p.astype(jnp.float32) for p in params]
+  return [jax.nn.softmax(p, axis=-1) for p in params] if spec.retention == 'kl' else params
+
+
 def init_state(spec: MemorySpec, initial_weights, batch: int):
-  """The state at the start of a document: the learned initial weights ([H, d_in, d_out] each) for every row,
-  zero momentum."""
-  weights = [jnp.broadcast_to(w.astype(jnp.float32), (batch,) + w.shape) for w in initial_weights]
+  """The state at the start of a document: the memory `starting_weights` makes of the learned parameters
+  ([H, d_in, d_out] each) for every row, zero momentum."""
+  weights = [jnp.broadcast_to(w, (batch,) + w.shape) for w in starting_weights(spec, initial_weights)]
   return {'weights': weights, 'momentum': [jnp.zeros_like(w) for w in weights]}
 
 

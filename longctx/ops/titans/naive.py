@@ -51,7 +51,8 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weig
     b = lambda x, w: x[..., None, None]
     mom = [b(et, s) * s - b(th, s) * gi for s, gi in zip(state['momentum'], g)]
     weights = [memory.scale(w, 1 - al, ax) + s for w, s, ax in zip(state['weights'], mom, axes)]
-    return {'weights': [memory.retain(spec, w) for w in weights], 'momentum': mom}, read(weights, q_t)
+    kept = [memory.retain(spec, w, w0, 1 - al, ax) for w, w0, ax in zip(weights, state['weights'], axes)]
+    return {'weights': kept, 'momentum': mom}, read(weights, q_t)
 
   f32 = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 0)
   xs = tuple(f32(x) for x in (q, k, v, theta, eta, alpha, memory.thresholds(delta, theta)))
@@ -86,15 +87,21 @@ def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, seg
       g = [jnp.where(began, a, b) for a, b in zip(g_new, g)]
 
     def token(carry, ys):
+      carry, base, decay = carry                 # the chunk's base memory and its decay so far (kl retention)
       q_t, g_t, th_t, et_t, al_t, r_t = ys
       carry = _restart(carry, r_t, reset_weights)
+      if reset_weights is not None:
+        base = _restart({'weights': base, 'momentum': base}, r_t, reset_weights)['weights']
+        decay = jnp.where(r_t.reshape(r_t.shape + (1,) * (decay.ndim - r_t.ndim)), 1.0, decay)
       e = lambda x: x[..., None, None]
       mom = [e(et_t) * s - e(th_t) * gi for s, gi in zip(carry['momentum'], g_t)]
       weights = [memory.scale(w, 1 - al_t, ax) + s for w, s, ax in zip(carry['weights'], mom, axes)]
-      return {'weights': weights, 'momentum': mom}, read(weights, q_t)
+      return ({'weights': weights, 'momentum': mom}, base, decay * (1 - al_t)), read(weights, q_t)
 
-    state, o = jax.lax.scan(token, state, (qc, g, th, et, al, rc))
-    return {**state, 'weights': [memory.retain(spec, w) for w in state['weights']]}, o
+    ones = jnp.ones(al.shape[1:], jnp.float32)
+    (state, base, decay), o = jax.lax.scan(token, (state, state['weights'], ones), (qc, g, th, et, al, rc))
+    kept = [memory.retain(spec, w, w0, decay, ax) for w, w0, ax in zip(state['weights'], base, axes)]
+    return {**state, 'weights': kept}, o
 
   xs = tuple(chunked(x) for x in (q, k, v, theta, eta, alpha, memory.thresholds(delta, theta)))
   reset_chunks = jnp.moveaxis(reset.reshape(b, n, chunk_size), (1, 2), (0, 1))
