@@ -1,6 +1,5 @@
 """The Pallas kernel for Titans' memory (kernels_pallas.titans) equals the jax chunk form, forward and backward,
 run in interpret mode on CPU."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -182,7 +182,8 @@ def test_per_channel_forgetting_equals_the_references(depth, chunk, t):
   init = [w * 0.5 for w in x['state']['weights']]
   assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=chunk, segment_ids=seg, reset_weights=init),
                lambda *a: materialized_lmm(spec, *a, chunk, segment_ids=seg, reset_weights=init), x)
-  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=1), lambda *a: naive_lmm(spec, *a), x)
+  if depth == 1:
+    assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=1), lambda *a: naive_lmm(spec, *a), x)
   # Within one batch (gradients at its start) channel 3's gate moves only the first layer's row 3.
   one = {n: (a[:, :chunk] if n != 'state' else a) for n, a in x.items()}
   _, s = chunk_lmm(spec, *(one[n] for n in NAMES), chunk_size=chunk)

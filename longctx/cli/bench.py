@@ -406,7 +406,7 @@ def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), sm
   the jax form over the output and every gradient, at B1 T1024 in fp32."""
   from flax import nnx
 
-  from longctx.layers.titans import Titans
+  from longctx.layers.titans import Titans, memory_spec
   from longctx.ops.titans import chunk as titans_chunk
   from longctx.train import profiling
 
@@ -414,12 +414,14 @@ def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), sm
   heads, dh = (2, 16) if small else (8, 128)
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-  def mixer(chunk, kernel, dtype='bfloat16'):
-    cfg = config_lib.override(config_lib.load_file(os.path.join(repo, 'configs/titans.py')), {
+  def config(chunk, kernel, dtype='bfloat16'):
+    return config_lib.override(config_lib.load_file(os.path.join(repo, 'configs/titans.py')), {
         'model.d_model': dm, 'model.num_heads': heads, 'model.titans.num_heads': heads,
         'model.titans.head_dim': dh, 'model.titans.chunk_size': chunk, 'model.titans.kernel': kernel,
         'model.dtype': dtype})
-    return nnx.split(Titans(cfg, layer_index=0, rngs=nnx.Rngs(0)))
+
+  def mixer(chunk, kernel, dtype='bfloat16'):
+    return nnx.split(Titans(config(chunk, kernel, dtype), layer_index=0, rngs=nnx.Rngs(0)))
 
   def error_vs_jax(chunk):
     """Output and gradients of the kernel path against the jax form, fp32, a shorter sequence."""
@@ -448,7 +450,8 @@ def bench_titans(steps: int, profile_steps: int = 0, out: str = '', cases=(), sm
       row = {'case': name, 'shape': f'B{b} T{t} dim {dm}, {heads}×{dh}, memory 2×4, chunk {chunk}'}
       try:
         compiled = time_mixer_grad(row, graph, params, x, dy, positions, None, steps)
-        row['memory_path'] = ','.join(titans_chunk.chosen_paths()) if kernel == 'auto' else kernel
+        row['memory_path'] = titans_chunk.choose(kernel, memory_spec(config(chunk, kernel)), chunk, False,
+                                                 jax.default_backend())
         if kernel == 'pallas':
           row['max_rel_error_vs_jax'] = error_vs_jax(chunk)
         if profile_steps:

@@ -149,16 +149,16 @@ def _batch(spec, axes, reset_weights, state, xs):
 
 
 def _anchor(spec, axes, reset_weights, state, xs):
-  """An anchor batch: a document starting at its first token restarts the state before it; one starting later
-  takes the second keys pass (`_batch` with reset weights), chosen at run time."""
-  *xs, start, mid = xs
+  """An anchor batch: a document starting at its first token restarts the state before it; with reset weights the
+  batch also takes the second keys pass for a document starting later in it. (Choosing that pass at run time with
+  `lax.cond` measured slower on the H100 than always taking it: the predicate goes to the host every batch.)"""
+  *xs, start = xs
   if reset_weights is None:
     return _batch(spec, axes, None, state, xs)
   s = start[..., None, None]
   state = {'weights': [jnp.where(s, wr, w) for wr, w in zip(reset_weights, state['weights'])],
            'momentum': [jnp.where(s, 0.0, m) for m in state['momentum']]}
-  return jax.lax.cond(mid, functools.partial(_batch, spec, axes, reset_weights),
-                      functools.partial(_batch, spec, axes, None), state, xs)
+  return _batch(spec, axes, reset_weights, state, xs)
 
 
 KERNELS = ('auto', 'pallas', 'jax', 'pallas_interpret')
@@ -229,7 +229,9 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor
     raise ValueError(f'the anchor batch ({anchor}) must divide the chunk ({chunk_size})')
   per_channel = alpha.ndim == 4
   axes = [memory.decay_axis(i, spec.depth, per_channel) for i in range(spec.depth)]
-  if segment_ids is not None and reset_weights is None:
+  if segment_ids is None:
+    reset_weights = None                      # no document starts: nothing restarts
+  elif reset_weights is None:
     reset_weights = state['weights']
   if reset_weights is not None:
     reset_weights = [w.astype(jnp.float32) for w in reset_weights]
@@ -256,8 +258,7 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor
   def scan_path():
     start = reset[..., 0]
     after = jnp.cumsum(reset.at[..., 0].set(False).astype(jnp.int32), axis=-1) > 0
-    mid = jnp.any(after, axis=(1, 2, 3))
-    xs = (qs, ks, vs, ds, th, A, B, Cm, E, D, after, start, mid)
+    xs = (qs, ks, vs, ds, th, A, B, Cm, E, D, after, start)
     xs = jax.tree.map(lambda x: x.reshape((n // group, group) + x.shape[1:]), xs)
     one = functools.partial(_anchor, spec, axes, reset_weights)
     body = jax.checkpoint(lambda state, xs: jax.lax.scan(one, state, xs))
