@@ -97,7 +97,10 @@ class _Batch(NamedTuple):
   dz2: jax.Array     # [C, D] δ₂
   hsq: jax.Array     # [C, 1] ‖h₁‖²
   n1: jax.Array      # [C, 1] ‖δ₁‖²
+  ksq: jax.Array     # [C, 1] ‖k‖²
+  n2: jax.Array      # [C, 1] ‖δ₂‖²
   scale: jax.Array   # [C, 1] the clip factor
+  d_scale: jax.Array # [C, 1] its derivative in the squared gradient norm
   thc: jax.Array     # [C, 1] θ̃
   coef: jax.Array    # [C, C] Γ
   p1: jax.Array      # [C, C] q kᵀ
@@ -143,13 +146,15 @@ def _keys(opts, n_blocks, W1, W2, k, v, Z1, DZ1):
   return z2, dz2, hsq, n1
 
 
-def _coefficients(opts, q, k, th, Cm, Dm, dz2, hsq, n1):
-  sq = _rowsum(k * k) * n1 + hsq * _rowsum(dz2 * dz2)
-  scale, _ = _clip(opts, sq)
+def _coefficients(opts, z2, dz2, q, k, th, Cm, Dm, hsq, n1):
+  """The clip and the dual form's coefficients of a batch, as a _Batch."""
+  ksq, n2 = _rowsum(k * k), _rowsum(dz2 * dz2)
+  scale, d_scale = _clip(opts, ksq * n1 + hsq * n2)
   thc = th * scale
   coef = Cm * jnp.transpose(thc)
   cl = jnp.transpose(_pick(coef, coef.shape[0] - 1, 0))
-  return scale, thc, coef, _dot(q, k, opts.precision, trans_y=True), cl, Dm * thc
+  return _Batch(z2, dz2, hsq, n1, ksq, n2, scale, d_scale, thc, coef, _dot(q, k, opts.precision, trans_y=True), cl,
+                Dm * thc)
 
 
 def _batch(opts, n_blocks, W1, W2, S1, S2, q, k, v, th, A, B, Cm, Dm, E, Z1, DZ1, R1=None, update=None,
@@ -160,8 +165,9 @@ def _batch(opts, n_blocks, W1, W2, S1, S2, q, k, v, th, A, B, Cm, Dm, E, Z1, DZ1
   bl = opts.block
   c, d = q.shape
   z2, dz2, hsq, n1 = _keys(opts, n_blocks, W1, W2, k, v, Z1, DZ1)
-  scale, thc, coef, p1, cl, dl = _coefficients(opts, q, k, th, Cm, Dm, dz2, hsq, n1)
-  m1 = p1 * coef
+  bt = _coefficients(opts, z2, dz2, q, k, th, Cm, Dm, hsq, n1)
+  coef, cl, dl = bt.coef, bt.cl, bt.dl
+  m1 = bt.p1 * coef
   last = lambda x: jnp.sum(_pick(x, c - 1, 0))
   a_c, b_c, e = last(A), last(B), jnp.sum(_pick(E, 0, 0))
 
@@ -190,7 +196,7 @@ def _batch(opts, n_blocks, W1, W2, S1, S2, q, k, v, th, A, B, Cm, Dm, E, Z1, DZ1
   r2, p2 = jax.lax.fori_loop(0, n_blocks, p3, (jnp.zeros((c, d), jnp.float32), jnp.zeros((c, c), jnp.float32)))
   r2 = r2 - _dot(p2 * coef, dz2, opts.precision)
   o = q + memory.layer_norm(r2)
-  return o, r2, p2, _Batch(z2, dz2, hsq, n1, scale, thc, coef, p1, cl, dl)
+  return o, r2, p2, bt
 
 
 def _views(ref, offset=None, size=None):
@@ -343,10 +349,9 @@ def _bwd_kernel(q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref, dm_ref, e_ref
     dA = dA + jnp.where(first_row == c - 1, da_c, 0.0)
     dB = dB + jnp.where(first_row == c - 1, db_c, 0.0)
     # The clip.
-    _, d_scale = _clip(opts, _rowsum(k * k) * bt.n1 + bt.hsq * _rowsum(bt.dz2 * bt.dz2))
     dth = dthc * bt.scale
-    dsq = dthc * th * d_scale
-    ksq, n2 = _rowsum(k * k), _rowsum(bt.dz2 * bt.dz2)
+    dsq = dthc * th * bt.d_scale
+    ksq, n2 = bt.ksq, bt.n2
     dk = dk + 2 * k * bt.n1 * dsq
     ddz2 = ddz2 + 2 * bt.dz2 * bt.hsq * dsq
 

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.titans import supported as kernel_supported
 from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm, l2_normalize
 from longctx.layers.conv import ShortConv
 from longctx.ops.chunking import resets
-from kernels_pallas.titans import supported as kernel_supported
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
 from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS, starting_weights
 from longctx.parallel.context import handed_recurrence
@@ -226,10 +226,9 @@ class Titans(registry.Mixer):
   def init_cache(self, batch: int, max_len: int = 0, dtype=jnp.float32):
     del max_len
     h, d, c = self.heads, self.head_dim, self.anchor
-    buffers = {name: jnp.zeros((batch, c, h, d), jnp.float32) for name in ('k', 'v')}
-    buffers.update({name: jnp.zeros((batch, c, h), jnp.float32) for name in GATES})
-    if 'alpha' not in self.gate_names:
-      buffers['alpha'] = jnp.zeros((batch, c, h, d), jnp.float32)
+    with_channels = ('k', 'v') + (() if 'alpha' in self.gate_names else ('alpha',))
+    buffers = {name: jnp.zeros((batch, c, h) + ((d,) if name in with_channels else ()), jnp.float32)
+               for name in ('k', 'v') + GATES}
     return {'conv': jnp.zeros((batch, self.conv.size - 1, 3 * h * d), dtype),
             'memory': init_state(self.spec, [w[...] for w in self.memory], batch),
             'count': jnp.zeros((), jnp.int32), **buffers}

@@ -162,7 +162,7 @@ def _anchor(spec, axes, reset_weights, state, xs):
 
 
 KERNELS = ('auto', 'pallas', 'jax', 'pallas_interpret')
-_chosen: dict[tuple, str] = {}
+_logged: set[tuple] = set()
 
 
 def choose(requested: str, spec, anchor: int, per_channel: bool, platform: str) -> str:
@@ -180,16 +180,11 @@ def choose(requested: str, spec, anchor: int, per_channel: bool, platform: str) 
   # auto takes the jax form: the kernel measured slower on the H100 at every batch size tried (benchmarks/titans-*).
   choice = requested if requested != 'auto' else 'jax'
   key = (choice, requested, platform, spec, anchor, per_channel)
-  if key not in _chosen:
-    _chosen[key] = choice
+  if key not in _logged:
+    _logged.add(key)
     logging.info('titans memory: %s (requested %s; platform %s, anchor batch %d%s)', choice, requested, platform,
                  anchor, f'; kernel refused: {why}' if not ok else '')
   return choice
-
-
-def chosen_paths() -> list[str]:
-  """Every memory path this process has dispatched to, for benchmark reports."""
-  return sorted(set(_chosen.values()))
 
 
 def _kernel_pass(spec, choice, xs, state):
@@ -228,7 +223,7 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor
   if chunk_size % anchor:
     raise ValueError(f'the anchor batch ({anchor}) must divide the chunk ({chunk_size})')
   per_channel = alpha.ndim == 4
-  axes = [memory.decay_axis(i, spec.depth, per_channel) for i in range(spec.depth)]
+  axes = memory.decay_axes(spec, alpha)
   if segment_ids is None:
     reset_weights = None                      # no document starts: nothing restarts
   elif reset_weights is None:
@@ -265,7 +260,7 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor
     final, o = jax.lax.scan(body, state, xs)
     return final, o.reshape((n,) + o.shape[2:])
 
-  choice = choose(kernel, spec, c, per_channel, jax.default_backend()) if kernel != 'jax' else 'jax'
+  choice = choose(kernel, spec, c, per_channel, jax.default_backend())
   if choice == 'jax':
     state, o = scan_path()
   else:

@@ -125,6 +125,11 @@ def decay_axis(layer: int, depth: int, per_channel: bool):
   return -1 if layer == 0 else -2
 
 
+def decay_axes(spec: MemorySpec, alpha):
+  """`decay_axis` of every layer for a gate alpha [B, T, H] (per head) or [B, T, H, d] (per channel)."""
+  return [decay_axis(i, spec.depth, alpha.ndim == 4) for i in range(spec.depth)]
+
+
 def scale(w, factor, axis):
   """w [..., d_in, d_out] times a per-head factor [...] (axis None) or a per-channel factor [..., d] along rows
   (axis −1: factor[..., :, None]) or columns (axis −2: factor[..., None, :])."""

@@ -20,13 +20,17 @@ def _clipped_grad(spec, weights, k, v, delta):
   return [g * scale for g in grads]
 
 
+def _restarted(weights, reset, reset_weights):
+  """The weights, with the initial ones on rows where a document starts."""
+  return [jnp.where(reset[:, None, None, None], w0, w) for w0, w in zip(reset_weights, weights)]
+
+
 def _restart(state, reset, reset_weights):
   """Rows where a document starts get the initial weights and no momentum."""
   if reset_weights is None:
     return state
-  r = reset[:, None, None, None]
-  return {'weights': [jnp.where(r, w0, w) for w0, w in zip(reset_weights, state['weights'])],
-          'momentum': [jnp.where(r, 0.0, m) for m in state['momentum']]}
+  return {'weights': _restarted(state['weights'], reset, reset_weights),
+          'momentum': [jnp.where(reset[:, None, None, None], 0.0, m) for m in state['momentum']]}
 
 
 def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weights=None, delta=None):
@@ -38,7 +42,7 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, *, segment_ids=None, reset_weig
   (o [B, T, H, dv], final state)."""
   grad = _per_token(spec, lambda w, k, v, d: _clipped_grad(spec, w, k, v, d))
   read = _per_token(spec, lambda w, q: memory.apply(spec, w, q))
-  axes = [memory.decay_axis(i, spec.depth, alpha.ndim == 4) for i in range(spec.depth)]
+  axes = memory.decay_axes(spec, alpha)
   b, t = q.shape[:2]
   reset = resets(segment_ids, t, b)
   if segment_ids is not None and reset_weights is None:
@@ -67,7 +71,7 @@ def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, seg
   memory the previous chunk left; momentum and decay then run token by token. A document that starts inside a
   chunk takes its gradients at `reset_weights` (the memory before it) and starts with zero momentum. T must be a
   multiple of chunk_size. The retention map applies at each chunk's end."""
-  axes = [memory.decay_axis(i, spec.depth, alpha.ndim == 4) for i in range(spec.depth)]
+  axes = memory.decay_axes(spec, alpha)
   b, t = q.shape[:2]
   reset = resets(segment_ids, t, b)
   if segment_ids is not None and reset_weights is None:
@@ -91,7 +95,7 @@ def chunked_lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int, *, seg
       q_t, g_t, th_t, et_t, al_t, r_t = ys
       carry = _restart(carry, r_t, reset_weights)
       if reset_weights is not None:
-        base = _restart({'weights': base, 'momentum': base}, r_t, reset_weights)['weights']
+        base = _restarted(base, r_t, reset_weights)
         decay = jnp.where(r_t.reshape(r_t.shape + (1,) * (decay.ndim - r_t.ndim)), 1.0, decay)
       e = lambda x: x[..., None, None]
       mom = [e(et_t) * s - e(th_t) * gi for s, gi in zip(carry['momentum'], g_t)]
