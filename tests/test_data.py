@@ -100,3 +100,39 @@ def test_per_host_shards_are_disjoint():
   b = next(iter(data.dataset(cfg, 'validation', process_index=1, process_count=2)))
   assert a['tokens'].shape[0] == cfg.train.batch_size // 2
   assert not np.array_equal(a['tokens'], b['tokens'])
+
+
+def _needle_rows(batches):
+  """(tokens, segment_ids) of the rows holding a needle."""
+  return [(row, seg) for b in batches for row, seg in zip(b['tokens'], b['segment_ids'])
+          if b'special magic number' in bytes(row[row < 256].astype(np.uint8))]
+
+
+def test_needle_rows_replace_their_share_of_training_rows_and_resume_exactly():
+  cfg = small_config(**{'data.seq_len': 256, 'train.batch_size': 8, 'data.niah_fraction': 0.5})
+  it = iter(data.dataset(cfg, 'train'))
+  batches = take(it, 6)
+  needles = _needle_rows(batches)
+  assert 12 <= len(needles) <= 36
+  for row, seg in needles:
+    assert (seg == 1).all()
+    text = bytes(row[1:].astype(np.uint8))
+    key = text.split(b'\nThe special magic number for ')[1].split(b' is ')[0]
+    value = text.split(b'\nThe special magic number for ' + key + b' is ')[1][:7]
+    assert row[0] == sources.BOS and text.endswith(b'for ' + key + b' is ' + value) and value.isdigit()
+  state = it.get_state()
+  expected = take(it, 3)
+  fresh = iter(data.dataset(cfg, 'train'))
+  fresh.set_state(state)
+  assert_same(take(fresh, 3), expected)
+  assert not _needle_rows(take(iter(data.dataset(cfg, 'validation')), 4))
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'data.niah_fraction': 1.5}, 'data.niah_fraction'),
+    ({'data.niah_fraction': 0.2, 'data.source': 'mqar'}, 'data.niah_fraction'),
+    ({'data.niah_fraction': 0.2, 'data.seq_len': 64}, 'data.seq_len'),
+])
+def test_needle_rows_refuse_a_bad_fraction_source_or_length(overrides, field):
+  with pytest.raises(config_lib.ConfigError, match=field):
+    data.check_config(small_config(**overrides))

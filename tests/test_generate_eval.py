@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from longctx.data import needles
 from longctx.data.sources import BOS
 from longctx.eval import niah
 from longctx.generate import sample
@@ -45,7 +46,7 @@ def test_needle_rows_hold_the_needle_at_its_depth_and_score_only_the_value():
   rng = np.random.default_rng(0)
   filler = np.frombuffer(b'lorem ipsum dolor sit amet\n' * 400, np.uint8)
   for depth in (0.0, 0.5, 1.0):
-    tokens, mask = niah.make_row(rng, filler, 400, depth)
+    tokens, mask = needles.make_row(rng, filler, 400, depth)
     text = bytes(tokens[1:].astype(np.uint8))
     assert len(tokens) == 400 and tokens[0] == BOS
     key = text.split(b'special magic number for ')[1].split(b' is ')[0]

@@ -106,11 +106,9 @@ def test_documents_restart_the_memory(chunk):
   x = inputs(9, 2, 24, 2, 8, 8, spec)
   seg = jnp.asarray([[1] * 5 + [2] * 12 + [3] * 7, [1] * 24])
   init = [w * 0.5 for w in x['state']['weights']]
-  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=chunk, segment_ids=seg, reset_weights=init),
-               lambda *a: materialized_lmm(spec, *a, chunk, segment_ids=seg, reset_weights=init), x)
-  if chunk == 1:
-    assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=1, segment_ids=seg, reset_weights=init),
-                 lambda *a: naive_lmm(spec, *a, segment_ids=seg, reset_weights=init), x)
+  reference = (lambda *a: naive_lmm(spec, *a, segment_ids=seg, reset_weights=init)) if chunk == 1 else (
+      lambda *a: materialized_lmm(spec, *a, chunk, segment_ids=seg, reset_weights=init))
+  assert_close(lambda *a: chunk_lmm(spec, *a, chunk_size=chunk, segment_ids=seg, reset_weights=init), reference, x)
   # A later document sees nothing of an earlier one.
   args = [x[n] for n in NAMES]
   o, _ = chunk_lmm(spec, *args, chunk_size=chunk, segment_ids=seg, reset_weights=init)

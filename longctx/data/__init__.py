@@ -1,5 +1,8 @@
 """Input pipelines (grain): sources -> per-host shard -> shuffle -> pack into rows -> batch, checkpointable.
 
+With `data.niah_fraction` > 0 that share of the training rows of byte-level text become single-needle retrieval rows
+(`longctx.data.needles`), the task `longctx.eval.niah` scores; validation rows stay plain text.
+
 Every batch is a dict of int32 [batch, seq_len] arrays: `tokens`, `segment_ids` (0 = padding, documents numbered
 from 1 inside a row) and `positions` (restarting at 0 at every document), optionally `loss_mask`. The model
 predicts tokens[t + 1] at t only where both belong to the same document.
@@ -18,7 +21,7 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from longctx.config import ConfigError
-from longctx.data import mqar, sources, tasks  # noqa: F401  (mqar registers its task)
+from longctx.data import mqar, needles, sources, tasks  # noqa: F401  (mqar registers its task)
 
 TEXT_SOURCES = ('stdlib', 'text')
 TOKEN_DTYPES = ('uint16', 'uint32', 'int32')
@@ -51,6 +54,7 @@ def check_config(config) -> None:
         raise ConfigError('data.path', f, 'token files ending in .npy or .bin')
   elif d.source in tasks.names():
     tasks.get(d.source).check_config(config)
+  needles.check_config(config)
 
 
 def vocab_size(config) -> int:
@@ -133,6 +137,8 @@ def dataset(config, split: str, *, process_index: int = 0, process_count: int = 
                                                          prefetch_buffer_size=d.prefetch))
   if needs_packing:
     ds = _pack(ds, d.seq_len)
+  if split == 'train' and d.get('niah_fraction', 0.0):
+    ds = ds.random_map(needles.into_rows(d.niah_fraction), seed=config.seed)
   ds = ds.batch(config.train.batch_size // process_count, drop_remainder=True)
   n = _sequence_shards(config)
   if n > 1:
