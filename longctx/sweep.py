@@ -6,7 +6,8 @@ and optionally `evals`: evaluations to run on each finished run, as `scripts/eva
 (`learning_rate=0.003,seed=1`). Finished runs (marked DONE) are skipped; interrupted ones resume from their
 checkpoints; evaluations already written (WORKDIR/NAME/eval_TASK.json) are not repeated. The table holds each run's
 overrides, its last training and validation metrics, the share of attention layers in its stack
-(`attention_fraction`) and each evaluation's headline number (`mqar_accuracy`, `niah_accuracy`, `eval_loss`).
+(`attention_fraction`) and each evaluation's headline number (`mqar_accuracy`, `niah_accuracy`, `eval_loss`) with
+its points (`mqar@L:N`, `niah@L`).
 """
 from __future__ import annotations
 
@@ -105,8 +106,22 @@ def eval_summary(rundir: str) -> dict:
     path = os.path.join(rundir, f'eval_{task}.json')
     if os.path.exists(path):
       with open(path) as f:
-        out[key] = pick(json.load(f))
+        result = json.load(f)
+      out[key] = pick(result)
+      out.update(_by_point(task, result))
   return out
+
+
+def _by_point(task: str, result: dict) -> dict:
+  """Per-point columns: MQAR accuracy at each (length, pairs) `mqar@L:N`, S-NIAH accuracy at each length over its
+  depths `niah@L`."""
+  if task == 'mqar':
+    return {f'mqar@{r["seq_len"]}:{r["num_pairs"]}': r['accuracy'] for r in result['rows']}
+  if task == 'niah':
+    lengths = sorted({r['length'] for r in result['rows']})
+    return {f'niah@{n}': sum(r['accuracy'] for r in result['rows'] if r['length'] == n) /
+            sum(r['length'] == n for r in result['rows']) for n in lengths}
+  return {}
 
 
 def gather(workdir: str, runs: list[dict]) -> list[dict]:

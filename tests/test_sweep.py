@@ -44,7 +44,7 @@ def test_sweep_runs_evaluates_gathers_skips_finished_runs_and_the_notebook_plots
     rows = list(csv.DictReader(f))
   assert len(rows) == 2 and all(r['done'] == 'True' and int(r['step']) == 3 for r in rows)
   assert sorted(float(r['attention_fraction']) for r in rows) == [0.0, 0.5]
-  assert all(0 <= float(r['mqar_accuracy']) <= 1 for r in rows)
+  assert all(0 <= float(r['mqar_accuracy']) == float(r['mqar@32:4']) <= 1 for r in rows)
   assert (workdir / 'results.md').exists()
   second = run_script(args, timeout=600)
   assert second.returncode == 0 and second.stdout.count('skip ') == 2 and 'evaluate ' not in second.stdout

@@ -62,7 +62,7 @@ def inputs(cfg, t, seed=0):
 
 
 @pytest.mark.parametrize('name,overrides', [
-    ('swa', {}), ('titans_mag', {}), ('titans_mac', {}),
+    ('swa', {}), ('titans_mag', {}), ('titans_mac', {'model.attention.conv_size': 3}),
     ('titans', {'model.titans.objective': 'huber', 'model.titans.retention': 'lq'}),   # Miras memories decode too
     ('titans', {'model.titans.chunk_size': 8, 'model.titans.anchor_batch': 4, 'model.titans.forget_gate': 'channel',
                 'model.titans.gate_granularity': 'chunk'}),
@@ -74,6 +74,11 @@ def test_prefill_then_decoding_equals_the_full_forward(name, overrides):
   x, pos = inputs(cfg, 23, seed=1)
   full, _ = mixer(x, positions=pos, segment_ids=None)
   np.testing.assert_allclose(prefill_then_decode(mixer, x, pos, 9), full, rtol=2e-4, atol=2e-5)
+  if overrides.get('model.attention.conv_size'):      # the attention's short convolution is in the path
+    graph, params = nnx.split(mixer, nnx.Param)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graph, p)(x, positions=pos, segment_ids=None)[0] ** 2))(params)
+    conv = (grads['attn'] if 'attn' in grads else grads)['conv']['kernel'][...]
+    assert float(jnp.abs(conv).max()) > 0
 
 
 def test_persistent_tokens_reach_every_query_past_the_window():

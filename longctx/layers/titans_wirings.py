@@ -7,7 +7,8 @@ combined as  y = RMSNorm(attn) ⊙ σ(RMSNorm(memory)).
 MAC, memory as context (`titans_mac`): the sequence is cut into segments of `model.titans.segment_size` tokens. For a
 segment S with tokens x:
     h = M_{S−1}(q),  q = L2(SiLU(W_r x))                      (a read of the memory the previous segment left)
-    ỹ = Attn over [persistent ‖ W_h h ‖ x]                     (queries from x)
+    ỹ = Attn over [persistent ‖ W_h h ‖ x]                     (queries from x; with `model.attention.conv_size`
+                                                               the tokens' q, k, v pass its short convolution)
     memory ← M_S: the memory trained on ỹ (the `titans` mixer's chunked update, chunk_size tokens at a time)
     y = RMSNorm(ỹ) ⊙ σ(RMSNorm(M_S*(ỹ)))                        (M_S* read at the chunk semantics, as in LMM)
 Attention inside a segment is causal at the token level: token i sees every persistent token, and the memory read
@@ -131,7 +132,9 @@ class TitansMAC(registry.Mixer):
     del max_len
     kv_shape = (batch, self.segment) + self.attn.k.kernel.shape[1:]
     kv = {name: jnp.zeros(kv_shape, dtype) for name in ('kh', 'vh', 'kx', 'vx')}
-    return {**kv, 'count': jnp.zeros((), jnp.int32),
+    conv = {} if self.attn.conv is None else {
+        'conv': jnp.zeros((batch, self.attn.conv.size - 1, self.attn.conv.kernel.shape[1]), dtype)}
+    return {**kv, **conv, 'count': jnp.zeros((), jnp.int32),
             'read_weights': self.memory.initial_weights(batch),
             'memory': self.memory.init_cache(batch, 0, dtype)}
 
@@ -147,16 +150,19 @@ class TitansMAC(registry.Mixer):
       r = l2_normalize(jax.nn.silu(self.read_q(x_t)))
       kh, vh = self._read_tokens(memory_lib.apply(spec, [w[:, None] for w in cache['read_weights']], r), pos_t,
                                  x_t.dtype)
-      new = {'kh': kh, 'vh': vh, 'kx': rope(attn.k(x_t), pos_t, attn.rope_theta), 'vx': attn.v(x_t)}
+      q, k, v, conv = attn.projections(x_t, None, cache.get('conv'))
+      new = {'kh': kh, 'vh': vh, 'kx': rope(k, pos_t, attn.rope_theta), 'vx': v}
       put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), n, axis=1)
       kv = {name: put(cache[name], val) for name, val in new.items()}
-      q = rope(attn.q(x_t), pos_t, attn.rope_theta)
+      q = rope(q, pos_t, attn.rope_theta)
       y = self._attend(q, kv['kh'], kv['vh'], kv['kx'], kv['vx'], jnp.arange(c)[None, None, :] <= n, prefix)
       m, memory_cache = self.memory(y, positions=pos_t, segment_ids=None, cache=cache['memory'])
       end = n + 1 == c
       read_weights = [jnp.where(end, w_new, w) for w_new, w in
                       zip(memory_cache['memory']['weights'], cache['read_weights'])]
-      return ({**kv, 'count': jnp.where(end, 0, n + 1), 'read_weights': read_weights, 'memory': memory_cache},
+      conv = {} if conv is None else {'conv': conv}
+      return ({**kv, **conv, 'count': jnp.where(end, 0, n + 1), 'read_weights': read_weights,
+               'memory': memory_cache},
               self.gate(y, m)[:, 0])
 
     cache, out = jax.lax.scan(one, cache, (jnp.moveaxis(x, 1, 0), jnp.moveaxis(positions, 1, 0)))
@@ -172,9 +178,8 @@ class TitansMAC(registry.Mixer):
     n = pad(ids).shape[1] // c
     seg_major = lambda z: jnp.moveaxis(z.reshape((b, n, c) + z.shape[2:]), 1, 0)
     attn = self.attn
-    qa = rope(attn.q(x), positions, attn.rope_theta)
-    ka = rope(attn.k(x), positions, attn.rope_theta)
-    va = attn.v(x)
+    qa, ka, va, _ = attn.projections(x, segment_ids)          # with the attention's short convolution, if any
+    qa, ka = rope(qa, positions, attn.rope_theta), rope(ka, positions, attn.rope_theta)
     qr = l2_normalize(jax.nn.silu(self.read_q(x)))
     xs = tuple(seg_major(pad(z)) for z in (x, qa, ka, va, qr, positions))
     ids_s = seg_major(pad(ids, -1))                          # padding is a document of its own, dropped at the end
