@@ -38,6 +38,17 @@ def rel_error(a, b) -> float:
   return float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
+def timed(row: dict, label: str, fn, *args, steps: int) -> float | None:
+  """`row[label + '_ms']` = median_ms(fn, *args); a failure (out of memory is a result) goes to
+  `row[label + '_error']` and gives None."""
+  try:
+    row[f'{label}_ms'] = median_ms(fn, *args, steps=steps)
+    return row[f'{label}_ms']
+  except Exception as e:
+    row[f'{label}_error'] = error_text(e)
+    return None
+
+
 @contextlib.contextmanager
 def recorded(row: dict, results: list):
   """The block fills `row`; a failure inside it (out of memory, an option the compiler refuses) is a result, kept as
@@ -119,11 +130,9 @@ def bench_attention(steps: int) -> list[dict]:
       row = {'case': f'attention_{impl}{"_packed" if packed else ""}', 'impl': impl, 'packed': packed,
              'shape': f'B{b} T{t} H{h} D{d} bf16', 'error_vs_fp32': errors[impl]}
       for label, fn, args, mult in (('fwd', fwd, (q, k, v), 1.0), ('fwd_bwd', both, (q, k, v, do), 3.5)):
-        try:
-          ms = median_ms(fn, *args, steps=steps)
-          row[f'{label}_ms'], row[f'{label}_tflops_per_s'] = ms, mult * fwd_flops / ms / 1e9
-        except Exception as e:  # e.g. out of memory on the xla path
-          row[f'{label}_error'] = error_text(e)
+        ms = timed(row, label, fn, *args, steps=steps)
+        if ms is not None:
+          row[f'{label}_tflops_per_s'] = mult * fwd_flops / ms / 1e9
       results.append(row)
       print(json.dumps(row), flush=True)
   return results
@@ -193,10 +202,7 @@ def bench_linear(steps: int, profile_steps: int = 0, out: str = '', cases=()) ->
                                   **{f'd{n}': rel_error(x, y) for n, x, y in zip('qkv', got[1], ref[1])}}
     args = (q, k, v, beta, g, gk)
     for label, f, a in (('fwd', fwd, args), ('fwd_bwd', both, args + (do,))):
-      try:
-        row[f'{label}_ms'] = median_ms(f, *a, steps=steps)
-      except Exception as e:  # out of memory is a result
-        row[f'{label}_error'] = error_text(e)
+      timed(row, label, f, *a, steps=steps)
     if profile_steps and 'fwd_bwd_ms' in row:
       logdir = os.path.join(out or '.', 'profile', f'linear_{name}')
       profiling.trace(lambda: both(*args, do), profile_steps, logdir)
