@@ -136,3 +136,17 @@ def test_needle_rows_replace_their_share_of_training_rows_and_resume_exactly():
 def test_needle_rows_refuse_a_bad_fraction_source_or_length(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field):
     data.check_config(small_config(**overrides))
+
+
+def test_a_row_with_too_little_text_for_any_needle_stays_text():
+  from longctx.data import needles
+  transform = needles.into_rows(1.0)
+  length = 256
+  for text_bytes in (length - needles._LEAST_OVERHEAD, length - needles._LEAST_OVERHEAD + 1):
+    tokens = np.full(length, sources.BOS, np.int32)
+    tokens[:text_bytes] = 97
+    row = {'tokens': tokens, 'segment_ids': np.ones(length, np.int32), 'positions': np.arange(length, dtype=np.int32)}
+    for seed in range(20):
+      out = transform(row, np.random.default_rng(seed))
+      assert (out is row) == (text_bytes == length - needles._LEAST_OVERHEAD)
+      assert len(out['tokens']) == length

@@ -19,11 +19,17 @@ WORDS = ('amber', 'basil', 'cedar', 'delta', 'ember', 'fjord', 'garnet', 'harbor
          'lilac', 'maple', 'nectar', 'onyx', 'pepper', 'quartz', 'raven', 'saffron', 'thistle', 'umber', 'violet',
          'willow', 'xenon', 'yarrow', 'zephyr')
 VALUE_DIGITS = 7
-# Bytes a row spends on everything but filler: BOS, the longest needle and question, the value.
-_LONGEST_KEY = 2 * max(len(w) for w in WORDS) + 1
-OVERHEAD = 1 + len(f'\nThe special magic number for {"k" * _LONGEST_KEY} is {"0" * VALUE_DIGITS}.\n') + len(
-    f'\nWhat is the special magic number for {"k" * _LONGEST_KEY}? The special magic number for '
-    f'{"k" * _LONGEST_KEY} is ') + VALUE_DIGITS
+
+
+def _overhead(key_len: int) -> int:
+  """Bytes a row spends on everything but filler with a key of that length: BOS, needle, question, value."""
+  key = 'k' * key_len
+  return (1 + len(f'\nThe special magic number for {key} is {"0" * VALUE_DIGITS}.\n') +
+          len(f'\nWhat is the special magic number for {key}? The special magic number for {key} is ') + VALUE_DIGITS)
+
+
+OVERHEAD = _overhead(2 * max(len(w) for w in WORDS) + 1)       # the longest key: a row needs more than this
+_LEAST_OVERHEAD = _overhead(2 * min(len(w) for w in WORDS) + 1)
 
 
 def make_row(rng: np.random.Generator, filler: np.ndarray, length: int, depth: float):
@@ -68,7 +74,7 @@ def into_rows(fraction: float):
       return row
     length = len(row['tokens'])
     filler = row['tokens'][row['tokens'] < 256].astype(np.uint8)
-    if len(filler) <= length - OVERHEAD:
+    if len(filler) <= length - _LEAST_OVERHEAD:       # less text than the shortest key leaves room for
       return row
     tokens, _ = make_row(rng, filler, length, rng.random())
     return {'tokens': tokens, 'segment_ids': np.ones(length, np.int32), 'positions': np.arange(length, dtype=np.int32)}
