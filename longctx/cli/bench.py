@@ -28,7 +28,7 @@ from longctx.cli.bench_layers import error_text
 
 common.define_config_flag(required=False)
 _SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, hybrid340m, attention, linear, '
-                             'state_pass, titans, routing')
+                             'state_pass, titans, routing, context')
 _NAME = flags.DEFINE_string('name', 'custom', 'case name when --config is given')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per case')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
@@ -73,7 +73,15 @@ SUITES = {
 }
 
 
-def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, out: str = '') -> dict:
+def device_memory_limit() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('bytes_limit')
+
+
+def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, out: str = '',
+               memory_limit: int | None = None) -> dict:
+  """One case (module docstring). With `memory_limit` (bytes per device), a step whose compiled buffers need more
+  is refused before it runs (MemoryError)."""
   from longctx.ops import state_pass
   from longctx.ops.attention import chosen_paths
   from longctx.parallel.mesh import batch_sharding, make_mesh
@@ -106,6 +114,14 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
   start = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  step_bytes = None
+  if analysis is not None:
+    step_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+                  - analysis.alias_size_in_bytes)
+  if memory_limit and step_bytes and step_bytes > memory_limit:
+    raise MemoryError(f'the compiled step needs {step_bytes / 2 ** 30:.1f} GiB per device, '
+                      f'{memory_limit / 2 ** 30:.1f} GiB available')
   for i in range(warmup):
     state, m = compiled(state, batches[i % 3])
   jax.block_until_ready(state)
@@ -128,11 +144,6 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
     profiling.trace(one, profile_steps, logdir)
     state = holder['state']
     profile = profiling.summarize(logdir, profile_steps)
-  analysis = compiled.memory_analysis()
-  step_bytes = None
-  if analysis is not None:
-    step_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-                  - analysis.alias_size_in_bytes)
   flops = flops_lib.train_flops_per_step(setup)
   peak = flops_lib.peak_flops()
   memory = peak_memory_bytes()
@@ -150,17 +161,28 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
   }
 
 
+LOSS_GROUP_TOKENS = 16384
+
+
 def max_context(name: str, cfg, steps: int, limit: int) -> list[dict]:
   """Training steps of `cfg` at data.seq_len, twice that, ... until a length fails to compile or run (out of
-  memory) or passes `limit`: one row per length tried, the last failing one with its error."""
+  memory) or passes `limit`: one row per length tried, the last failing one with its error. Each length is
+  compiled first; one whose compiled step needs more than the device's memory is not run; one that fits runs
+  `steps` steps (no warm-up: one step that completes is the answer)."""
   import copy
   import gc
   rows = []
   t = cfg.data.seq_len
   while t <= limit:
-    c = config_lib.override(copy.deepcopy(cfg), {'data.seq_len': t})
+    # The loss in groups of at most LOSS_GROUP_TOKENS tokens a row: whole logits at these lengths would be most
+    # of the memory (a 32K vocabulary at 1M tokens: 128 GiB in fp32).
+    chunks = max(cfg.model.get('loss_chunks', 1), t // LOSS_GROUP_TOKENS)
+    while t % chunks:
+      chunks += 1
+    c = config_lib.override(copy.deepcopy(cfg), {'data.seq_len': t, 'model.loss_chunks': chunks})
     try:
-      row = {**bench_case(f'{name}_T{t}', c, steps, 1), 'fits': True}
+      row = {**bench_case(f'{name}_T{t}', c, steps, 0, memory_limit=device_memory_limit()), 'fits': True,
+             'loss_chunks': chunks}
     except Exception as e:  # running out of memory is the answer being looked for
       row = {'case': f'{name}_T{t}', 'seq_len': t, 'fits': False, 'error': error_text(e)}
     rows.append(row)

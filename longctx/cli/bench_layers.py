@@ -393,6 +393,109 @@ def routing_markdown(env: dict, results: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def bench_context(steps: int, lengths=(32768, 65536, 131072, 262144), check_len: int = 8192) -> list[dict]:
+  """Context-parallel causal attention over every device on the `sequence` axis (zigzag rows, one document, B1
+  H16 D128 bf16) against one device running the whole row on cuDNN: forward+backward time, per-device TFLOP/s
+  and per-device efficiency t_one / (n · t_n). Ring runs on cuDNN blocks (and, at the shortest length, on chunked
+  XLA blocks); all-gather on chunked XLA blocks. First the sharded paths' error against the one-device cuDNN
+  result (output and gradients) at `check_len`."""
+  import ml_collections
+  from longctx.parallel import context
+  from longctx.parallel.mesh import make_mesh
+
+  n = jax.device_count()
+  mesh = make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': n}))
+  one = make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1}), jax.devices()[:1])
+  h, d = 16, 128
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'sequence'))
+  single = jax.sharding.NamedSharding(one, jax.sharding.PartitionSpec())
+
+  def inputs(t, where):
+    ks = jax.random.split(jax.random.PRNGKey(t), 4)
+    xs = [jax.random.normal(k, (1, t, h, d), jnp.bfloat16) for k in ks]
+    return [jax.device_put(x, where) for x in xs]
+
+  def local_grad(q, k, v, do):
+    impl = 'cudnn' if jax.default_backend() == 'gpu' else None
+    out, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl),
+                       q, k, v)
+    return out, vjp(do)
+
+  def sharded_grad(method, impl, t):
+    pos = jax.device_put(context.reorder(jnp.arange(t)[None], n, 'zigzag'), sharded)
+
+    def f(q, k, v, do):
+      out, vjp = jax.vjp(lambda q, k, v: context.context_attention(
+          q, k, v, pos, None, mesh=mesh, method=method, order='zigzag', impl=impl, chunk_size=1024), q, k, v)
+      return out, vjp(do)
+    return jax.jit(f)
+
+  paths = [('ring', 'cudnn'), ('ring', 'chunked'), ('all_gather', 'chunked')]
+  results = []
+  # Error of each path against one device, at a length every path handles.
+  ref_out, ref_grads = jax.jit(local_grad)(*inputs(check_len, single))
+  errors = {}
+  for method, impl in paths:
+    label = f'{method}_{impl}'
+    try:
+      q, k, v, do = (jax.device_put(context.reorder(x, n, 'zigzag'), sharded) for x in inputs(check_len, single))
+      out, grads = sharded_grad(method, impl, check_len)(q, k, v, do)
+      back = lambda x: context.restore(jax.device_put(x, single), n, 'zigzag')
+      errors[label] = {'out': rel_error(back(out), ref_out.astype(jnp.float32)),
+                       **{f'd{c}': rel_error(back(g), r.astype(jnp.float32)) for c, g, r in zip('qkv', grads, ref_grads)}}
+    except Exception as e:
+      errors[label] = {'error': error_text(e)}
+  print(json.dumps({'errors_vs_one_device': errors}), flush=True)
+  for t in lengths:
+    flops = 3.5 * 2 * h * t * t * d / 2                      # causal forward (half the square) × 3.5 for fwd+bwd
+    row = {'case': f'context_T{t}', 'seq_len': t, 'devices': n, 'shape': f'B1 T{t} H{h} D{d} bf16',
+           'errors_at': check_len, 'errors': errors}
+    with recorded(row, results):
+      t1 = timed(row, 'one_device', jax.jit(local_grad), *inputs(t, single), steps=steps)
+      for method, impl in paths:
+        if impl == 'chunked' and t > lengths[0]:
+          continue
+        label = f'{method}_{impl}'
+        xs = [jax.device_put(x, sharded) for x in inputs(t, single)] if t <= lengths[1] else None
+        if xs is None:   # the longest rows are drawn sharded, not gathered on one device first
+          ks = jax.random.split(jax.random.PRNGKey(t), 4)
+          xs = [jax.jit(lambda k: jax.random.normal(k, (1, t, h, d), jnp.bfloat16), out_shardings=sharded)(k)
+                for k in ks]
+        ms = timed(row, label, sharded_grad(method, impl, t), *xs, steps=steps)
+        if ms is not None:
+          row[f'{label}_tflops_per_device'] = flops / n / ms / 1e9
+          if t1 is not None:
+            row[f'{label}_efficiency'] = t1 / (n * ms)
+      if t1 is not None:
+        row['one_device_tflops'] = flops / t1 / 1e9
+  return results
+
+
+def context_markdown(env: dict, results: list[dict]) -> str:
+  n = results[0]['devices'] if results else 1
+  errors = results[0]['errors'] if results else {}
+  lines = [f'Device: {env["device"]} × {n}; jax {env["jax"]}; {env["date"]}\n',
+           f'Causal attention, B1 H16 D128 bf16, one document, zigzag order over {n} devices, forward+backward. '
+           'Efficiency: one device\'s time / (devices × sharded time); TFLOP/s per device (causal FLOPs, 3.5× the '
+           'forward for forward+backward).\n',
+           '| T | one device ms (TFLOP/s) | ring cuDNN ms | ring TFLOP/s/dev | ring eff. | ring chunked ms | '
+           'all-gather chunked ms | all-gather eff. |', '|---|---|---|---|---|---|---|---|']
+  for r in results:
+    ms = lambda k: f'{r[k + "_ms"]:.1f}' if k + '_ms' in r else (f'failed: {r[k + "_error"][:40]}'
+                                                                  if k + '_error' in r else '-')
+    pct = lambda k: f'{100 * r[k]:.0f}%' if k in r else '-'
+    one = ms('one_device') + (f' ({r["one_device_tflops"]:.0f})' if 'one_device_tflops' in r else '')
+    tf = f'{r["ring_cudnn_tflops_per_device"]:.0f}' if 'ring_cudnn_tflops_per_device' in r else '-'
+    lines.append(f'| {r["seq_len"]} | {one} | {ms("ring_cudnn")} | {tf} | {pct("ring_cudnn_efficiency")} | '
+                 f'{ms("ring_chunked")} | {ms("all_gather_chunked")} | {pct("all_gather_chunked_efficiency")} |')
+  lines += ['', f'Relative error against the one-device cuDNN result at T {results[0]["errors_at"] if results else "-"}'
+            ' (output / dq / dk / dv):', '']
+  for label, e in errors.items():
+    lines.append(f'- {label}: ' + (e['error'] if 'error' in e else
+                                  ' / '.join(f'{e[k]:.1e}' for k in ('out', 'dq', 'dk', 'dv'))))
+  return '\n'.join(lines) + '\n'
+
+
 # --suite name: (run(steps, profile_steps, out, cases) -> rows, markdown(env, rows) -> table)
 SUITES = {
     'attention': (lambda steps, profile, out, cases: bench_attention(steps), attention_markdown),
@@ -400,4 +503,5 @@ SUITES = {
     'state_pass': (lambda steps, profile, out, cases: bench_state_pass(steps), state_pass_markdown),
     'titans': (bench_titans, titans_markdown),
     'routing': (lambda steps, profile, out, cases: bench_routing(steps, cases), routing_markdown),
+    'context': (lambda steps, profile, out, cases: bench_context(steps), context_markdown),
 }

@@ -33,7 +33,8 @@ class Attention(registry.Mixer):
 
   Under `parallel.sequence` > 1 the row is sharded over the mesh's sequence axis in the data loader's balanced
   token order and attention runs as `parallel.context` (ring | all_gather, `longctx.parallel.context`), masked by
-  each token's document and in-document position.
+  each token's document and in-document position; ring blocks run on cuDNN where it applies (impl auto or cudnn:
+  GPU, rows of one document, no window, zigzag or natural order), else in chunks of `chunk_size`.
   """
   context_parallel = True
 
@@ -52,6 +53,7 @@ class Attention(registry.Mixer):
     self.chunk_size = m.attention.chunk_size
     self.max_segments = m.attention.max_segments
     self.context = config.parallel.get('context', 'ring')
+    self.order = config.parallel.get('load_balance', 'zigzag')
     n_p = m.attention.persistent_tokens
     self.persistent = param(rngs, (n_p, d), (None, 'embed'), 1.0) if n_p else None
     k_conv = m.attention.get('conv_size', 0)
@@ -131,7 +133,8 @@ class Attention(registry.Mixer):
     mesh = current_mesh()
     if mesh is not None and mesh.shape.get('sequence', 1) > 1:
       o = context.context_attention(q, k, v, positions, segment_ids, mesh=mesh, method=self.context,
-                                    window=self.window)
+                                    window=self.window, order=self.order, chunk_size=self.chunk_size,
+                                    impl=self.impl if self.impl in ('auto', 'cudnn') else 'chunked')
     elif prefix is not None:
       o = prefixed(q, k, v, *(a.astype(k.dtype) for a in prefix), segment_ids, window=self.window,
                    block=self.chunk_size)

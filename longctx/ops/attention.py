@@ -323,6 +323,129 @@ def chunked(q, k, v, segment_ids=None, *, window=0, scale=None, chunk_size=512):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Blocks at explicit positions: the pieces of context-parallel attention.
+
+def _position_chunks(x, c, fill):
+  """[B, T, ...] -> [n, B, c, ...], the end padded with `fill` up to a multiple of c."""
+  pad = -x.shape[1] % c
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+  b, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape((b, t // c, c) + x.shape[2:]), 1, 0)
+
+
+def _block_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, c):
+  """Chunked operands: q [nq, B, KV, G, c, D], k/v [nk, B, KV, c, D], positions/segments [n, B, c]; padded
+  queries and keys sit in segment -1 / -2, which nothing matches."""
+  b, tq, h, d = q.shape
+  kv = k.shape[2]
+  qb = jnp.moveaxis(_position_chunks(q.reshape(b, tq, kv, h // kv, d), c, 0), 2, 4)  # n, B, KV, G, c, D
+  kb, vb = (jnp.moveaxis(_position_chunks(x, c, 0), 2, 3) for x in (k, v))          # n, B, KV, c, D
+  return (qb, kb, vb, _position_chunks(q_pos, c, 0), _position_chunks(k_pos, c, 0),
+          _position_chunks(q_seg, c, -1), _position_chunks(k_seg, c, -2))
+
+
+def _block_visible(qp, kp, window):
+  """Whether query chunk (positions qp [B, c]) may see any key of key chunk kp, ignoring documents."""
+  ok = jnp.min(kp, axis=-1) <= jnp.max(qp, axis=-1)
+  if window:
+    ok = ok & (jnp.max(kp, axis=-1) > jnp.min(qp, axis=-1) - window)
+  return jnp.any(ok)
+
+
+def _block_scores(qi, kj, qp, kp, qs, ks, window, scale):
+  s = jnp.einsum('bkgqd,bkzd->bkgqz', qi, kj, preferred_element_type=jnp.float32) * scale
+  ok = (kp[:, None, :] <= qp[:, :, None]) & (qs[:, :, None] == ks[:, None, :])
+  if window:
+    ok = ok & (qp[:, :, None] - kp[:, None, :] < window)
+  return s, ok[:, None, None]
+
+
+def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=0, scale=None, chunk_size=512):
+  """Attention of q [B, Tq, H, D] over k, v [B, Tk, KV, D] where key j is seen by query i when k_pos[j] ≤
+  q_pos[i], k_seg[j] = q_seg[i] and q_pos[i] − k_pos[j] < window (if set). Online softmax over key chunks, memory
+  linear in Tq + Tk; chunk pairs that no query may see are skipped. Returns (o [B, Tq, H, D] fp32 normalised over
+  this block, lse [B, H, Tq] fp32, −inf for a query that sees no key here)."""
+  b, tq, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  c = min(chunk_size, max(tq, k.shape[1]))
+  qb, kb, vb, qpb, kpb, qsb, ksb = _block_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, c)
+
+  def query_chunk(args):
+    qi, qp, qs = args
+
+    def body(j, carry):
+      def update(carry):
+        m, l, acc = carry
+        s, ok = _block_scores(qi, kb[j], qp, kpb[j], qs, ksb[j], window, scale)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(ok, s, _MASKED), axis=-1))
+        p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum('bkgqz,bkzd->bkgqd', p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
+        return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+      return jax.lax.cond(_block_visible(qp, kpb[j], window), update, lambda carry: carry, carry)
+
+    shape = qi.shape[:-1]
+    init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(qi.shape, jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, kb.shape[0], body, init)
+    seen = l > 0
+    return acc / jnp.where(seen, l, 1.0)[..., None], jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+  o, lse = jax.lax.map(query_chunk, (qb, qpb, qsb))                              # n, B, KV, G, c, (D)
+  o = _unblock(o)[:, :tq]
+  lse = jnp.moveaxis(lse, 0, 3)                                                  # B, KV, G, n, c
+  return o, lse.reshape(b, h, -1)[..., :tq]
+
+
+def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, window=0, scale=None, chunk_size=512):
+  """Gradients (dq, dk, dv, fp32) of this block's share of an attention whose output o and log-sum-exp lse
+  ([B, H, Tq], finite) were taken over all keys (this block's and others'): probabilities are exp(s − lse), so the
+  blocks' shares add up to the whole gradient (FlashAttention-2's backward)."""
+  b, tq, h, d = q.shape
+  tk, kv = k.shape[1], k.shape[2]
+  g = h // kv
+  scale = d ** -0.5 if scale is None else scale
+  c = min(chunk_size, max(tq, tk))
+  qb, kb, vb, qpb, kpb, qsb, ksb = _block_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, c)
+  dob = jnp.moveaxis(_position_chunks(do.reshape(b, tq, kv, g, d), c, 0), 2, 4)
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).reshape(b, tq, kv, g)
+  deltab = jnp.moveaxis(_position_chunks(delta, c, 0), 2, 4)                     # n, B, KV, G, c
+  lseb = jnp.moveaxis(_position_chunks(jnp.moveaxis(lse.reshape(b, kv, g, tq), 3, 1), c, 0), 2, 4)
+
+  def probs(i, j):
+    s, ok = _block_scores(qb[i], kb[j], qpb[i], kpb[j], qsb[i], ksb[j], window, scale)
+    p = jnp.where(ok, jnp.exp(s - lseb[i][..., None]), 0.0)
+    dp = jnp.einsum('bkgqd,bkzd->bkgqz', dob[i], vb[j], preferred_element_type=jnp.float32)
+    return p, p * (dp - deltab[i][..., None])
+
+  def dq_chunk(i):
+    def body(j, dq):
+      def add(dq):
+        _, ds = probs(i, j)
+        return dq + jnp.einsum('bkgqz,bkzd->bkgqd', ds.astype(k.dtype), kb[j], preferred_element_type=jnp.float32)
+      return jax.lax.cond(_block_visible(qpb[i], kpb[j], window), add, lambda dq: dq, dq)
+    return jax.lax.fori_loop(0, kb.shape[0], body, jnp.zeros(qb.shape[1:], jnp.float32)) * scale
+
+  def dkv_chunk(j):
+    def body(i, carry):
+      def add(carry):
+        dk, dv = carry
+        p, ds = probs(i, j)
+        dv = dv + jnp.einsum('bkgqz,bkgqd->bkzd', p.astype(do.dtype), dob[i], preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum('bkgqz,bkgqd->bkzd', ds.astype(q.dtype), qb[i], preferred_element_type=jnp.float32)
+        return dk, dv
+      return jax.lax.cond(_block_visible(qpb[i], kpb[j], window), add, lambda carry: carry, carry)
+    zeros = jnp.zeros(kb.shape[1:], jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, qb.shape[0], body, (zeros, zeros))
+    return dk * scale, dv
+
+  dq = _unblock(jax.lax.map(dq_chunk, jnp.arange(qb.shape[0])))[:, :tq]
+  dk, dv = jax.lax.map(dkv_chunk, jnp.arange(kb.shape[0]))                        # n, B, KV, c, D
+  dk, dv = (_unblock(x[:, :, :, None])[:, :tk] for x in (dk, dv))
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Dispatch.
 
 def choose_impl(requested: str, *, platform: str, dtype, head_dim: int, seq_len: int, has_segments: bool) -> str:

@@ -6,14 +6,21 @@ result is the same in every order and only the work per device changes.
 
 * `context_attention(method='ring')` (Liu et al., "Ring Attention with Blockwise Transformers"): inside
   `jax.shard_map`, n steps; each step attends the local queries to the K/V block held, while `lax.ppermute` passes
-  K/V (kv heads only, GQA stays grouped) to the next device; partial outputs merge in fp32 by their log-sum-exp. A block that no local
-  query may see (every key later than every query, or in other documents) is skipped. The backward pass is a
-  `custom_vjp` that recomputes each block's probabilities from the *global* output and LSE and passes dK/dV around
-  the ring with K/V, so they arrive home after n steps: autodiff through a per-block LSE would be wrong (the LSE
-  that `jax.nn.dot_product_attention` returns carries no gradient).
+  K/V (kv heads only, GQA stays grouped) to the next device; partial outputs merge in fp32 by their log-sum-exp. The
+  backward pass is a `custom_vjp` that recomputes each block's gradient from the *global* output and LSE and passes
+  dK/dV round the ring behind K/V, so they arrive home after n steps: autodiff through a per-block LSE would be
+  wrong (the LSE that `jax.nn.dot_product_attention` returns carries no gradient).
 * `context_attention(method='all_gather')`: K/V (and their positions) gathered over the axis, queries stay
-  sharded; one softmax per query over every key, differentiated by autodiff (all_gather's transpose is a
-  reduce-scatter).
+  sharded, one block per device; the backward gathers K/V again and reduce-scatters dK/dV.
+
+Blocks run one of two ways, memory linear in the shard either way:
+* cuDNN (`impl` auto or cudnn, where `cudnn_ring_supported`: rows of one document, no window, zigzag or natural
+  order): the order fixes which (query chunk, key chunk) pairs are causal, fully visible or empty, so each ring step
+  is one to three cuDNN calls with a plain causal or no mask; the backward hands cuDNN's backward kernel the global
+  output and LSE.
+* chunked (everything else: documents, windows, striped order, other backends): online softmax over key chunks at
+  explicit positions (`longctx.ops.attention.block_forward` / `block_backward`); chunk pairs that no query may
+  see are skipped, and a whole block no local query may see is skipped too.
 
 * `sharded_recurrence`: a linear recurrence (the chunked forms of longctx.ops) over a sequence sharded in its
   natural order. Its state map over a shard is affine, S_out = M S_in + S_local: each device finds S_local (zero
@@ -41,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from longctx.ops import attention as attention_ops
 from longctx.parallel.rules import logical_to_spec
 
 ORDERS = ('zigzag', 'striped', 'none')
@@ -72,35 +80,8 @@ def restore(x, n: int, order: str, axis: int = 1):
   return jnp.take(x, np.argsort(permutation(x.shape[axis], n, order)), axis=axis)
 
 
-def _mask(q_pos, k_pos, q_seg, k_seg, window):
-  """[B, 1, 1, Tq, Tk]: key not later than the query, same document, within the window (0: none)."""
-  ok = k_pos[:, None, :] <= q_pos[:, :, None]
-  if window:
-    ok = ok & (q_pos[:, :, None] - k_pos[:, None, :] < window)
-  ok = ok & (q_seg[:, :, None] == k_seg[:, None, :])
-  return ok[:, None, None]
-
-
-def _grouped(q, kv_heads):
-  b, t, h, d = q.shape
-  return q.reshape(b, t, kv_heads, h // kv_heads, d)
-
-
-def _block_forward(q, k, v, mask, scale):
-  """One block: (o [B, Tq, H, D] fp32 normalised within the block, lse [B, H, Tq] fp32, −inf where no key)."""
-  kv = k.shape[2]
-  s = jnp.einsum('btkgd,bskd->bkgts', _grouped(q, kv).astype(jnp.float32), k.astype(jnp.float32)) * scale
-  s = jnp.where(mask, s, _NEG)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - m) * mask
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum('bkgts,bskd->btkgd', p / jnp.maximum(l, 1e-30), v.astype(jnp.float32))
-  lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(l[..., 0], 1e-30)), -jnp.inf)
-  b, t = q.shape[:2]
-  return o.reshape(b, t, -1, q.shape[-1]), lse.reshape(b, -1, t)
-
-
 def _merge(o_a, lse_a, o_b, lse_b):
+  """Two partial attentions over disjoint keys (o fp32 normalised over its keys, lse [B, H, T]) as one."""
   lse = jnp.logaddexp(lse_a, lse_b)
   safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
   w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)
@@ -109,90 +90,238 @@ def _merge(o_a, lse_a, o_b, lse_b):
   return o_a * to_o(w_a) + o_b * to_o(w_b), lse
 
 
-def _visible(q_pos, k_pos, q_seg, k_seg, window):
-  """Whether any local query may see any key of the block (else the block is skipped)."""
-  return jnp.any(_mask(q_pos, k_pos, q_seg, k_seg, window))
+def _empty(q):
+  b, t, h, _ = q.shape
+  return jnp.zeros(q.shape, jnp.float32), jnp.full((b, h, t), -jnp.inf, jnp.float32)
 
 
-def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, axis, n, window, scale):
+def _any_visible(q_pos, k_pos, window):
+  """Whether some local query may see some key of the block held (ignoring documents); else it is skipped."""
+  ok = jnp.min(k_pos, axis=-1) <= jnp.max(q_pos, axis=-1)
+  if window:
+    ok = ok & (jnp.max(k_pos, axis=-1) > jnp.min(q_pos, axis=-1) - window)
+  return jnp.any(ok)
+
+
+class _Chunked:
+  """Blocks by longctx.ops.attention.block_forward / block_backward: any positions, documents and window."""
+
+  def __init__(self, window, scale, chunk):
+    self.kw = dict(window=window, scale=scale, chunk_size=chunk)
+    self.window = window
+
+  def forward(self, step, q, k, v, q_pos, k_pos, q_seg, k_seg):
+    del step
+    return jax.lax.cond(_any_visible(q_pos, k_pos, self.window),
+                        lambda: attention_ops.block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **self.kw),
+                        lambda: _empty(q))
+
+  def backward(self, step, q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do):
+    del step
+    zeros = lambda: tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+    return jax.lax.cond(
+        _any_visible(q_pos, k_pos, self.window),
+        lambda: attention_ops.block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, **self.kw), zeros)
+
+
+class _XlaKernel:
+  """Dense blocks in XLA ([B, H, Tq, Tk] fp32 scores): the reference for _CudnnKernel, and fine for short blocks."""
+
+  def __init__(self, scale):
+    self.scale = scale
+
+  def _probs(self, q, k, causal, lse=None):
+    b, tq, h, d = q.shape
+    kv = k.shape[2]
+    s = jnp.einsum('btkgd,bskd->bkgts', q.reshape(b, tq, kv, h // kv, d).astype(jnp.float32),
+                   k.astype(jnp.float32)) * self.scale
+    ok = jnp.tril(jnp.ones((tq, k.shape[1]), bool)) if causal else jnp.ones((tq, k.shape[1]), bool)
+    s = jnp.where(ok, s, -jnp.inf)
+    if lse is None:
+      lse = jax.nn.logsumexp(s, axis=-1)
+    else:
+      lse = lse.reshape(s.shape[:-1])
+    return jnp.exp(s - lse[..., None]), lse.reshape(b, h, tq)
+
+  def fwd(self, q, k, v, causal):
+    p, lse = self._probs(q, k, causal)
+    o = jnp.einsum('bkgts,bskd->btkgd', p, v.astype(jnp.float32))
+    return o.reshape(q.shape), lse
+
+  def bwd(self, q, k, v, o, lse, do, causal):
+    b, tq, h, d = q.shape
+    kv = k.shape[2]
+    p, _ = self._probs(q, k, causal, lse)
+    dog = do.astype(jnp.float32).reshape(b, tq, kv, h // kv, d)
+    dv = jnp.einsum('bkgts,btkgd->bskd', p, dog)
+    dp = jnp.einsum('btkgd,bskd->bkgts', dog, v.astype(jnp.float32))
+    delta = jnp.sum(dog * o.astype(jnp.float32).reshape(dog.shape), axis=-1)          # B, T, KV, G
+    ds = p * (dp - jnp.moveaxis(delta, 1, 3)[..., None]) * self.scale
+    dq = jnp.einsum('bkgts,bskd->btkgd', ds, k.astype(jnp.float32)).reshape(q.shape)
+    dk = jnp.einsum('bkgts,btkgd->bskd', ds, q.astype(jnp.float32).reshape(dog.shape))
+    return dq, dk, dv
+
+
+class _CudnnKernel:
+  """cuDNN flash attention blocks. The backward is handed the global output and log-sum-exp (the public API
+  only differentiates through its own), so each block yields its share of the whole gradient."""
+
+  def __init__(self, scale):
+    from jax._src.cudnn import fused_attention_stablehlo as cu  # the backward with given residuals is not public
+    self.cu, self.scale = cu, scale
+
+  def _mask(self, causal):
+    return self.cu.MaskType.CAUSAL if causal else self.cu.MaskType.NO_MASK
+
+  def fwd(self, q, k, v, causal):
+    o, lse = self.cu.dot_product_attention(q, k, v, scale=self.scale, qkv_layout='BTNH', return_residual=True,
+                                           mask_type=self._mask(causal))
+    return o.astype(jnp.float32), lse.astype(jnp.float32)
+
+  def bwd(self, q, k, v, o, lse, do, causal):
+    cu = self.cu
+    none = jnp.zeros(0, q.dtype)
+    grads = cu._dot_product_attention_bwd_p_wrapper.bind(
+        q, k, v, none, none, none, none, none, none, none, lse, o.astype(q.dtype), do.astype(q.dtype),
+        scale=self.scale, seed=0, dropout_rate=0.0, variadic_args=(False, False), mask_type=self._mask(causal),
+        layout=cu._normalize_layout('BTNH').value, sliding_window_length=None)
+    return tuple(g.astype(jnp.float32) for g in grads[:3])
+
+
+class _Structured:
+  """Blocks for rows of one document in zigzag or natural order, no window, on a dense kernel (cuDNN or XLA) that
+  knows only 'causal' and 'no mask'. The block structure follows from the order: at ring step s device r holds the
+  K/V of device src = r − s, and each (query chunk, key chunk) pair is causal (same chunk), fully visible (key
+  chunk earlier) or skipped."""
+
+  def __init__(self, kernel, order, axis, n):
+    self.kernel, self.order, self.axis, self.n = kernel, order, axis, n
+
+  def _source(self, step):
+    me = jax.lax.axis_index(self.axis)
+    return me, (me - step) % self.n
+
+  def forward(self, step, q, k, v, *_):
+    me, src = self._source(step)
+    if self.order == 'none':
+      if step == 0:
+        return self.kernel.fwd(q, k, v, True)
+      return jax.lax.cond(src < me, lambda: self.kernel.fwd(q, k, v, False), lambda: _empty(q))
+    c = q.shape[1] // 2
+    qa, qb, ka, kb, va, vb = q[:, :c], q[:, c:], k[:, :c], k[:, c:], v[:, :c], v[:, c:]
+    join = lambda a, b: (jnp.concatenate([a[0], b[0]], 1), jnp.concatenate([a[1], b[1]], 2))
+    if step == 0:
+      return join(self.kernel.fwd(qa, ka, va, True), _merge(*self.kernel.fwd(qb, ka, va, False), *self.kernel.fwd(qb, kb, vb, True)))
+    # Held block earlier than ours: every local query sees its first chunk only; later: our second chunk sees all.
+    return jax.lax.cond(src < me, lambda: self.kernel.fwd(q, ka, va, False),
+                        lambda: join(_empty(qa), self.kernel.fwd(qb, k, v, False)))
+
+  def backward(self, step, q, k, v, _qp, _kp, _qs, _ks, o, lse, do):
+    me, src = self._source(step)
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    if self.order == 'none':
+      if step == 0:
+        return self.kernel.bwd(q, k, v, o, lse, do, True)
+      return jax.lax.cond(src < me, lambda: self.kernel.bwd(q, k, v, o, lse, do, False),
+                          lambda: (zeros(q), zeros(k), zeros(v)))
+    c = q.shape[1] // 2
+    a, b = slice(None, c), slice(c, None)
+    part = lambda qs, ks, causal: self.kernel.bwd(q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[..., qs], do[:, qs], causal)
+    cat = lambda x, y: jnp.concatenate([x, y], 1)
+    if step == 0:
+      dqa, dka1, dva1 = part(a, a, True)
+      dqb1, dka2, dva2 = part(b, a, False)
+      dqb2, dkb, dvb = part(b, b, True)
+      return cat(dqa, dqb1 + dqb2), cat(dka1 + dka2, dkb), cat(dva1 + dva2, dvb)
+
+    def earlier():
+      dq, dka, dva = part(slice(None), a, False)
+      return dq, cat(dka, zeros(dka)), cat(dva, zeros(dva))
+
+    def later():
+      dqb, dk, dv = part(b, slice(None), False)
+      return cat(zeros(dqb), dqb), dk, dv
+
+    return jax.lax.cond(src < me, earlier, later)
+
+
+def _ring_forward(blocks, q, k, v, pos, seg, *, axis, n):
   perm = [(i, (i + 1) % n) for i in range(n)]
-  b, t, h, d = q.shape
-  o = jnp.zeros((b, t, h, d), jnp.float32)
-  lse = jnp.full((b, h, t), -jnp.inf, jnp.float32)
-  blk = (k, v, k_pos, k_seg)
+  o, lse = _empty(q)
+  held = (k, v, pos, seg)
   for step in range(n):
-    nxt = jax.lax.ppermute(blk, axis, perm) if step < n - 1 else None     # issued before the compute it overlaps
-    kb, vb, pb, sb = blk
-
-    def attend(o, lse, kb=kb, vb=vb, pb=pb, sb=sb):
-      ob, lb = _block_forward(q, kb, vb, _mask(q_pos, pb, q_seg, sb, window), scale)
-      return _merge(o, lse, ob, lb)
-
-    o, lse = jax.lax.cond(_visible(q_pos, pb, q_seg, sb, window), attend, lambda o, lse: (o, lse), o, lse)
-    blk = nxt
+    nxt = jax.lax.ppermute(held, axis, perm) if step < n - 1 else None     # issued before the compute it overlaps
+    kb, vb, pb, sb = held
+    o, lse = _merge(o, lse, *blocks.forward(step, q, kb, vb, pos, pb, seg, sb))
+    held = nxt
   return o, lse
 
 
-def _ring_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, axis, n, window, scale):
+def _ring_backward(blocks, q, k, v, pos, seg, o, lse, do, *, axis, n):
   perm = [(i, (i + 1) % n) for i in range(n)]
-  kv = k.shape[2]
-  qg = _grouped(q, kv).astype(jnp.float32)
-  dog = _grouped(do, kv).astype(jnp.float32)
-  delta = jnp.sum(do.astype(jnp.float32) * o, axis=-1)                      # [B, T, H]
-  b, t, h = delta.shape
-  delta = jnp.moveaxis(delta, 1, 2).reshape(b, kv, h // kv, t)              # [B, KV, G, T]
-  lse_g = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, kv, h // kv, t)
-  dq = jnp.zeros(qg.shape, jnp.float32)
-  blk = (k, v, k_pos, k_seg, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dq = jnp.zeros(q.shape, jnp.float32)
+  held = (k, v, pos, seg)
+  dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   for step in range(n):
-    kb, vb, pb, sb, dkb, dvb = blk
-
-    def grads(dq, dkb, dvb, kb=kb, vb=vb, pb=pb, sb=sb):
-      mask = _mask(q_pos, pb, q_seg, sb, window)
-      s = jnp.einsum('btkgd,bskd->bkgts', qg, kb.astype(jnp.float32)) * scale
-      p = jnp.exp(jnp.where(mask, s, _NEG) - lse_g[..., None]) * mask
-      dvb = dvb + jnp.einsum('bkgts,btkgd->bskd', p, dog)
-      dp = jnp.einsum('btkgd,bskd->bkgts', dog, vb.astype(jnp.float32))
-      ds = p * (dp - delta[..., None]) * scale
-      dq = dq + jnp.einsum('bkgts,bskd->btkgd', ds, kb.astype(jnp.float32))
-      dkb = dkb + jnp.einsum('bkgts,btkgd->bskd', ds, qg)
-      return dq, dkb, dvb
-
-    dq, dkb, dvb = jax.lax.cond(_visible(q_pos, pb, q_seg, sb, window), grads, lambda *a: a, dq, dkb, dvb)
-    # K/V and their running gradients travel on together; after n moves every block is back home.
-    blk = jax.lax.ppermute((kb, vb, pb, sb, dkb, dvb), axis, perm)
-  _, _, _, _, dk, dv = blk
-  return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    nxt = jax.lax.ppermute(held, axis, perm) if step < n - 1 else None     # overlaps this step's compute
+    kb, vb, pb, sb = held
+    dq_s, dk_s, dv_s = blocks.backward(step, q, kb, vb, pos, pb, seg, sb, o, lse, do)
+    # The held block's gradient follows it round the ring; after n moves it is back home.
+    dk, dv = jax.lax.ppermute((dk + dk_s, dv + dv_s), axis, perm)
+    dq = dq + dq_s
+    held = nxt
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _ring(q, k, v, pos, seg, axis, n, window, scale):
-  o, _ = _ring_forward(q, k, v, pos, pos, seg, seg, axis=axis, n=n, window=window, scale=scale)
-  return o.astype(q.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(context, q, k, v, pos, seg):
+  return _ring_fwd(context, q, k, v, pos, seg)[0]
 
 
-def _ring_fwd(q, k, v, pos, seg, axis, n, window, scale):
-  o, lse = _ring_forward(q, k, v, pos, pos, seg, seg, axis=axis, n=n, window=window, scale=scale)
-  return o.astype(q.dtype), (q, k, v, pos, seg, o, lse)
+def _ring_fwd(context, q, k, v, pos, seg):
+  blocks, axis, n = context
+  o, lse = _ring_forward(blocks, q, k, v, pos, seg, axis=axis, n=n)
+  o = o.astype(q.dtype)
+  return o, (q, k, v, pos, seg, o, lse)
 
 
-def _ring_bwd(axis, n, window, scale, res, do):
+def _ring_bwd(context, res, do):
+  blocks, axis, n = context
   q, k, v, pos, seg, o, lse = res
-  dq, dk, dv = _ring_backward(q, k, v, pos, pos, seg, seg, o, lse, do, axis=axis, n=n, window=window, scale=scale)
-  return dq, dk, dv, None, None
+  return (*_ring_backward(blocks, q, k, v, pos, seg, o, lse, do, axis=axis, n=n), None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _ring_local(q, k, v, pos, seg, *, axis, n, window, scale):
-  return _ring(q, k, v, pos, seg, axis, n, window, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gathered(context, q, k, v, pos, seg):
+  return _gathered_fwd(context, q, k, v, pos, seg)[0]
 
 
-def _gather_local(q, k, v, pos, seg, *, axis, n, window, scale):
-  gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
-  o, _ = _block_forward(q, gather(k), gather(v), _mask(pos, gather(pos), seg, gather(seg), window), scale)
-  return o.astype(q.dtype)
+def _gather(context, *xs):
+  return tuple(jax.lax.all_gather(x, context[1], axis=1, tiled=True) for x in xs)
+
+
+def _gathered_fwd(context, q, k, v, pos, seg):
+  blocks = context[0]
+  kg, vg, pg, sg = _gather(context, k, v, pos, seg)
+  o, lse = blocks.forward(0, q, kg, vg, pos, pg, seg, sg)
+  o = o.astype(q.dtype)
+  return o, (q, k, v, pos, seg, o, lse)
+
+
+def _gathered_bwd(context, res, do):
+  blocks, axis, _ = context
+  q, k, v, pos, seg, o, lse = res
+  kg, vg, pg, sg = _gather(context, k, v, pos, seg)
+  dq, dk, dv = blocks.backward(0, q, kg, vg, pos, pg, seg, sg, o, lse, do)
+  # all_gather's transpose: each device's keys collect their gradient from every device.
+  scatter = lambda x, like: jax.lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True).astype(like.dtype)
+  return dq.astype(q.dtype), scatter(dk, k), scatter(dv, v), None, None
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def _shard_map(body, mesh, in_specs, out_specs):
@@ -294,16 +423,46 @@ def _specs(mesh, q, k, axis):
   return P(batch, axis, heads, None), P(batch, axis, kv_heads, None), P(batch, axis)
 
 
+def cudnn_ring_supported(q, segment_ids, window, order) -> bool:
+  """Whether ring attention can run its blocks on cuDNN: GPU, 16-bit, head_dim ≤ 128 and a multiple of 8, rows of
+  one document (no segment ids), no window, zigzag or natural order."""
+  return (jax.default_backend() == 'gpu' and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0 and segment_ids is None and not window
+          and order in ('zigzag', 'none'))
+
+
 def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str = 'sequence', method: str = 'ring',
-                      window: int = 0, scale=None):
-  """Causal attention of q [B, T, H, D] over k, v [B, T, KV, D] whose T is sharded over `axis` of `mesh` (in any
-  token order): key j is seen by query i when positions[j] ≤ positions[i], same segment, within `window`.
-  method: ring | all_gather (module docstring)."""
+                      window: int = 0, scale=None, order: str = 'zigzag', impl: str = 'auto', chunk_size: int = 512):
+  """Causal attention of q [B, T, H, D] over k, v [B, T, KV, D] whose T is sharded over `axis` of `mesh` in token
+  order `order` (the data loader's `reorder`): key j is seen by query i when positions[j] ≤ positions[i], same
+  segment, within `window`. method: ring | all_gather (module docstring). impl: cudnn (ring blocks on cuDNN, where
+  `cudnn_ring_supported`), xla (the same block structure on dense XLA blocks), chunked (online softmax in XLA over
+  `chunk_size` chunks, any positions and documents) or auto (cudnn where supported, else chunked)."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   seg = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   n = mesh.shape[axis]
-  local = {'ring': _ring_local, 'all_gather': _gather_local}[method]
+  structured = method == 'ring' and segment_ids is None and not window and order in ('zigzag', 'none')
+  fast = structured and cudnn_ring_supported(q, segment_ids, window, order)
+  if impl == 'cudnn' and not fast:
+    raise ValueError('context attention on cuDNN needs method ring, a GPU, 16-bit inputs, head_dim <= 128 and a '
+                     f'multiple of 8, rows without segment ids, no window and order zigzag or none; got method '
+                     f'{method}, dtype {jnp.dtype(q.dtype).name}, head_dim {q.shape[-1]}, segments '
+                     f'{segment_ids is not None}, window {window}, order {order}')
+  if impl not in ('auto', 'cudnn', 'xla', 'chunked'):
+    raise ValueError(f'context attention impl {impl!r}: one of auto, cudnn, xla, chunked')
+  if impl == 'xla' and not structured:
+    raise ValueError('context attention impl xla (dense blocks) needs method ring, rows without segment ids, no '
+                     f'window and order zigzag or none; got method {method}, segments {segment_ids is not None}, '
+                     f'window {window}, order {order}')
+  # auto: cuDNN blocks where they apply, else the chunked blocks (dense XLA blocks would not fit long shards).
+  if impl == 'xla':
+    blocks = _Structured(_XlaKernel(scale), order, axis, n)
+  elif impl == 'cudnn' or (impl == 'auto' and fast):
+    blocks = _Structured(_CudnnKernel(scale), order, axis, n)
+  else:
+    blocks = _Chunked(window, scale, chunk_size)
+  local = {'ring': _ring, 'all_gather': _gathered}[method]
   q_spec, kv_spec, row_spec = _specs(mesh, q, k, axis)
-  body = functools.partial(local, axis=axis, n=n, window=window, scale=scale)
-  f = _shard_map(body, mesh, (q_spec, kv_spec, kv_spec, row_spec, row_spec), q_spec)
+  f = _shard_map(functools.partial(local, (blocks, axis, n)), mesh,
+                 (q_spec, kv_spec, kv_spec, row_spec, row_spec), q_spec)
   return f(q, k, v, positions.astype(jnp.int32), seg)

@@ -22,7 +22,7 @@ def rel(a, b):
   return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
 
 
-def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed):
+def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed, **kw):
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   q = jax.random.normal(ks[0], (b, t, h, d))
   k, v = (jax.random.normal(key, (b, t, kv, d)) for key in ks[1:3])
@@ -43,7 +43,8 @@ def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed):
   rq, rk, rv, rdo, rpos, rseg = (perm(x) for x in (q, k, v, do, absolute, seg))
 
   def loss(q, k, v):
-    o = context.context_attention(q, k, v, rpos, rseg, mesh=mesh, method=method, window=window)
+    o = context.context_attention(q, k, v, rpos, None if kw.get('impl') == 'xla' else rseg, mesh=mesh,
+                                  method=method, window=window, order=order, **kw)
     return jnp.sum(o * rdo), o
 
   (_, o), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(rq, rk, rv)
@@ -63,6 +64,13 @@ def main():
       out[f'{method}_{order}_gqa'] = case(mesh, 4, method, order, 2, 48, 6, 2, 16, 0, False, 1)
     out[f'{method}_zigzag_docs_window'] = case(mesh, 4, method, 'zigzag', 2, 40, 3, 3, 8, 7, True, 2)
     out[f'{method}_striped_8dev_odd_heads'] = case(mesh8, 8, method, 'striped', 1, 64, 5, 5, 8, 0, True, 3)
+    # Chunks of 5 that divide neither the shard nor the gathered row.
+    out[f'{method}_zigzag_docs_window_chunk5'] = case(mesh, 4, method, 'zigzag', 2, 40, 3, 3, 8, 7, True, 2,
+                                                      chunk_size=5)
+  # The block structure the cuDNN ring runs, on dense XLA blocks.
+  for order in ('zigzag', 'none'):
+    out[f'ring_{order}_structured'] = case(mesh, 4, 'ring', order, 2, 48, 6, 2, 16, 0, False, 4, impl='xla')
+  out['ring_zigzag_structured_8dev'] = case(mesh8, 8, 'ring', 'zigzag', 1, 64, 5, 5, 8, 0, False, 5, impl='xla')
   print(json.dumps(out))
 
 
