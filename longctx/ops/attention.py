@@ -353,6 +353,23 @@ def _block_visible(qp, kp, window):
   return jnp.any(ok)
 
 
+def _loop(n, body, init):
+  """fori_loop(0, n, body, init); the body inline when n is 1 (short blocks compile without control flow)."""
+  return body(0, init) if n == 1 else jax.lax.fori_loop(0, n, body, init)
+
+
+def _map(f, xs):
+  """lax.map; f applied inline when there is one element."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    return jax.tree.map(lambda y: y[None], f(jax.tree.map(lambda x: x[0], xs)))
+  return jax.lax.map(f, xs)
+
+
+def _if_visible(single, visible, fn, carry):
+  """fn(carry) where the chunk pair is visible; a single pair is taken as visible (its block was checked)."""
+  return fn(carry) if single else jax.lax.cond(visible, fn, lambda c: c, carry)
+
+
 def _block_scores(qi, kj, qp, kp, qs, ks, window, scale):
   s = jnp.einsum('bkgqd,bkzd->bkgqz', qi, kj, preferred_element_type=jnp.float32) * scale
   ok = (kp[:, None, :] <= qp[:, :, None]) & (qs[:, :, None] == ks[:, None, :])
@@ -370,6 +387,7 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=0, scale=None, 
   scale = d ** -0.5 if scale is None else scale
   c = min(chunk_size, max(tq, k.shape[1]))
   qb, kb, vb, qpb, kpb, qsb, ksb = _block_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, c)
+  single = qb.shape[0] == kb.shape[0] == 1
 
   def query_chunk(args):
     qi, qp, qs = args
@@ -383,15 +401,15 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=0, scale=None, 
         corr = jnp.exp(m - m_new)
         pv = jnp.einsum('bkgqz,bkzd->bkgqd', p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
-      return jax.lax.cond(_block_visible(qp, kpb[j], window), update, lambda carry: carry, carry)
+      return _if_visible(single, _block_visible(qp, kpb[j], window), update, carry)
 
     shape = qi.shape[:-1]
     init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(qi.shape, jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, kb.shape[0], body, init)
+    m, l, acc = _loop(kb.shape[0], body, init)
     seen = l > 0
     return acc / jnp.where(seen, l, 1.0)[..., None], jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
-  o, lse = jax.lax.map(query_chunk, (qb, qpb, qsb))                              # n, B, KV, G, c, (D)
+  o, lse = _map(query_chunk, (qb, qpb, qsb))                                    # n, B, KV, G, c, (D)
   o = _unblock(o)[:, :tq]
   lse = jnp.moveaxis(lse, 0, 3)                                                  # B, KV, G, n, c
   return o, lse.reshape(b, h, -1)[..., :tq]
@@ -411,6 +429,7 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, window=0,
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).reshape(b, tq, kv, g)
   deltab = jnp.moveaxis(_position_chunks(delta, c, 0), 2, 4)                     # n, B, KV, G, c
   lseb = jnp.moveaxis(_position_chunks(jnp.moveaxis(lse.reshape(b, kv, g, tq), 3, 1), c, 0), 2, 4)
+  single = qb.shape[0] == kb.shape[0] == 1
 
   def probs(i, j):
     s, ok = _block_scores(qb[i], kb[j], qpb[i], kpb[j], qsb[i], ksb[j], window, scale)
@@ -423,8 +442,8 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, window=0,
       def add(dq):
         _, ds = probs(i, j)
         return dq + jnp.einsum('bkgqz,bkzd->bkgqd', ds.astype(k.dtype), kb[j], preferred_element_type=jnp.float32)
-      return jax.lax.cond(_block_visible(qpb[i], kpb[j], window), add, lambda dq: dq, dq)
-    return jax.lax.fori_loop(0, kb.shape[0], body, jnp.zeros(qb.shape[1:], jnp.float32)) * scale
+      return _if_visible(single, _block_visible(qpb[i], kpb[j], window), add, dq)
+    return _loop(kb.shape[0], body, jnp.zeros(qb.shape[1:], jnp.float32)) * scale
 
   def dkv_chunk(j):
     def body(i, carry):
@@ -434,13 +453,13 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, window=0,
         dv = dv + jnp.einsum('bkgqz,bkgqd->bkzd', p.astype(do.dtype), dob[i], preferred_element_type=jnp.float32)
         dk = dk + jnp.einsum('bkgqz,bkgqd->bkzd', ds.astype(q.dtype), qb[i], preferred_element_type=jnp.float32)
         return dk, dv
-      return jax.lax.cond(_block_visible(qpb[i], kpb[j], window), add, lambda carry: carry, carry)
+      return _if_visible(single, _block_visible(qpb[i], kpb[j], window), add, carry)
     zeros = jnp.zeros(kb.shape[1:], jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, qb.shape[0], body, (zeros, zeros))
+    dk, dv = _loop(qb.shape[0], body, (zeros, zeros))
     return dk * scale, dv
 
-  dq = _unblock(jax.lax.map(dq_chunk, jnp.arange(qb.shape[0])))[:, :tq]
-  dk, dv = jax.lax.map(dkv_chunk, jnp.arange(kb.shape[0]))                        # n, B, KV, c, D
+  dq = _unblock(_map(dq_chunk, jnp.arange(qb.shape[0])))[:, :tq]
+  dk, dv = _map(dkv_chunk, jnp.arange(kb.shape[0]))                               # n, B, KV, c, D
   dk, dv = (_unblock(x[:, :, :, None])[:, :tk] for x in (dk, dv))
   return dq, dk, dv
 
