@@ -2,7 +2,8 @@
 
 Variants: variant —
   lmm: every layer is the neural long-term memory (`model.pattern = 'titans'`);
-  mac: memory as context (`titans_mac`), attention segments of 512 tokens;
+  mac: memory as context (`titans_mac`), attention segments of 512 tokens, inner learning rate bound 0.03
+       (MAC_MAX_LR below);
   mag: memory as a gate (`titans_mag`), sliding-window attention of 2048 beside the memory;
   mal: memory as a layer, `titans` and `swa` (window 2048) layers alternating;
 the last three with 128 persistent tokens in every attention layer (longctx/layers/titans_wirings.py);
@@ -28,6 +29,11 @@ MIRAS = {
 #            persistent tokens, MAC segment, SWA window
 WIRING = {'tiny': (4, 64, 64)}
 PAPER_WIRING = (128, 512, 2048)
+# MAC's memory learns from the attention output, whose tokens start out nearly alike: at θ up to 0.1 the inner steps
+# over a chunk add up along one direction and the gradient grows geometrically with the number of segments (28, 270,
+# 824 at 3, 4, 5 segments of 64 at size tiny); at 0.03 it stays flat (3.6, 2.9, 3.2) and MQAR trains
+# (benchmarks/README.md).
+MAC_MAX_LR = 0.03
 SIZES = {
     #       layers d_model heads mlp   vocab  seq_len batch lr
     'tiny': (4, 128, 4, 384, 384, 256, 16, 3e-3),
@@ -47,6 +53,8 @@ def get_config(arg=None):
     c.model.attention.persistent_tokens = persistent
   c.model.titans.update(MIRAS.get(variant.variant, {}))
   c.model.titans.segment_size = segment
+  if variant.variant == 'mac':
+    c.model.titans.max_lr = MAC_MAX_LR
   c.model.attention.swa_window = window
   c.model.pattern = {
       'lmm': 'titans', 'moneta': 'titans', 'yaad': 'titans', 'memora': 'titans', 'mac': 'titans_mac', 'mag': 'titans_mag',
