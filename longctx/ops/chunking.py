@@ -41,12 +41,16 @@ def chunk_segment_masks(reset_chunks):
 
 def chunked_inputs(arrays, segment_ids, chunk: int):
   """fp32, zero-padded to a whole number of chunks and laid out [B, H, N, C, ...] (arrays are [B, T, H, ...]),
-  with the document masks of `chunk_segment_masks` broadcast over heads. Zero padding must leave the state as it
-  is (zero keys and values, zero log-gates, zero β)."""
+  with the document masks of `chunk_segment_masks` broadcast over heads (all true, of size 1 but for the chunk,
+  without segment ids). Zero padding must leave the state as it is (zero keys and values, zero log-gates, zero β)."""
   b, t = arrays[0].shape[:2]
-  reset = pad_to_multiple(resets(segment_ids, t, b), chunk)
   heads_first = lambda x: jnp.moveaxis(to_chunks(pad_to_multiple(x.astype(jnp.float32), chunk), chunk), 3, 1)
-  masks = tuple(m[:, None] for m in chunk_segment_masks(to_chunks(reset, chunk)))
+  if segment_ids is None:
+    # One document: masks that broadcast, rather than [B, N, C] constants the compiler would fold at every length.
+    masks = (jnp.ones((1, 1, 1, chunk, chunk), bool), jnp.ones((1, 1, 1, chunk), bool), jnp.ones((1, 1, 1, chunk), bool))
+  else:
+    reset = pad_to_multiple(resets(segment_ids, t, b), chunk)
+    masks = tuple(m[:, None] for m in chunk_segment_masks(to_chunks(reset, chunk)))
   return tuple(heads_first(x) for x in arrays), masks
 
 
