@@ -94,3 +94,19 @@ def test_every_linear_mixer_sharded_trains_as_on_one_device(linear_results, mesh
   # sequence, or over data, fsdp and tensor (heads of every mixer split over the tensor axis).
   r = linear_results[mesh]
   assert r['loss_diff'] < 1e-5 and r['param_rel'] < 1e-5, r
+
+
+def test_context_attention_refuses_paths_that_cannot_run_here_by_name():
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from longctx.parallel.mesh import make_mesh
+  mesh = make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1}), jax.devices()[:1])
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 2, 8))
+  pos = jnp.arange(8)[None]
+  with pytest.raises(ValueError, match='cuDNN.*got method ring, dtype float32'):
+    context.context_attention(q, q, q, pos, mesh=mesh, impl='cudnn')
+  with pytest.raises(ValueError, match='impl .bogus.: one of auto, cudnn, xla, chunked'):
+    context.context_attention(q, q, q, pos, mesh=mesh, impl='bogus')
+  with pytest.raises(ValueError, match='dense blocks.*window 3'):
+    context.context_attention(q, q, q, pos, mesh=mesh, impl='xla', window=3)
