@@ -456,12 +456,7 @@ def bench_context(steps: int, lengths=(32768, 65536, 131072, 262144), check_len:
         if impl == 'chunked' and t > lengths[0]:
           continue
         label = f'{method}_{impl}'
-        xs = [jax.device_put(x, sharded) for x in inputs(t, single)] if t <= lengths[1] else None
-        if xs is None:   # the longest rows are drawn sharded, not gathered on one device first
-          ks = jax.random.split(jax.random.PRNGKey(t), 4)
-          xs = [jax.jit(lambda k: jax.random.normal(k, (1, t, h, d), jnp.bfloat16), out_shardings=sharded)(k)
-                for k in ks]
-        ms = timed(row, label, sharded_grad(method, impl, t), *xs, steps=steps)
+        ms = timed(row, label, sharded_grad(method, impl, t), *inputs(t, sharded), steps=steps)
         if ms is not None:
           row[f'{label}_tflops_per_device'] = flops / n / ms / 1e9
           if t1 is not None:

@@ -29,11 +29,12 @@ _chosen: dict[tuple, str] = {}
 
 
 def _allowed(q_idx, k_idx, seg_q, seg_k, window):
-  """[..., Tq, Tk] boolean mask from query/key indices [Tq], [Tk] and segment ids [B, Tq], [B, Tk]."""
-  ok = k_idx[None, :] <= q_idx[:, None]
+  """[B, Tq, Tk] boolean mask from query/key positions ([Tq], [Tk] shared by the batch, or [B, Tq], [B, Tk]) and
+  segment ids [B, Tq], [B, Tk]."""
+  ok = k_idx[..., None, :] <= q_idx[..., :, None]
   if window:
-    ok = ok & (q_idx[:, None] - k_idx[None, :] < window)
-  return ok[None] & (seg_q[:, :, None] == seg_k[:, None, :])
+    ok = ok & (q_idx[..., :, None] - k_idx[..., None, :] < window)
+  return ok & (seg_q[:, :, None] == seg_k[:, None, :])
 
 
 def _segments(segment_ids, batch, length):
@@ -345,8 +346,8 @@ def _block_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, c):
           _position_chunks(q_seg, c, -1), _position_chunks(k_seg, c, -2))
 
 
-def _block_visible(qp, kp, window):
-  """Whether query chunk (positions qp [B, c]) may see any key of key chunk kp, ignoring documents."""
+def block_visible(qp, kp, window=0):
+  """Whether some query (positions qp [B, Tq]) may see some key (positions kp [B, Tk]), ignoring documents."""
   ok = jnp.min(kp, axis=-1) <= jnp.max(qp, axis=-1)
   if window:
     ok = ok & (jnp.max(kp, axis=-1) > jnp.min(qp, axis=-1) - window)
@@ -372,10 +373,7 @@ def _if_visible(single, visible, fn, carry):
 
 def _block_scores(qi, kj, qp, kp, qs, ks, window, scale):
   s = jnp.einsum('bkgqd,bkzd->bkgqz', qi, kj, preferred_element_type=jnp.float32) * scale
-  ok = (kp[:, None, :] <= qp[:, :, None]) & (qs[:, :, None] == ks[:, None, :])
-  if window:
-    ok = ok & (qp[:, :, None] - kp[:, None, :] < window)
-  return s, ok[:, None, None]
+  return s, _allowed(qp, kp, qs, ks, window)[:, None, None]
 
 
 def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=0, scale=None, chunk_size=512):
@@ -401,7 +399,7 @@ def block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window=0, scale=None, 
         corr = jnp.exp(m - m_new)
         pv = jnp.einsum('bkgqz,bkzd->bkgqd', p.astype(v.dtype), vb[j], preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
-      return _if_visible(single, _block_visible(qp, kpb[j], window), update, carry)
+      return _if_visible(single, block_visible(qp, kpb[j], window), update, carry)
 
     shape = qi.shape[:-1]
     init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(qi.shape, jnp.float32))
@@ -442,7 +440,7 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, window=0,
       def add(dq):
         _, ds = probs(i, j)
         return dq + jnp.einsum('bkgqz,bkzd->bkgqd', ds.astype(k.dtype), kb[j], preferred_element_type=jnp.float32)
-      return _if_visible(single, _block_visible(qpb[i], kpb[j], window), add, dq)
+      return _if_visible(single, block_visible(qpb[i], kpb[j], window), add, dq)
     return _loop(kb.shape[0], body, jnp.zeros(qb.shape[1:], jnp.float32)) * scale
 
   def dkv_chunk(j):
@@ -453,7 +451,7 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, window=0,
         dv = dv + jnp.einsum('bkgqz,bkgqd->bkzd', p.astype(do.dtype), dob[i], preferred_element_type=jnp.float32)
         dk = dk + jnp.einsum('bkgqz,bkgqd->bkzd', ds.astype(q.dtype), qb[i], preferred_element_type=jnp.float32)
         return dk, dv
-      return _if_visible(single, _block_visible(qpb[i], kpb[j], window), add, carry)
+      return _if_visible(single, block_visible(qpb[i], kpb[j], window), add, carry)
     zeros = jnp.zeros(kb.shape[1:], jnp.float32)
     dk, dv = _loop(qb.shape[0], body, (zeros, zeros))
     return dk * scale, dv
@@ -467,11 +465,16 @@ def block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, *, window=0,
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch.
 
+def cudnn_applies(platform: str, dtype, head_dim: int) -> bool:
+  """Whether cuDNN flash attention takes these inputs: GPU, 16-bit, head_dim ≤ 128 and a multiple of 8."""
+  return (platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim <= 128 and head_dim % 8 == 0)
+
+
 def choose_impl(requested: str, *, platform: str, dtype, head_dim: int, seq_len: int, has_segments: bool) -> str:
   """The attention path for these inputs; `requested` other than 'auto' is honoured or refused with a reason."""
   del has_segments  # every path takes segment ids
-  cudnn_ok = (platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-              and head_dim <= 128 and head_dim % 8 == 0)
+  cudnn_ok = cudnn_applies(platform, dtype, head_dim)
   if requested == 'cudnn' and not cudnn_ok:
     raise ValueError('model.attention.impl = cudnn needs a GPU, bf16/fp16 inputs, head_dim <= 128 and a multiple '
                      f'of 8; got platform={platform}, dtype={jnp.dtype(dtype).name}, head_dim={head_dim}')

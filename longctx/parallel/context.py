@@ -52,7 +52,6 @@ from longctx.ops import attention as attention_ops
 from longctx.parallel.rules import logical_to_spec
 
 ORDERS = ('zigzag', 'striped', 'none')
-_NEG = -1e30
 
 
 def permutation(t: int, n: int, order: str) -> np.ndarray:
@@ -95,14 +94,6 @@ def _empty(q):
   return jnp.zeros(q.shape, jnp.float32), jnp.full((b, h, t), -jnp.inf, jnp.float32)
 
 
-def _any_visible(q_pos, k_pos, window):
-  """Whether some local query may see some key of the block held (ignoring documents); else it is skipped."""
-  ok = jnp.min(k_pos, axis=-1) <= jnp.max(q_pos, axis=-1)
-  if window:
-    ok = ok & (jnp.max(k_pos, axis=-1) > jnp.min(q_pos, axis=-1) - window)
-  return jnp.any(ok)
-
-
 class _Chunked:
   """Blocks by longctx.ops.attention.block_forward / block_backward: any positions, documents and window."""
 
@@ -112,7 +103,7 @@ class _Chunked:
 
   def forward(self, step, q, k, v, q_pos, k_pos, q_seg, k_seg):
     del step
-    return jax.lax.cond(_any_visible(q_pos, k_pos, self.window),
+    return jax.lax.cond(attention_ops.block_visible(q_pos, k_pos, self.window),
                         lambda: attention_ops.block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **self.kw),
                         lambda: _empty(q))
 
@@ -120,46 +111,30 @@ class _Chunked:
     del step
     zeros = lambda: tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
     return jax.lax.cond(
-        _any_visible(q_pos, k_pos, self.window),
+        attention_ops.block_visible(q_pos, k_pos, self.window),
         lambda: attention_ops.block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, **self.kw), zeros)
 
 
 class _XlaKernel:
-  """Dense blocks in XLA ([B, H, Tq, Tk] fp32 scores): the reference for _CudnnKernel, and fine for short blocks."""
+  """Dense blocks in XLA (`block_forward` / `block_backward` in one chunk): the reference for _CudnnKernel, and
+  fine for short blocks."""
 
   def __init__(self, scale):
     self.scale = scale
 
-  def _probs(self, q, k, causal, lse=None):
-    b, tq, h, d = q.shape
-    kv = k.shape[2]
-    s = jnp.einsum('btkgd,bskd->bkgts', q.reshape(b, tq, kv, h // kv, d).astype(jnp.float32),
-                   k.astype(jnp.float32)) * self.scale
-    ok = jnp.tril(jnp.ones((tq, k.shape[1]), bool)) if causal else jnp.ones((tq, k.shape[1]), bool)
-    s = jnp.where(ok, s, -jnp.inf)
-    if lse is None:
-      lse = jax.nn.logsumexp(s, axis=-1)
-    else:
-      lse = lse.reshape(s.shape[:-1])
-    return jnp.exp(s - lse[..., None]), lse.reshape(b, h, tq)
+  def _layout(self, q, k, causal):
+    """Positions and documents that give a causal block (query i sees keys ≤ i) or a fully visible one."""
+    b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+    k_pos = jnp.broadcast_to(jnp.arange(tk), (b, tk))
+    q_pos = jnp.broadcast_to(jnp.arange(tq) if causal else jnp.full((tq,), tk), (b, tq))
+    seg = lambda t: jnp.zeros((b, t), jnp.int32)
+    return dict(q_pos=q_pos, k_pos=k_pos, q_seg=seg(tq), k_seg=seg(tk), scale=self.scale, chunk_size=max(tq, tk))
 
   def fwd(self, q, k, v, causal):
-    p, lse = self._probs(q, k, causal)
-    o = jnp.einsum('bkgts,bskd->btkgd', p, v.astype(jnp.float32))
-    return o.reshape(q.shape), lse
+    return attention_ops.block_forward(q, k, v, **self._layout(q, k, causal))
 
   def bwd(self, q, k, v, o, lse, do, causal):
-    b, tq, h, d = q.shape
-    kv = k.shape[2]
-    p, _ = self._probs(q, k, causal, lse)
-    dog = do.astype(jnp.float32).reshape(b, tq, kv, h // kv, d)
-    dv = jnp.einsum('bkgts,btkgd->bskd', p, dog)
-    dp = jnp.einsum('btkgd,bskd->bkgts', dog, v.astype(jnp.float32))
-    delta = jnp.sum(dog * o.astype(jnp.float32).reshape(dog.shape), axis=-1)          # B, T, KV, G
-    ds = p * (dp - jnp.moveaxis(delta, 1, 3)[..., None]) * self.scale
-    dq = jnp.einsum('bkgts,bskd->btkgd', ds, k.astype(jnp.float32)).reshape(q.shape)
-    dk = jnp.einsum('bkgts,btkgd->bskd', ds, q.astype(jnp.float32).reshape(dog.shape))
-    return dq, dk, dv
+    return attention_ops.block_backward(q, k, v, o=o, lse=lse, do=do, **self._layout(q, k, causal))
 
 
 class _CudnnKernel:
@@ -423,12 +398,17 @@ def _specs(mesh, q, k, axis):
   return P(batch, axis, heads, None), P(batch, axis, kv_heads, None), P(batch, axis)
 
 
-def cudnn_ring_supported(q, segment_ids, window, order) -> bool:
-  """Whether ring attention can run its blocks on cuDNN: GPU, 16-bit, head_dim ≤ 128 and a multiple of 8, rows of
-  one document (no segment ids), no window, zigzag or natural order."""
-  return (jax.default_backend() == 'gpu' and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
-          and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0 and segment_ids is None and not window
-          and order in ('zigzag', 'none'))
+def cudnn_ring_supported(q, method, segment_ids, window, order) -> bool:
+  """Whether ring attention can run its blocks on cuDNN: `_structured` blocks, and inputs cuDNN takes
+  (`longctx.ops.attention.cudnn_applies`)."""
+  return (_structured(method, segment_ids, window, order)
+          and attention_ops.cudnn_applies(jax.default_backend(), q.dtype, q.shape[-1]))
+
+
+def _structured(method, segment_ids, window, order) -> bool:
+  """Whether the block structure follows from the order alone: ring, rows of one document, no window, zigzag or
+  natural order."""
+  return method == 'ring' and segment_ids is None and not window and order in ('zigzag', 'none')
 
 
 def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str = 'sequence', method: str = 'ring',
@@ -441,8 +421,8 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   seg = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   n = mesh.shape[axis]
-  structured = method == 'ring' and segment_ids is None and not window and order in ('zigzag', 'none')
-  fast = structured and cudnn_ring_supported(q, segment_ids, window, order)
+  structured = _structured(method, segment_ids, window, order)
+  fast = cudnn_ring_supported(q, method, segment_ids, window, order)
   if impl == 'cudnn' and not fast:
     raise ValueError('context attention on cuDNN needs method ring, a GPU, 16-bit inputs, head_dim <= 128 and a '
                      f'multiple of 8, rows without segment ids, no window and order zigzag or none; got method '
