@@ -86,3 +86,41 @@ def test_segment_offsets_describe_each_run_and_flag_overflow():
   np.testing.assert_array_equal(starts, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, 4]])
   np.testing.assert_array_equal(lengths, [[3, 2, 3, -1], [8, -1, -1, -1], [1, 1, 1, 1]])
   np.testing.assert_array_equal(overflow, [False, False, True])
+
+
+@pytest.mark.parametrize('window,chunk', [(0, 8), (0, 64), (20, 16)])
+def test_blocks_at_explicit_positions_equal_the_written_out_mask_forward_and_backward(window, chunk):
+  # Context parallelism's blocks: queries and keys of different lengths at scattered positions and documents;
+  # chunks of 8 and 16 divide neither length, 64 is one chunk each way.
+  b, tq, tk, h, kv, d = 2, 37, 53, 6, 2, 8
+  ks = jax.random.split(jax.random.PRNGKey(window + chunk), 4)
+  q, do = jax.random.normal(ks[0], (b, tq, h, d)), jax.random.normal(ks[3], (b, tq, h, d))
+  k, v = jax.random.normal(ks[1], (b, tk, kv, d)), jax.random.normal(ks[2], (b, tk, kv, d))
+  rng = np.random.default_rng(chunk)
+  q_pos = np.stack([rng.permutation(80)[:tq] for _ in range(b)])
+  q_pos[:, 0] = -1                                                 # before every key
+  q_pos = jnp.asarray(q_pos)
+  k_pos = jnp.asarray(np.stack([rng.permutation(80)[:tk] for _ in range(b)]))
+  q_seg, k_seg = (jnp.asarray(rng.integers(0, 2, (b, t))) for t in (tq, tk))
+
+  def reference(q, k, v):
+    s = jnp.einsum('btkgd,bskd->bkgts', q.reshape(b, tq, kv, h // kv, d), k) * d ** -0.5
+    ok = (k_pos[:, None, :] <= q_pos[:, :, None]) & (q_seg[:, :, None] == k_seg[:, None, :])
+    if window:
+      ok = ok & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+    s = jnp.where(ok[:, None, None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    return jnp.einsum('bkgts,bskd->btkgd', p, v).reshape(b, tq, h, d), lse.reshape(b, h, tq)
+
+  o, lse = attn.block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window=window, chunk_size=chunk)
+  ref_o, ref_lse = reference(q, k, v)
+  seen = jnp.isfinite(ref_lse)
+  assert not bool(jnp.all(seen)) and bool(jnp.any(seen))         # some queries see nothing here: o 0, lse −inf
+  assert bool(jnp.all(jnp.isfinite(lse) == seen)) and rel(o, ref_o) < FWD_TOL
+  assert float(jnp.max(jnp.abs(jnp.where(seen, lse - ref_lse, 0.0)))) < 1e-5
+  grads = attn.block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, jnp.where(seen, lse, 0.0), do,
+                              window=window, chunk_size=chunk)
+  ref_grads = jax.grad(lambda q, k, v: jnp.sum(reference(q, k, v)[0] * do), argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref_grads):
+    assert np.isfinite(np.asarray(g)).all() and rel(g, r) < GRAD_TOL
