@@ -32,13 +32,14 @@ def final_state(cfg, workdir):
   return state, step
 
 
-def test_loss_falls_on_the_default_config_within_100_steps(tmp_path):
-  cfg = load_config(**{'train.num_steps': 100, 'train.eval_every': 0, 'train.progress_bar': False,
+def test_loss_falls_on_the_default_config_within_60_steps(tmp_path):
+  cfg = load_config(**{'train.num_steps': 60, 'train.eval_every': 0, 'train.progress_bar': False,
                        'data.num_threads': 2})
   train(cfg, str(tmp_path))
   losses = [r['loss'] for r in rows(tmp_path) if 'loss' in r]
-  assert losses[-1] < losses[0] - 1.5, losses
-  assert losses[-1] < 3.0
+  # The first logged loss (step 10) is above 6 nats; by step 60 the model has the corpus' byte statistics (≈ 2.8).
+  assert losses[-1] < losses[0] - 2.0, losses
+  assert losses[-1] < 3.2, losses
 
 
 def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):

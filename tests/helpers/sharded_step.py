@@ -1,7 +1,7 @@
 """Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
 
-With the argument `linear`: a stack of every linear mixer (and attention) on data × sequence meshes against one
-device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
+With the argument `linear`: a stack of every linear mixer (and attention) on one fsdp × tensor × sequence mesh
+against one device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
 the EMA, on 4 data-parallel devices against one device with the whole batch."""
 import json
 import os
@@ -89,8 +89,7 @@ def main():
   ref, ref_losses, _, ref_buffers = run({'data': 1}, devices[:1], overrides)
   out = {}
   meshes = ({'data4': ({'data': 4}, devices[:4])} if routing else
-            {'data2_sequence4': ({'data': 2, 'sequence': 4, 'load_balance': 'none'}, devices),
-             'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices)}
+            {'fsdp2_tensor2_sequence2': ({'fsdp': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices)}
             if linear else
             {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices), 'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices),
              'data8': ({'data': 8}, devices),
