@@ -92,3 +92,34 @@ def test_dispatch_choices_and_refusals():
     choose('triton', platform='gpu')
   assert supported(64, 128, 128) == (True, '')
   assert not supported(8, 128, 128)[0]
+
+
+@pytest.mark.parametrize('c,scale', [(48, 0.3), (64, 1.0)])
+def test_unit_lower_inverse_kernel_equals_the_inverse_and_keeps_the_gradient(c, scale):
+  # Entries on and above the diagonal are not zero (they must be ignored); scale 1 with all-equal entries is the
+  # delta rule on a repeated key (β = 1), whose inverse is small while the powers of A are not.
+  from kernels_pallas.linear.inverse import unit_lower_inverse as kernel_inverse
+  from longctx.ops import triangular
+  rng = np.random.default_rng(c)
+  a = rng.normal(size=(2, 3, c, c)).astype(np.float32) * scale
+  if scale == 1.0:
+    a[1] = 1.0
+  exact = np.linalg.inv(np.eye(c) + np.tril(a.astype(np.float64), -1))
+  out = np.asarray(kernel_inverse(jnp.asarray(a), interpret=True))
+  assert np.isfinite(out).all()
+  assert rel(out, exact) < 1e-5
+  w = jnp.asarray(rng.normal(size=a.shape).astype(np.float32))
+  grad = lambda kernel: jax.grad(lambda x: jnp.sum(triangular.unit_lower_inverse(x, kernel) * w))(jnp.asarray(a))
+  assert rel(grad('pallas_interpret'), grad('jax')) < 1e-5
+
+
+def test_unit_lower_inverse_dispatch():
+  from longctx.ops import triangular
+  assert triangular.choose('auto', 64, 'gpu') == 'pallas'
+  assert triangular.choose('pallas', 64, 'tpu') == 'jax'        # the TPU state pass has no inverse kernel
+  assert triangular.choose('auto', 64, 'cpu') == 'jax'
+  assert triangular.choose('auto', 40, 'gpu') == 'jax'          # not a multiple of 16
+  assert triangular.choose('pallas_interpret', 32, 'cpu') == 'pallas_interpret'
+  assert triangular.choose('jax', 64, 'gpu') == 'jax'
+  with pytest.raises(ValueError, match='unit_lower_inverse kernel .triton.'):
+    triangular.unit_lower_inverse(jnp.zeros((16, 16)), 'triton')

@@ -7,16 +7,17 @@ Within a chunk of C tokens with cumulative log-gates G (γ = e^G) and the incomi
     O = (scale · Q ⊙ γ) S + (scale · Q Kᵀ ⊙ Γ ⊙ M) U                        (M: j ≤ i)
     S ← e^{G_C} S + (K ⊙ e^{G_C − G})ᵀ U
 Only the last three lines run in the sequential pass over chunks (`longctx.ops.state_pass`, a Pallas kernel
-where it applies). Document starts zero Γ across them and cut the incoming state off (see longctx.ops.chunking),
+where it applies); (I + A)⁻¹ is `longctx.ops.triangular` (a Pallas kernel on GPU). Document starts zero Γ across them and cut the incoming state off (see longctx.ops.chunking),
 which is exact where a −∞ gate would make G − G undefined.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
+from longctx.ops import triangular
 from longctx.ops.chunking import chunked_inputs, unchunk
 from longctx.ops.state_pass import state_pass
-from longctx.ops.triangular import unit_lower_inverse
 
 
 def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
@@ -33,7 +34,7 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   gamma = jnp.where(causal & same, jnp.exp(jnp.where(causal, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
   gamma_start = jnp.where(from_start, jnp.exp(G), 0.0)
   A = jnp.where(jnp.tril(causal, -1), beta[..., :, None] * gamma * jnp.einsum('...id,...jd->...ij', k, k), 0.0)
-  T = unit_lower_inverse(A)
+  T = triangular.unit_lower_inverse(A, triangular.choose(kernel, c, jax.default_backend()))
   W = jnp.einsum('...ij,...jd->...id', T, beta[..., None] * gamma_start[..., None] * k)
   U_tilde = jnp.einsum('...ij,...jd->...id', T, beta[..., None] * v)
   qs = q * scale

@@ -1,0 +1,88 @@
+"""A Pallas kernel for (I + A)⁻¹ of strictly lower-triangular chunk matrices A [M, C, C] (the delta rule's UT
+transform; `longctx.ops.triangular` is its reference and its fallback).
+
+One program per matrix holds it on chip: forward substitution by rows inside each 16×16 diagonal block, then the
+blocks below the diagonal by block forward substitution with matmuls, X_ij = −X_ii Σ_{j≤k<i} A_ik X_kj, written
+once. The jax form runs the row loop as 15 steps over the whole [M, C/16, 16, 16] tensor in device memory, each a
+kernel launch; on the H100 that loop was the largest single kernel of a Gated DeltaNet hybrid's training step.
+
+Portable Pallas (refs, static slices, dots, a loop), lowered through the Triton lowering; the tests run it on CPU in
+interpret mode. C must be a multiple of 16 (at most 128: the program keeps C²/16 blocks in registers).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+BLOCK = 16
+MAX_CHUNK = 128
+
+
+def supported(c: int) -> tuple[bool, str]:
+  """Whether the kernel takes chunk matrices of size c, and if not, why."""
+  if c % BLOCK or not BLOCK <= c <= MAX_CHUNK:
+    return False, f'chunk {c} is not a multiple of {BLOCK} between {BLOCK} and {MAX_CHUNK}'
+  return True, ''
+
+
+def _dot(x, y, precision):
+  prec = jax.lax.Precision.HIGHEST if precision == 'ieee' else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=(prec, prec),
+                             preferred_element_type=jnp.float32)
+
+
+def _diagonal_inverse(a):
+  """(I + a)⁻¹ of one [16, 16] block by rows: row i of X = (I + a)⁻¹ − I is −a_i − a_i X, and a_i only reaches
+  rows above i, which are final."""
+  row = jax.lax.broadcasted_iota(jnp.int32, a.shape, 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, a.shape, 1)
+  x = jnp.where(col < row, -a, 0.0)
+
+  def step(i, x):
+    r = jnp.sum(jnp.where(row == i, x, 0.0), axis=0)                 # row i, still −a_i
+    r = r + jnp.sum(r[:, None] * x, axis=0)                          # −a_i − a_i X (exact fp32)
+    return jnp.where(row == i, r[None, :], x)
+
+  x = jax.lax.fori_loop(1, a.shape[0], step, x)
+  return x + jnp.where(row == col, 1.0, 0.0)
+
+
+def _kernel(a_ref, o_ref, *, precision):
+  c = a_ref.shape[-1]
+  nb = c // BLOCK
+  block = lambda i: pl.ds(i * BLOCK, BLOCK)
+  diag = [_diagonal_inverse(a_ref[block(i), block(i)].astype(jnp.float32)) for i in range(nb)]
+  x = {}
+  for i in range(nb):
+    for j in range(nb):
+      if j == i:
+        x[i, j] = diag[i]
+      elif j < i:
+        acc = sum(_dot(a_ref[block(i), block(k)].astype(jnp.float32), x[k, j], precision) for k in range(j, i))
+        x[i, j] = -_dot(diag[i], acc, precision)
+      else:
+        x[i, j] = jnp.zeros((BLOCK, BLOCK), jnp.float32)
+      o_ref[block(i), block(j)] = x[i, j].astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('interpret', 'precision', 'num_warps'))
+def unit_lower_inverse(a, *, interpret: bool = False, precision: str = 'tf32', num_warps: int = 4):
+  """(I + A)⁻¹ for A [..., C, C], of which only the strictly lower triangle is read; fp32. No gradient of its own:
+  `longctx.ops.triangular.unit_lower_inverse` wraps it with the closed-form backward pass."""
+  c = a.shape[-1]
+  ok, why = supported(c)
+  if not ok:
+    raise ValueError(f'unit-lower inverse kernel: {why}')
+  lead = a.shape[:-2]
+  flat = a.reshape((-1, c, c))
+  spec = pl.BlockSpec((None, c, c), lambda m: (m, 0, 0))
+  out = pl.pallas_call(
+      functools.partial(_kernel, precision=precision), grid=(flat.shape[0],), in_specs=[spec], out_specs=spec,
+      out_shape=jax.ShapeDtypeStruct(flat.shape, jnp.float32), interpret=interpret,
+      compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+      name='unit_lower_inverse')(flat)
+  return out.reshape(lead + (c, c))
