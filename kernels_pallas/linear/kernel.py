@@ -63,12 +63,12 @@ def _fwd_kernel(*refs, chunk, n_chunks, delta, store_states, precision):
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
     if store_states:
       h_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = S
-    o, U, S_next = steps.forward(S, q_ref[rows, :], k_ref[rows, :], u_ref[rows, :], p_ref[rows, :],
-                                 a_ref[:, pl.ds(n, 1)], None if w_ref is None else w_ref[rows, :], precision)
+    o, U = steps.output(S, q_ref[rows, :], u_ref[rows, :], p_ref[rows, :],
+                        None if w_ref is None else w_ref[rows, :], precision)
     if store_states and delta:
       U_ref[rows, :] = U
     o_ref[rows, :] = o
-    return S_next
+    return steps.advance(S, k_ref[rows, :], U, a_ref[:, pl.ds(n, 1)], precision)
 
   hT_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
@@ -81,10 +81,11 @@ def _bwd_kernel(*refs, chunk, n_chunks, delta, precision):
     n = n_chunks - 1 - i
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
     dS_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = dS
-    dU, dS = steps.reverse(dS, q_ref[rows, :], k_ref[rows, :], p_ref[rows, :], a_ref[:, pl.ds(n, 1)],
-                           do_ref[rows, :], None if w_ref is None else w_ref[rows, :], precision)
+    do = do_ref[rows, :].astype(jnp.float32)
+    dU = steps.value_grad(dS, k_ref[rows, :], p_ref[rows, :], do, precision)
     dU_ref[rows, :] = dU
-    return dS
+    return steps.retreat(dS, q_ref[rows, :], a_ref[:, pl.ds(n, 1)], do,
+                         None if w_ref is None else w_ref[rows, :], dU, precision)
 
   dh0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dhT_ref[...].astype(jnp.float32))
 

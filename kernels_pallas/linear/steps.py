@@ -1,5 +1,8 @@
 """One chunk of the state pass, forward and reverse, on loaded blocks: the arithmetic every kernel variant shares
-(the GPU kernel loops over chunks inside a program, the TPU kernel takes one chunk per grid step)."""
+(the GPU kernel loops over chunks inside a program, the TPU kernel takes one chunk per grid step). Each direction
+is two halves, so that a kernel can store a chunk's results before it computes the next state: in the Triton
+lowering, computing the next state before storing O and U measured 1.9× slower on the H100 (forward 3.45 against
+1.77 ms, forward+backward 8.66 against 5.81 ms, delta rule at BH 64, T 8192, D 128)."""
 from __future__ import annotations
 
 import jax
@@ -15,23 +18,31 @@ def dot(x, y, precision='tf32', trans_x=False, trans_y=False):
                              preferred_element_type=jnp.float32)
 
 
-def forward(S, q, k, u, p, a, w, precision):
-  """S [Dk, BV] entering the chunk; q, k, w [C, Dk], u [C, BV], p [C, C], a [Dk, 1]. Returns (O, U, S leaving)."""
+def output(S, q, u, p, w, precision):
+  """S [Dk, BV] entering the chunk; q, w [C, Dk], u [C, BV], p [C, C]. Returns (O, U): the chunk's output and its
+  corrected values."""
   U = u.astype(jnp.float32)
   if w is not None:
     U = U - dot(w, S, precision)
-  o = dot(q, S, precision) + dot(p, U, precision)
-  return o, U, a.astype(jnp.float32) * S + dot(k, U, precision, trans_x=True)
+  return dot(q, S, precision) + dot(p, U, precision), U
 
 
-def reverse(dS, q, k, p, a, do, w, precision):
-  """dS [Dk, BV] of the state leaving the chunk. Returns (dU, dS of the state entering it)."""
-  do = do.astype(jnp.float32)
-  dU = dot(p, do, precision, trans_x=True) + dot(k, dS, precision)
+def advance(S, k, U, a, precision):
+  """The state leaving the chunk, from S entering it, k [C, Dk], U [C, BV] and a [Dk, 1]."""
+  return a.astype(jnp.float32) * S + dot(k, U, precision, trans_x=True)
+
+
+def value_grad(dS, k, p, do, precision):
+  """dU [C, BV] from dS [Dk, BV] of the state leaving the chunk and its output's gradient dO [C, BV]."""
+  return dot(p, do, precision, trans_x=True) + dot(k, dS, precision)
+
+
+def retreat(dS, q, a, do, w, dU, precision):
+  """dS of the state entering the chunk."""
   dS = a.astype(jnp.float32) * dS + dot(q, do, precision, trans_x=True)
   if w is not None:
     dS = dS - dot(w, dU, precision, trans_x=True)
-  return dU, dS
+  return dS
 
 
 def forward_refs(refs, delta, store_states):

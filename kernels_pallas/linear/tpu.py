@@ -34,11 +34,11 @@ def _fwd_kernel(*refs, n_chunks, delta, store_states):
   S = S_ref[...]
   if store_states:
     h_ref[...] = S
-  o, U, S_next = steps.forward(S, q_ref[...], k_ref[...], u_ref[...], p_ref[...], a_ref[...],
-                               None if w_ref is None else w_ref[...], 'default')
+  o, U = steps.output(S, q_ref[...], u_ref[...], p_ref[...], None if w_ref is None else w_ref[...], 'default')
   o_ref[...] = o
   if store_states and delta:
     U_ref[...] = U
+  S_next = steps.advance(S, k_ref[...], U, a_ref[...], 'default')
   S_ref[...] = S_next
 
   @pl.when(n == n_chunks - 1)
@@ -57,9 +57,10 @@ def _bwd_kernel(*refs, n_chunks, delta):
 
   dS = dS_scratch[...]
   dS_ref[...] = dS
-  dU, dS = steps.reverse(dS, q_ref[...], k_ref[...], p_ref[...], a_ref[...], do_ref[...],
-                         None if w_ref is None else w_ref[...], 'default')
+  do = do_ref[...].astype(jnp.float32)
+  dU = steps.value_grad(dS, k_ref[...], p_ref[...], do, 'default')
   dU_ref[...] = dU
+  dS = steps.retreat(dS, q_ref[...], a_ref[...], do, None if w_ref is None else w_ref[...], dU, 'default')
   dS_scratch[...] = dS
 
   @pl.when(i == n_chunks - 1)
