@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.linear.steps import dot
+
 BLOCK = 16
 MAX_CHUNK = 128
 
@@ -27,12 +29,6 @@ def supported(c: int) -> tuple[bool, str]:
   if c % BLOCK or not BLOCK <= c <= MAX_CHUNK:
     return False, f'chunk {c} is not a multiple of {BLOCK} between {BLOCK} and {MAX_CHUNK}'
   return True, ''
-
-
-def _dot(x, y, precision):
-  prec = jax.lax.Precision.HIGHEST if precision == 'ieee' else jax.lax.Precision.DEFAULT
-  return jax.lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=(prec, prec),
-                             preferred_element_type=jnp.float32)
 
 
 def _diagonal_inverse(a):
@@ -62,8 +58,8 @@ def _kernel(a_ref, o_ref, *, precision):
       if j == i:
         x[i, j] = diag[i]
       elif j < i:
-        acc = sum(_dot(a_ref[block(i), block(k)].astype(jnp.float32), x[k, j], precision) for k in range(j, i))
-        x[i, j] = -_dot(diag[i], acc, precision)
+        acc = sum(dot(a_ref[block(i), block(k)], x[k, j], precision) for k in range(j, i))
+        x[i, j] = -dot(diag[i], acc, precision)
       else:
         x[i, j] = jnp.zeros((BLOCK, BLOCK), jnp.float32)
       o_ref[block(i), block(j)] = x[i, j].astype(o_ref.dtype)
