@@ -5,10 +5,13 @@
 * TPU pod slices, SLURM and Open MPI jobs: jax finds the coordinator, process count and id itself; we only call it
   when the environment says there are several processes (TPU_WORKER_HOSTNAMES with more than one host,
   SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1).
-CPU processes exchange collectives over gloo.
+CPU processes exchange collectives over gloo, whose first collective gives up when another process is more than 30 s
+behind; `barrier` lines the processes up (through the coordination service, with a long timeout) before the points
+where their compile times can drift that far apart.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
@@ -51,3 +54,17 @@ def initialize() -> bool:
   logging.info('process %d of %d, %d local devices of %d', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process of the job reaches this point; nothing to do in a single process."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is None:
+    raise RuntimeError(f'barrier {name!r}: {jax.process_count()} processes but no jax.distributed client')
+  client.wait_at_barrier(f'longctx/{name}/{next(_barriers)}', timeout_in_ms=timeout_s * 1000)

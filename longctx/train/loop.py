@@ -13,6 +13,7 @@ from absl import logging
 from longctx import config as config_lib
 from longctx import data
 from longctx.eval import perplexity
+from longctx.parallel import distributed
 from longctx.parallel import mesh as mesh_lib
 from longctx.train import checkpoint as ckpt_lib
 from longctx.train import flops as flops_lib
@@ -156,6 +157,7 @@ def train(config, workdir: str) -> dict:
   logging.info('parameters: %d; mesh: %s', setup.param_count(), dict(mesh.shape))
   check_replication(setup, config)
 
+  distributed.barrier('setup')
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), keep=t.keep, keep_every=t.keep_every)
   data_iter = iter(data.dataset(config, 'train', process_index=jax.process_index(),
                                 process_count=jax.process_count()))
@@ -196,6 +198,9 @@ def train(config, workdir: str) -> dict:
         batch = perplexity.global_batch(next(data_iter), batch_sharding)
         if step == 0 and not config.init_from:
           state = setup.seed_buffers(state, batch, config.seed)   # routing centroids: k-means on the first batch
+        if step == start and jax.process_count() > 1:
+          train_step.lower(state, batch).compile()
+          distributed.barrier('compiled train step')
         state, step_metrics = train_step(state, batch)
         step += 1
         interval.add(step, step_metrics)
