@@ -257,18 +257,18 @@ def _check_context_parallel(cfg, layers, n: int) -> None:
   if seq_len % chunks:
     raise ConfigError('data.seq_len', seq_len, f'a multiple of {chunks} for parallel.load_balance={order} over '
                       f'parallel.sequence={n}')
-  supported = sorted(name for name in registry.names() if getattr(registry.get(name), 'context_parallel', False))
+  supported = sorted(name for name in registry.names() if registry.get(name).context_parallel)
   for name in layers:
-    if not getattr(registry.get(name), 'context_parallel', False):
+    if not registry.get(name).context_parallel:
       raise ConfigError('model.pattern', name, f'mixers with a context-parallel path under parallel.sequence={n}: '
                         f'{", ".join(supported)}')
-  recurrent = sorted({name for name in layers if getattr(registry.get(name), 'natural_order', False)})
-  if recurrent and order != 'none':
-    raise ConfigError('parallel.load_balance', order, f'none: the recurrent layers ({", ".join(recurrent)}) pass '
-                      'their state along the sequence in its natural order')
-  if 'titans' in layers and (seq_len // n) % cfg.model.titans.chunk_size:
-    raise ConfigError('model.titans.chunk_size', cfg.model.titans.chunk_size,
-                      f'a divisor of the {seq_len // n} tokens each of parallel.sequence={n} shards holds')
+  in_order = sorted({name for name in layers if registry.get(name).natural_order})
+  if in_order and order != 'none':
+    raise ConfigError('parallel.load_balance', order, f'none: the layers {", ".join(in_order)} need the sequence in '
+                      'its natural order across the shards (recurrent state passed along it, or blocks and clusters '
+                      'at their positions)')
+  for name in sorted(set(layers)):
+    registry.get(name).check_sequence_sharding(cfg, n)
   a = cfg.model.attention
   if a.get('conv_size', 0) or a.persistent_tokens:
     raise ConfigError('model.attention.conv_size' if a.get('conv_size', 0) else 'model.attention.persistent_tokens',

@@ -152,9 +152,45 @@ def test_centroids_survive_checkpoint_and_resume(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_four_data_parallel_devices_give_the_centroids_of_one_device_with_the_whole_batch():
-  out = script_json(['tests/helpers/sharded_step.py', 'routing'])['data4']
+@pytest.fixture(scope='module')
+def sharded_steps():
+  return script_json(['tests/helpers/sharded_step.py', 'routing'])
+
+
+@pytest.mark.parametrize('mesh', ['data4', 'data2_tensor2_sequence2'])
+def test_sharded_training_gives_the_centroids_and_parameters_of_one_device_with_the_whole_batch(sharded_steps, mesh):
+  # Two steps of a local + routing stack; on the second mesh the row is split over 2 devices (a document starts at
+  # the shard boundary) and the heads over 2 more.
+  out = sharded_steps[mesh]
   assert out['centroid_rel'] < 1e-5 and out['param_rel'] < 1e-5 and out['loss_diff'] < 1e-5
+
+
+@pytest.fixture(scope='module')
+def sharded_ops():
+  return script_json(['tests/helpers/routing_context.py'])
+
+
+@pytest.mark.parametrize('case', ['balanced_seq4_w12_docs', 'balanced_seq4_w20', 'balanced_seq4_ties',
+                                  'balanced_seq8_k8', 'local_seq4_block6_docs', 'local_seq8_block8_docs'])
+def test_routing_over_a_sharded_sequence_equals_one_device_forward_and_backward(sharded_ops, case):
+  r = sharded_ops[case]
+  assert r['finite']
+  assert max(r['fwd'], r['dq'], r['dk'], r['dv']) < 1e-5, r
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'model.routing.causal': True}, 'model.routing.causal'),
+    ({'model.routing.num_clusters': 6}, 'model.routing.num_clusters'),
+    ({'model.routing.local_block': 12}, 'model.routing.local_block'),
+    ({'parallel.load_balance': 'zigzag'}, 'parallel.load_balance'),
+])
+def test_routing_settings_a_sharded_sequence_cannot_run_name_the_field(overrides, field):
+  from longctx import config as config_lib
+  cfg = small_config(**{**ROUTING, 'parallel.data': 1, 'parallel.sequence': 4, 'parallel.load_balance': 'none',
+                        **overrides})
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg, 4)
+  assert e.value.field == field
 
 
 def test_balanced_routing_memory_grows_as_n_times_w_not_n_squared():

@@ -22,10 +22,19 @@ class Mixer(nnx.Module):
   # `lower_bound_shape(config)`, and take `log_lower_bound=` (the log of the bound, or None for none) in
   # `__call__`; the model owns the bounds (one softmax over all such layers).
   depth_lower_bound = False
+  # Under parallel.sequence > 1: whether the mixer has a path over a sharded sequence, and whether that path needs the
+  # sequence in its natural order across the shards (parallel.load_balance=none).
+  context_parallel = False
+  natural_order = False
 
   @classmethod
   def check_config(cls, config: Any, layer_index: int) -> None:
     del config, layer_index
+
+  @classmethod
+  def check_sequence_sharding(cls, config: Any, shards: int) -> None:
+    """What the context-parallel path needs beyond `check_config`, with the sequence over `shards` devices."""
+    del config, shards
 
   @classmethod
   def flops(cls, config: Any, seq_len: int) -> float:

@@ -19,6 +19,12 @@ variables; the train step sums them over the global batch (every data-parallel r
 by an exponential moving average, and adds `commitment` × the commitment loss to the objective. A fresh run seeds
 the centroids from its first batch by a few k-means iterations (`LanguageModel.seed_routing`).
 
+Under `parallel.sequence` = n > 1 the row stays in its natural order (parallel.load_balance=none) and each shard
+holds whole local blocks: local heads take the block before the shard from the previous device, routing heads pick
+each cluster's members over the whole sequence and attend on the device that owns the cluster
+(`longctx.parallel.routing`); K must divide by n. Prefix-only membership has no sharded path (a cluster's latest w
+members can lie on any earlier shard): causal=True is refused there.
+
 Config `model.routing`: heads, num_clusters, window (w; 0: data.seq_len / num_clusters, the paper's K·w = T),
 local_block, causal, ema_decay (0.999), ema_eps (1e-5), commitment (1e-4), kmeans_iterations. Query, key and value
 heads are model.num_heads (no grouped KV here). Caches: keys and values of every head, each routing head's cluster
@@ -35,6 +41,8 @@ from longctx.layers import registry
 from longctx.layers.common import Dense, rope
 from longctx.ops import routing as ops
 from longctx.ops.attention import masked
+from longctx.parallel import routing as sharded
+from longctx.parallel.rules import current_mesh
 
 
 class Centroids(nnx.Variable):
@@ -53,6 +61,8 @@ def per_head(segment_ids, heads: int):
 @registry.register('routing')
 class Routing(registry.Mixer):
   """Local and routing heads in one layer (module docstring)."""
+  context_parallel = True
+  natural_order = True      # under sequence sharding blocks and cluster members sit at their row positions
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     m, r = config.model, config.model.routing
@@ -114,6 +124,21 @@ class Routing(registry.Mixer):
       raise ConfigError('model.routing.kmeans_iterations', r.kmeans_iterations, 'a count >= 0')
 
   @classmethod
+  def check_sequence_sharding(cls, config, shards):
+    r, seq_len = config.model.routing, config.data.seq_len
+    if (seq_len // shards) % r.local_block:
+      raise ConfigError('model.routing.local_block', r.local_block,
+                        f'a divisor of the {seq_len // shards} tokens each of parallel.sequence={shards} shards holds')
+    if not cls.routing_heads(config):
+      return
+    if r.causal:
+      raise ConfigError('model.routing.causal', r.causal, f'False under parallel.sequence={shards}: prefix-only '
+                        'membership has no sharded path; balanced membership (the paper\'s) has')
+    if r.num_clusters % shards:
+      raise ConfigError('model.routing.num_clusters', r.num_clusters,
+                        f'a multiple of parallel.sequence={shards}: each device owns an equal share of the clusters')
+
+  @classmethod
   def flops(cls, config, seq_len):
     """4 · D per (query, key) pair: local heads see their block and the one before (causal); routing heads a causal
     w × w block per cluster (balanced; at most as much with prefix-only membership), plus the routing scores."""
@@ -146,15 +171,19 @@ class Routing(registry.Mixer):
     if cache is not None:
       return self.decode(q_rot, k_rot, v, u, cache)
     scale = self.head_dim ** -0.5
+    mesh = current_mesh()
+    mesh = mesh if mesh is not None and mesh.shape.get('sequence', 1) > 1 else None
     outs = []
     if hl:
-      outs.append(ops.local(q_rot[:, :, :hl], k_rot[:, :, :hl], v[:, :, :hl], self.block,
-                            segment_ids=per_head(segment_ids, hl), scale=scale))
+      lq, lk, lv = q_rot[:, :, :hl], k_rot[:, :, :hl], v[:, :, :hl]
+      outs.append(ops.local(lq, lk, lv, self.block, segment_ids=per_head(segment_ids, hl), scale=scale)
+                  if mesh is None else sharded.sharded_local(lq, lk, lv, self.block, segment_ids, mesh=mesh,
+                                                             scale=scale))
     if self.routed:
-      outs.append(self.route(q_rot[:, :, hl:], v[:, :, hl:], u, segment_ids, scale))
+      outs.append(self.route(q_rot[:, :, hl:], v[:, :, hl:], u, segment_ids, scale, mesh))
     return self.o(jnp.concatenate(outs, axis=2).astype(x.dtype)), None
 
-  def route(self, qk, v, u, segment_ids, scale):
+  def route(self, qk, v, u, segment_ids, scale, mesh=None):
     """Routing heads' outputs; leaves this pass's cluster statistics and commitment sum in `RoutingStats`."""
     centroids = self.centroids[...]
     if self.seeding is not None:
@@ -163,7 +192,10 @@ class Routing(registry.Mixer):
       centroids = ops.kmeans_init(u, self.num_clusters, iterations, key)
       self.centroids[...] = centroids
     seg = per_head(segment_ids, self.routed)
-    if self.causal:
+    if mesh is not None:
+      o = sharded.sharded_balanced(qk, qk, v, centroids, self.window, route=u, segment_ids=segment_ids, mesh=mesh,
+                                   scale=scale)
+    elif self.causal:
       o, _ = ops.nearest(qk, qk, v, centroids, self.window, route=u, segment_ids=seg, scale=scale)
     else:
       o, _ = ops.balanced(qk, qk, v, centroids, self.window, route=u, segment_ids=seg, scale=scale)

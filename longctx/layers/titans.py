@@ -75,6 +75,13 @@ class Titans(registry.Mixer):
   context_parallel = True
   natural_order = True      # under sequence sharding the memory is handed from shard to shard in token order
 
+  @classmethod
+  def check_sequence_sharding(cls, config, shards):
+    chunk, seq_len = config.model.titans.chunk_size, config.data.seq_len
+    if (seq_len // shards) % chunk:
+      raise ConfigError('model.titans.chunk_size', chunk,
+                        f'a divisor of the {seq_len // shards} tokens each of parallel.sequence={shards} shards holds')
+
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     del layer_index
     m = config.model
