@@ -71,6 +71,12 @@ def test_balanced_rows_carry_targets_taken_in_the_original_order():
     ({'parallel.context': 'gather'}, 'parallel.context'),
     ({'parallel.load_balance': 'random'}, 'parallel.load_balance'),
     ({'model.attention.conv_size': 4}, 'model.attention.conv_size'),
+    # cuDNN ring blocks: packed documents (the default data), all_gather, or a window cannot take them.
+    ({'model.attention.impl': 'cudnn'}, 'model.attention.impl'),
+    ({'model.attention.impl': 'cudnn', 'data.source': 'mqar', 'model.vocab_size': 8192,
+      'parallel.context': 'all_gather'}, 'model.attention.impl'),
+    ({'model.attention.impl': 'cudnn', 'data.source': 'mqar', 'model.vocab_size': 8192,
+      'model.pattern': 'swa,attention'}, 'model.attention.impl'),
 ])
 def test_context_parallel_settings_that_cannot_work_name_the_field(overrides, field):
   from longctx import config as config_lib
