@@ -73,9 +73,7 @@ def main():
       # w larger than a shard: each shard offers all its tokens as candidates.
       'balanced_seq4_w20': balanced_case(m14, 20, b=1, seed=2),
       'balanced_seq4_ties': balanced_case(m14, 12, b=1, seed=3, repeat=True),
-      'balanced_seq8_k8': balanced_case(mesh(1, 8), 6, b=1, t=64, clusters=8, docs=True, seed=4),
       'local_seq4_block6_docs': local_case(m24, 6, docs=True),
-      'local_seq8_block8_docs': local_case(mesh(1, 8), 8, b=1, t=64, docs=True, seed=6),
   }
   print(json.dumps(out))
 

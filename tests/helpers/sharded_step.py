@@ -2,7 +2,7 @@
 
 With the argument `linear`: a stack of every linear mixer (and attention) on one fsdp × tensor × sequence mesh
 against one device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
-the EMA, on 4 data-parallel devices and on a data × tensor × sequence mesh against one device with the whole batch."""
+the EMA, on a data × tensor × sequence mesh against one device with the whole batch."""
 import json
 import os
 import sys
@@ -88,8 +88,7 @@ def main():
   overrides = ROUTING if routing else (LINEAR if linear else None)
   ref, ref_losses, _, ref_buffers = run({'data': 1}, devices[:1], overrides)
   out = {}
-  meshes = ({'data4': ({'data': 4}, devices[:4]),
-             'data2_tensor2_sequence2': ({'data': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices)}
+  meshes = ({'data2_tensor2_sequence2': ({'data': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices)}
             if routing else
             {'fsdp2_tensor2_sequence2': ({'fsdp': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices)}
             if linear else
