@@ -273,14 +273,13 @@ def _check_context_parallel(cfg, layers, n: int) -> None:
   if a.impl == 'cudnn' and {'attention', 'swa'} & set(layers):
     from longctx import data as data_lib
     blockers = [why for why, present in (
-        (f'parallel.context={p.get("context", "ring")} (ring only)', p.get('context', 'ring') != 'ring'),
         (f'parallel.load_balance={order} (zigzag or none only)', order == 'striped'),
         ('swa layers (no window)', 'swa' in layers),
         (f'rows that pack several documents (data.source={cfg.data.source!r})',
          data_lib.rows_hold_several_documents(cfg))) if present]
     if blockers:
       raise ConfigError('model.attention.impl', a.impl, f'auto or chunked under parallel.sequence={n} with '
-                        f'{", ".join(blockers)}: cuDNN ring blocks need ring order zigzag or none, no window and one '
+                        f'{", ".join(blockers)}: cuDNN blocks need order zigzag or none, no window and one '
                         'document a row')
   if a.get('conv_size', 0) or a.persistent_tokens:
     raise ConfigError('model.attention.conv_size' if a.get('conv_size', 0) else 'model.attention.persistent_tokens',

@@ -24,10 +24,11 @@ def test_sharded_attention_equals_dense_forward_and_backward(results, method, ca
   assert max(r['fwd'], r['dq'], r['dk'], r['dv']) < 1e-5, r
 
 
+@pytest.mark.parametrize('method', ['ring', 'all_gather'])
 @pytest.mark.parametrize('case', ['zigzag_structured', 'none_structured', 'zigzag_structured_8dev'])
-def test_ring_block_structure_of_the_cudnn_path_equals_dense(results, case):
+def test_block_structure_of_the_cudnn_path_equals_dense(results, method, case):
   # The causal / visible / skipped blocks cuDNN is given, checked with the same structure on XLA blocks.
-  r = results[f'ring_{case}']
+  r = results[f'{method}_{case}']
   assert r['finite']
   assert max(r['fwd'], r['dq'], r['dk'], r['dv']) < 1e-5, r
 
@@ -71,10 +72,10 @@ def test_balanced_rows_carry_targets_taken_in_the_original_order():
     ({'parallel.context': 'gather'}, 'parallel.context'),
     ({'parallel.load_balance': 'random'}, 'parallel.load_balance'),
     ({'model.attention.conv_size': 4}, 'model.attention.conv_size'),
-    # cuDNN ring blocks: packed documents (the default data), all_gather, or a window cannot take them.
+    # cuDNN blocks: packed documents (the default data), striped order, or a window cannot take them.
     ({'model.attention.impl': 'cudnn'}, 'model.attention.impl'),
     ({'model.attention.impl': 'cudnn', 'data.source': 'mqar', 'model.vocab_size': 8192,
-      'parallel.context': 'all_gather'}, 'model.attention.impl'),
+      'parallel.load_balance': 'striped'}, 'model.attention.impl'),
     ({'model.attention.impl': 'cudnn', 'data.source': 'mqar', 'model.vocab_size': 8192,
       'model.pattern': 'swa,attention'}, 'model.attention.impl'),
 ])
@@ -109,7 +110,7 @@ def test_context_attention_refuses_paths_that_cannot_run_here_by_name():
   mesh = make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1}), jax.devices()[:1])
   q = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 2, 8))
   pos = jnp.arange(8)[None]
-  with pytest.raises(ValueError, match='cuDNN.*got method ring, dtype float32'):
+  with pytest.raises(ValueError, match='cuDNN.*got dtype float32'):
     context.context_attention(q, q, q, pos, mesh=mesh, impl='cudnn')
   with pytest.raises(ValueError, match='impl .bogus.: one of auto, cudnn, xla, chunked'):
     context.context_attention(q, q, q, pos, mesh=mesh, impl='bogus')

@@ -33,7 +33,7 @@ class Attention(registry.Mixer):
 
   Under `parallel.sequence` > 1 the row is sharded over the mesh's sequence axis in the data loader's balanced
   token order and attention runs as `parallel.context` (ring | all_gather, `longctx.parallel.context`), masked by
-  each token's document and in-document position; ring blocks run on cuDNN where it applies (impl auto or cudnn:
+  each token's document and in-document position; ring and all-gather blocks run on cuDNN where it applies (impl auto or cudnn:
   GPU, rows of one document, no window, zigzag or natural order), else in chunks of `chunk_size`.
   """
   context_parallel = True

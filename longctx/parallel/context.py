@@ -14,10 +14,10 @@ result is the same in every order and only the work per device changes.
   sharded, one block per device; the backward gathers K/V again and reduce-scatters dK/dV.
 
 Blocks run one of two ways, memory linear in the shard either way:
-* cuDNN (`impl` auto or cudnn, where `cudnn_ring_supported`: rows of one document, no window, zigzag or natural
+* cuDNN (`impl` auto or cudnn, where `cudnn_blocks_supported`: rows of one document, no window, zigzag or natural
   order): the order fixes which (query chunk, key chunk) pairs are causal, fully visible or empty, so each ring step
-  is one to three cuDNN calls with a plain causal or no mask; the backward hands cuDNN's backward kernel the global
-  output and LSE.
+  (or each of the n blocks of the gathered K/V) is one to three cuDNN calls with a plain causal or no mask, and a
+  block no local query sees is skipped; the backward hands cuDNN's backward kernel the global output and LSE.
 * chunked (everything else: documents, windows, striped order, other backends): online softmax over key chunks at
   explicit positions (`longctx.ops.attention.block_forward` / `block_backward`); chunk pairs that no query may
   see are skipped, and a whole block no local query may see is skipped too.
@@ -115,6 +115,13 @@ class _Chunked:
         lambda: attention_ops.block_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do, **self.kw), zeros)
 
 
+  def gathered_forward(self, q, k, v, q_pos, k_pos, q_seg, k_seg):
+    return self.forward(0, q, k, v, q_pos, k_pos, q_seg, k_seg)
+
+  def gathered_backward(self, *args):
+    return self.backward(0, *args)
+
+
 class _XlaKernel:
   """Dense blocks in XLA (`block_forward` / `block_backward` in one chunk): the reference for _CudnnKernel, and
   fine for short blocks."""
@@ -165,59 +172,90 @@ class _CudnnKernel:
 
 class _Structured:
   """Blocks for rows of one document in zigzag or natural order, no window, on a dense kernel (cuDNN or XLA) that
-  knows only 'causal' and 'no mask'. The block structure follows from the order: at ring step s device r holds the
-  K/V of device src = r − s, and each (query chunk, key chunk) pair is causal (same chunk), fully visible (key
-  chunk earlier) or skipped."""
+  knows only 'causal' and 'no mask'. The block structure follows from the order: the K/V block of device src is,
+  for device me's queries, the diagonal (src = me: causal chunks), earlier (src < me) or later (src > me), and each
+  (query chunk, key chunk) pair in it is causal (same chunk), fully visible (key chunk earlier) or skipped. Ring
+  step s holds the block of src = me − s; the all-gather path walks all n blocks of the gathered K/V."""
+
+  RELATIONS = ('diagonal', 'earlier', 'later')
 
   def __init__(self, kernel, order, axis, n):
     self.kernel, self.order, self.axis, self.n = kernel, order, axis, n
 
-  def _source(self, step):
+  def _relation(self, src):
+    """Index into RELATIONS of device src's block for this device's queries."""
     me = jax.lax.axis_index(self.axis)
-    return me, (me - step) % self.n
+    return jnp.where(src == me, 0, jnp.where(src < me, 1, 2))
 
-  def forward(self, step, q, k, v, *_):
-    me, src = self._source(step)
+  def _fwd(self, relation, q, k, v):
+    fwd = self.kernel.fwd
     if self.order == 'none':
-      if step == 0:
-        return self.kernel.fwd(q, k, v, True)
-      return jax.lax.cond(src < me, lambda: self.kernel.fwd(q, k, v, False), lambda: _empty(q))
+      return {'diagonal': lambda: fwd(q, k, v, True), 'earlier': lambda: fwd(q, k, v, False),
+              'later': lambda: _empty(q)}[relation]()
     c = q.shape[1] // 2
     qa, qb, ka, kb, va, vb = q[:, :c], q[:, c:], k[:, :c], k[:, c:], v[:, :c], v[:, c:]
     join = lambda a, b: (jnp.concatenate([a[0], b[0]], 1), jnp.concatenate([a[1], b[1]], 2))
-    if step == 0:
-      return join(self.kernel.fwd(qa, ka, va, True), _merge(*self.kernel.fwd(qb, ka, va, False), *self.kernel.fwd(qb, kb, vb, True)))
-    # Held block earlier than ours: every local query sees its first chunk only; later: our second chunk sees all.
-    return jax.lax.cond(src < me, lambda: self.kernel.fwd(q, ka, va, False),
-                        lambda: join(_empty(qa), self.kernel.fwd(qb, k, v, False)))
+    if relation == 'diagonal':
+      return join(fwd(qa, ka, va, True), _merge(*fwd(qb, ka, va, False), *fwd(qb, kb, vb, True)))
+    # An earlier block: every local query sees its first chunk only; a later one: our second chunk sees all of it.
+    if relation == 'earlier':
+      return fwd(q, ka, va, False)
+    return join(_empty(qa), fwd(qb, k, v, False))
 
-  def backward(self, step, q, k, v, _qp, _kp, _qs, _ks, o, lse, do):
-    me, src = self._source(step)
+  def _bwd(self, relation, q, k, v, o, lse, do):
+    bwd = self.kernel.bwd
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     if self.order == 'none':
-      if step == 0:
-        return self.kernel.bwd(q, k, v, o, lse, do, True)
-      return jax.lax.cond(src < me, lambda: self.kernel.bwd(q, k, v, o, lse, do, False),
-                          lambda: (zeros(q), zeros(k), zeros(v)))
+      if relation == 'later':
+        return zeros(q), zeros(k), zeros(v)
+      return bwd(q, k, v, o, lse, do, relation == 'diagonal')
     c = q.shape[1] // 2
     a, b = slice(None, c), slice(c, None)
-    part = lambda qs, ks, causal: self.kernel.bwd(q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[..., qs], do[:, qs], causal)
+    part = lambda qs, ks, causal: bwd(q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[..., qs], do[:, qs], causal)
     cat = lambda x, y: jnp.concatenate([x, y], 1)
-    if step == 0:
+    if relation == 'diagonal':
       dqa, dka1, dva1 = part(a, a, True)
       dqb1, dka2, dva2 = part(b, a, False)
       dqb2, dkb, dvb = part(b, b, True)
       return cat(dqa, dqb1 + dqb2), cat(dka1 + dka2, dkb), cat(dva1 + dva2, dvb)
-
-    def earlier():
+    if relation == 'earlier':
       dq, dka, dva = part(slice(None), a, False)
       return dq, cat(dka, zeros(dka)), cat(dva, zeros(dva))
+    dqb, dk, dv = part(b, slice(None), False)
+    return cat(zeros(dqb), dqb), dk, dv
 
-    def later():
-      dqb, dk, dv = part(b, slice(None), False)
-      return cat(zeros(dqb), dqb), dk, dv
+  def _switch(self, relation, fn, *args):
+    """fn(RELATIONS[relation], *args); `relation` a static index (ring step 0: the diagonal) or a traced one."""
+    if isinstance(relation, int):
+      return fn(self.RELATIONS[relation], *args)
+    return jax.lax.switch(relation, [lambda r=r: fn(r, *args) for r in self.RELATIONS])
 
-    return jax.lax.cond(src < me, earlier, later)
+  def _ring_relation(self, step):
+    return 0 if step == 0 else self._relation((jax.lax.axis_index(self.axis) - step) % self.n)
+
+  def forward(self, step, q, k, v, *_):
+    return self._switch(self._ring_relation(step), self._fwd, q, k, v)
+
+  def backward(self, step, q, k, v, _qp, _kp, _qs, _ks, o, lse, do):
+    return self._switch(self._ring_relation(step), self._bwd, q, k, v, o, lse, do)
+
+  def _blocks(self, x):
+    s = x.shape[1] // self.n
+    return [x[:, j * s:(j + 1) * s] for j in range(self.n)]
+
+  def gathered_forward(self, q, k, v, *_):
+    o, lse = _empty(q)
+    for j, (kj, vj) in enumerate(zip(self._blocks(k), self._blocks(v))):
+      o, lse = _merge(o, lse, *self._switch(self._relation(j), self._fwd, q, kj, vj))
+    return o, lse
+
+  def gathered_backward(self, q, k, v, _qp, _kp, _qs, _ks, o, lse, do):
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dks, dvs = [], []
+    for j, (kj, vj) in enumerate(zip(self._blocks(k), self._blocks(v))):
+      dq_j, dk_j, dv_j = self._switch(self._relation(j), self._bwd, q, kj, vj, o, lse, do)
+      dq, dks, dvs = dq + dq_j, dks + [dk_j], dvs + [dv_j]
+    return dq, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1)
 
 
 def _ring_forward(blocks, q, k, v, pos, seg, *, axis, n):
@@ -281,7 +319,7 @@ def _gather(context, *xs):
 def _gathered_fwd(context, q, k, v, pos, seg):
   blocks = context[0]
   kg, vg, pg, sg = _gather(context, k, v, pos, seg)
-  o, lse = blocks.forward(0, q, kg, vg, pos, pg, seg, sg)
+  o, lse = blocks.gathered_forward(q, kg, vg, pos, pg, seg, sg)
   o = o.astype(q.dtype)
   return o, (q, k, v, pos, seg, o, lse)
 
@@ -290,7 +328,7 @@ def _gathered_bwd(context, res, do):
   blocks, axis, _ = context
   q, k, v, pos, seg, o, lse = res
   kg, vg, pg, sg = _gather(context, k, v, pos, seg)
-  dq, dk, dv = blocks.backward(0, q, kg, vg, pos, pg, seg, sg, o, lse, do)
+  dq, dk, dv = blocks.gathered_backward(q, kg, vg, pos, pg, seg, sg, o, lse, do)
   # all_gather's transpose: each device's keys collect their gradient from every device.
   scatter = lambda x, like: jax.lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True).astype(like.dtype)
   return dq.astype(q.dtype), scatter(dk, k), scatter(dv, v), None, None
@@ -398,42 +436,41 @@ def _specs(mesh, q, k, axis):
   return P(batch, axis, heads, None), P(batch, axis, kv_heads, None), P(batch, axis)
 
 
-def cudnn_ring_supported(q, method, segment_ids, window, order) -> bool:
-  """Whether ring attention can run its blocks on cuDNN: `_structured` blocks, and inputs cuDNN takes
+def cudnn_blocks_supported(q, segment_ids, window, order) -> bool:
+  """Whether ring or all-gather attention can run its blocks on cuDNN: `_structured` blocks, and inputs cuDNN takes
   (`longctx.ops.attention.cudnn_applies`)."""
-  return (_structured(method, segment_ids, window, order)
+  return (_structured(segment_ids, window, order)
           and attention_ops.cudnn_applies(jax.default_backend(), q.dtype, q.shape[-1]))
 
 
-def _structured(method, segment_ids, window, order) -> bool:
-  """Whether the block structure follows from the order alone: ring, rows of one document, no window, zigzag or
-  natural order."""
-  return method == 'ring' and segment_ids is None and not window and order in ('zigzag', 'none')
+def _structured(segment_ids, window, order) -> bool:
+  """Whether the block structure follows from the order alone: rows of one document, no window, zigzag or natural
+  order."""
+  return segment_ids is None and not window and order in ('zigzag', 'none')
 
 
 def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str = 'sequence', method: str = 'ring',
                       window: int = 0, scale=None, order: str = 'zigzag', impl: str = 'auto', chunk_size: int = 512):
   """Causal attention of q [B, T, H, D] over k, v [B, T, KV, D] whose T is sharded over `axis` of `mesh` in token
   order `order` (the data loader's `reorder`): key j is seen by query i when positions[j] ≤ positions[i], same
-  segment, within `window`. method: ring | all_gather (module docstring). impl: cudnn (ring blocks on cuDNN, where
-  `cudnn_ring_supported`), xla (the same block structure on dense XLA blocks), chunked (online softmax in XLA over
+  segment, within `window`. method: ring | all_gather (module docstring). impl: cudnn (blocks on cuDNN, where
+  `cudnn_blocks_supported`), xla (the same block structure on dense XLA blocks), chunked (online softmax in XLA over
   `chunk_size` chunks, any positions and documents) or auto (cudnn where supported, else chunked)."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   seg = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   n = mesh.shape[axis]
-  structured = _structured(method, segment_ids, window, order)
-  fast = cudnn_ring_supported(q, method, segment_ids, window, order)
+  structured = _structured(segment_ids, window, order)
+  fast = cudnn_blocks_supported(q, segment_ids, window, order)
   if impl == 'cudnn' and not fast:
-    raise ValueError('context attention on cuDNN needs method ring, a GPU, 16-bit inputs, head_dim <= 128 and a '
-                     f'multiple of 8, rows without segment ids, no window and order zigzag or none; got method '
-                     f'{method}, dtype {jnp.dtype(q.dtype).name}, head_dim {q.shape[-1]}, segments '
-                     f'{segment_ids is not None}, window {window}, order {order}')
+    raise ValueError('context attention on cuDNN needs a GPU, 16-bit inputs, head_dim <= 128 and a multiple of 8, '
+                     f'rows without segment ids, no window and order zigzag or none; got dtype '
+                     f'{jnp.dtype(q.dtype).name}, head_dim {q.shape[-1]}, segments {segment_ids is not None}, '
+                     f'window {window}, order {order}')
   if impl not in ('auto', 'cudnn', 'xla', 'chunked'):
     raise ValueError(f'context attention impl {impl!r}: one of auto, cudnn, xla, chunked')
   if impl == 'xla' and not structured:
-    raise ValueError('context attention impl xla (dense blocks) needs method ring, rows without segment ids, no '
-                     f'window and order zigzag or none; got method {method}, segments {segment_ids is not None}, '
-                     f'window {window}, order {order}')
+    raise ValueError('context attention impl xla (dense blocks) needs rows without segment ids, no window and '
+                     f'order zigzag or none; got segments {segment_ids is not None}, window {window}, order {order}')
   # auto: cuDNN blocks where they apply, else the chunked blocks (dense XLA blocks would not fit long shards).
   if impl == 'xla':
     blocks = _Structured(_XlaKernel(scale), order, axis, n)

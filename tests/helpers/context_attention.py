@@ -67,10 +67,12 @@ def main():
     # Chunks of 5 that divide neither the shard nor the gathered row.
     out[f'{method}_zigzag_docs_window_chunk5'] = case(mesh, 4, method, 'zigzag', 2, 40, 3, 3, 8, 7, True, 2,
                                                       chunk_size=5)
-  # The block structure the cuDNN ring runs, on dense XLA blocks.
-  for order in ('zigzag', 'none'):
-    out[f'ring_{order}_structured'] = case(mesh, 4, 'ring', order, 2, 48, 6, 2, 16, 0, False, 4, impl='xla')
-  out['ring_zigzag_structured_8dev'] = case(mesh8, 8, 'ring', 'zigzag', 1, 64, 5, 5, 8, 0, False, 5, impl='xla')
+  # The block structure cuDNN runs (ring steps, or the blocks of the gathered K/V), on dense XLA blocks.
+  for method in ('ring', 'all_gather'):
+    for order in ('zigzag', 'none'):
+      out[f'{method}_{order}_structured'] = case(mesh, 4, method, order, 2, 48, 6, 2, 16, 0, False, 4, impl='xla')
+    out[f'{method}_zigzag_structured_8dev'] = case(mesh8, 8, method, 'zigzag', 1, 64, 5, 5, 8, 0, False, 5,
+                                                   impl='xla')
   print(json.dumps(out))
 
 
