@@ -1,5 +1,5 @@
 """Multi-process training on localhost: 2 processes × 4 fake CPU devices (jax.distributed, gloo) train, checkpoint,
-stop, resume and reach the parameters of 1 process × 8 devices that never stopped."""
+stop, resume, evaluate and reach the parameters of 1 process × 8 devices that never stopped."""
 import os
 import socket
 import subprocess
@@ -16,8 +16,8 @@ ARGS = ['--config', os.path.join(ROOT, 'configs', 'default.py'), '--config.data.
         '--config.data.mqar.num_pairs=4', '--config.model.d_model=32', '--config.model.num_heads=2',
         '--config.model.num_kv_heads=2', '--config.model.mlp_dim=64', '--config.train.batch_size=8',
         '--config.train.num_steps=6', '--config.train.warmup_steps=1', '--config.train.checkpoint_every=3',
-        '--config.train.eval_every=0', '--config.train.progress_bar=False', '--config.model.attention.chunk_size=32',
-        '--config.data.num_threads=1']
+        '--config.train.eval_every=6', '--config.train.eval_batches=1', '--config.train.progress_bar=False',
+        '--config.model.attention.chunk_size=32', '--config.data.num_threads=1']
 OVERRIDES = {'data.source': 'mqar', 'data.mqar.vocab': 64, 'model.vocab_size': 64, 'data.seq_len': 32,
              'data.mqar.num_pairs': 4, 'model.d_model': 32, 'model.num_heads': 2, 'model.num_kv_heads': 2,
              'model.mlp_dim': 64, 'train.batch_size': 8, 'train.num_steps': 6, 'model.attention.chunk_size': 32}

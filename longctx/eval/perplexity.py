@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from longctx import data
+from longctx.parallel import distributed
 from longctx.train.metrics import loss_metrics
 
 
@@ -17,8 +18,11 @@ def global_batch(batch, sharding):
 def evaluate(eval_step, buckets, weights, batches, sharding, byte_level: bool) -> dict:
   """Loss and next-token accuracy of `weights` ({'params', 'buffers'}) over `batches`, overall and by position."""
   sums, hits, counts = (np.zeros(len(buckets)) for _ in range(3))
-  for batch in batches:
-    s, h, c = eval_step(weights, global_batch(batch, sharding))
+  for i, batch in enumerate(batches):
+    batch = global_batch(batch, sharding)
+    if i == 0:
+      distributed.compile_together(eval_step, 'eval step', weights, batch)
+    s, h, c = eval_step(weights, batch)
     sums += np.asarray(s)
     hits += np.asarray(h)
     counts += np.asarray(c)

@@ -68,3 +68,12 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
   if client is None:
     raise RuntimeError(f'barrier {name!r}: {jax.process_count()} processes but no jax.distributed client')
   client.wait_at_barrier(f'longctx/{name}/{next(_barriers)}', timeout_in_ms=timeout_s * 1000)
+
+
+def compile_together(jitted, name: str, *args) -> None:
+  """Compiles `jitted` for `args` and waits for every process to have done the same, so that no process enters the
+  step's first collective while another is still compiling; nothing to do in a single process."""
+  if jax.process_count() == 1:
+    return
+  jitted.lower(*args).compile()
+  barrier(f'compiled {name}')

@@ -198,9 +198,8 @@ def train(config, workdir: str) -> dict:
         batch = perplexity.global_batch(next(data_iter), batch_sharding)
         if step == 0 and not config.init_from:
           state = setup.seed_buffers(state, batch, config.seed)   # routing centroids: k-means on the first batch
-        if step == start and jax.process_count() > 1:
-          train_step.lower(state, batch).compile()
-          distributed.barrier('compiled train step')
+        if step == start:
+          distributed.compile_together(train_step, 'train step', state, batch)
         state, step_metrics = train_step(state, batch)
         step += 1
         interval.add(step, step_metrics)
