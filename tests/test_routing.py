@@ -157,10 +157,12 @@ def sharded_steps():
   return script_json(['tests/helpers/sharded_step.py', 'routing'])
 
 
-def test_sharded_training_gives_the_centroids_and_parameters_of_one_device_with_the_whole_batch(sharded_steps):
+@pytest.mark.parametrize('membership', ['balanced', 'causal'])
+def test_sharded_training_gives_the_centroids_and_parameters_of_one_device_with_the_whole_batch(sharded_steps,
+                                                                                                 membership):
   # Two steps of a local + routing stack with the batch over 2 devices, each row over 2 more (a document starts at
   # the shard boundary) and the heads over 2 more.
-  out = sharded_steps['data2_tensor2_sequence2']
+  out = sharded_steps[f'data2_tensor2_sequence2_{membership}']
   assert out['centroid_rel'] < 1e-5 and out['param_rel'] < 1e-5 and out['loss_diff'] < 1e-5
 
 
@@ -171,7 +173,7 @@ def sharded_ops():
 
 @pytest.mark.xdist_group('routing_sharded_ops')
 @pytest.mark.parametrize('case', ['balanced_seq4_w12_docs', 'balanced_seq4_w20', 'balanced_seq4_ties',
-                                  'local_seq4_block6_docs'])
+                                  'nearest_seq4_w5_docs', 'nearest_seq4_w16', 'local_seq4_block6_docs'])
 def test_routing_over_a_sharded_sequence_equals_one_device_forward_and_backward(sharded_ops, case):
   r = sharded_ops[case]
   assert r['finite']
@@ -179,7 +181,6 @@ def test_routing_over_a_sharded_sequence_equals_one_device_forward_and_backward(
 
 
 @pytest.mark.parametrize('overrides,field', [
-    ({'model.routing.causal': True}, 'model.routing.causal'),
     ({'model.routing.num_clusters': 6}, 'model.routing.num_clusters'),
     ({'model.routing.local_block': 12}, 'model.routing.local_block'),
     ({'parallel.load_balance': 'zigzag'}, 'parallel.load_balance'),

@@ -20,10 +20,10 @@ by an exponential moving average, and adds `commitment` × the commitment loss t
 the centroids from its first batch by a few k-means iterations (`LanguageModel.seed_routing`).
 
 Under `parallel.sequence` = n > 1 the row stays in its natural order (parallel.load_balance=none) and each shard
-holds whole local blocks: local heads take the block before the shard from the previous device, routing heads pick
-each cluster's members over the whole sequence and attend on the device that owns the cluster
-(`longctx.parallel.routing`); K must divide by n. Prefix-only membership has no sharded path (a cluster's latest w
-members can lie on any earlier shard): causal=True is refused there.
+holds whole local blocks: local heads take the block before the shard from the previous device; balanced routing
+heads pick each cluster's members over the whole sequence and attend on the device that owns the cluster (K must
+divide by n); prefix-only routing heads rank each token in its cluster from all-gathered per-shard counts and attend
+round a ring (`longctx.parallel.routing`, which states each path's cost).
 
 Config `model.routing`: heads, num_clusters, window (w; 0: data.seq_len / num_clusters, the paper's K·w = T),
 local_block, causal, ema_decay (0.999), ema_eps (1e-5), commitment (1e-4), kmeans_iterations. Query, key and value
@@ -131,10 +131,7 @@ class Routing(registry.Mixer):
                         f'a divisor of the {seq_len // shards} tokens each of parallel.sequence={shards} shards holds')
     if not cls.routing_heads(config):
       return
-    if r.causal:
-      raise ConfigError('model.routing.causal', r.causal, f'False under parallel.sequence={shards}: prefix-only '
-                        'membership has no sharded path; balanced membership (the paper\'s) has')
-    if r.num_clusters % shards:
+    if not r.causal and r.num_clusters % shards:
       raise ConfigError('model.routing.num_clusters', r.num_clusters,
                         f'a multiple of parallel.sequence={shards}: each device owns an equal share of the clusters')
 
@@ -193,8 +190,8 @@ class Routing(registry.Mixer):
       self.centroids[...] = centroids
     seg = per_head(segment_ids, self.routed)
     if mesh is not None:
-      o = sharded.sharded_balanced(qk, qk, v, centroids, self.window, route=u, segment_ids=segment_ids, mesh=mesh,
-                                   scale=scale)
+      route = sharded.sharded_nearest if self.causal else sharded.sharded_balanced
+      o = route(qk, qk, v, centroids, self.window, route=u, segment_ids=segment_ids, mesh=mesh, scale=scale)
     elif self.causal:
       o, _ = ops.nearest(qk, qk, v, centroids, self.window, route=u, segment_ids=seg, scale=scale)
     else:

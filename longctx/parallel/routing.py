@@ -11,6 +11,13 @@ the single-device form; each function here returns what it returns on the whole 
   outputs home, where they are averaged over the clusters a token landed in. Vectors in flight and at rest are
   [K/n, w] per head, the size of a shard when K·w = T (the paper's setting); the all-gathered scalars are
   n · min(w, T/n) per cluster. The backward pass is autodiff through the same steps.
+* `sharded_nearest`: prefix-only membership. A token sees the members of its own cluster and document whose rank
+  in the cluster (how many of its members come earlier in the row) is within w below its own. Ranks need only the
+  per-shard cluster counts (all-gathered, [n, K] per row and head); then K/V, clusters and ranks go round the ring
+  as in ring attention, each device attending its queries to every block not later than its own with that mask,
+  merged by log-sum-exp. Its reach is unbounded in position (a cluster's latest w members can lie on any earlier
+  shard), so the cost is that of masked ring attention: compute O(T²/n) per device, memory that of one shard × shard
+  block (recomputed in the backward pass), rather than O(T·w).
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from longctx.ops import routing as ops
-from longctx.parallel.context import _rows, _shard_map
+from longctx.parallel.context import _empty, _merge, _rows, _shard_map
 from longctx.parallel.rules import logical_to_spec
 
 
@@ -130,6 +137,64 @@ def sharded_balanced(q, k, v, centroids, window: int, *, route, segment_ids, mes
       count = count.at[bi, hi, at].add(piece[1].reshape(at.shape))
     o = total / jnp.maximum(count, 1.0)[..., None]
     return jnp.moveaxis(o, 1, 2).astype(q.dtype)
+
+  f = _shard_map(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
+  return f(q, k, v, route, centroids, seg)
+
+
+def _ranked_block(q, k, v, q_meta, k_meta, window: int, scale):
+  """Attention of q [B, s, H, D] to one block k, v under the prefix-only rule; meta = (cluster, rank, segment)
+  [B, s, H] each. Returns (o fp32 normalised over this block's visible keys, lse [B, H, s]; −inf where none)."""
+  (qc, qr, qs), (kc, kr, ks) = ([jnp.moveaxis(x, 1, 2) for x in meta] for meta in (q_meta, k_meta))
+  pair = lambda a, b: a[..., :, None] - b[..., None, :]
+  behind = pair(qr, kr)
+  ok = (pair(qc, kc) == 0) & (pair(qs, ks) == 0) & (behind >= 0) & (behind < window)          # [B, H, s, s]
+  s = jnp.einsum('bihd,bjhd->bhij', q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+  m = jnp.max(jnp.where(ok, s, -jnp.inf), axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(ok, jnp.exp(jnp.where(ok, s - m, 0.0)), 0.0)
+  total = jnp.sum(p, axis=-1)
+  o = jnp.einsum('bhij,bjhd->bihd', p / jnp.maximum(total, 1e-30)[..., None], v.astype(jnp.float32))
+  lse = jnp.where(total > 0, m[..., 0] + jnp.log(jnp.maximum(total, 1e-30)), -jnp.inf)
+  return o, lse
+
+
+def sharded_nearest(q, k, v, centroids, window: int, *, route, segment_ids, mesh, axis: str = 'sequence',
+                    scale=None):
+  """`ops.nearest(q, k, v, centroids, window, route=route, segment_ids=...)[0]` over q, k, v, route [B, T, H, D]
+  whose T is sharded over `axis` in natural order (documents contiguous); centroids [H, K, D]; `segment_ids`
+  [B, T] or None."""
+  n = mesh.shape[axis]
+  b, t, h, d = q.shape
+  clusters = centroids.shape[1]
+  shard = t // n
+  scale = d ** -0.5 if scale is None else scale
+  seg, row = _rows((q,), segment_ids, mesh, axis)
+  heads = _heads(mesh, h)
+  spec = P(row[0], axis, heads, None)
+  block = jax.checkpoint(lambda q, k, v, qm, km: _ranked_block(q, k, v, qm, km, window, scale))
+
+  def body(q, k, v, route, centroids, sg):
+    me = jax.lax.axis_index(axis)
+    cluster = ops.assign(route, centroids)                                           # [B, s, H]
+    onehot = jax.nn.one_hot(cluster, clusters, dtype=jnp.int32)                      # [B, s, H, K]
+    counts = jax.lax.all_gather(jnp.sum(onehot, axis=1), axis)                        # [n, B, H, K]
+    earlier = jnp.sum(jnp.where((jnp.arange(n) < me)[:, None, None, None], counts, 0), axis=0)
+    rank = jnp.sum((jnp.cumsum(onehot, axis=1) - onehot + earlier[:, None]) * onehot, axis=-1)   # [B, s, H]
+    meta = (cluster, rank, jnp.broadcast_to(sg[..., None], cluster.shape))
+    o, lse = _empty(q)
+    held = (k, v, meta)
+    for step in range(n):
+      nxt = _shift(held, axis, n, 1) if step < n - 1 else None
+      kb, vb, km = held
+      if step == 0:
+        part = block(q, kb, vb, meta, km)
+      else:   # the block of device me − step: skipped when it wrapped round from a later shard
+        part = jax.lax.cond(step <= me, lambda kb=kb, vb=vb, km=km: block(q, kb, vb, meta, km),
+                            lambda: _empty(q))
+      o, lse = _merge(o, lse, *part)
+      held = nxt
+    return o.astype(q.dtype)
 
   f = _shard_map(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
   return f(q, k, v, route, centroids, seg)

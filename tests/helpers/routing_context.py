@@ -46,6 +46,18 @@ def balanced_case(mesh, window, *, b=2, t=48, h=3, d=8, clusters=4, docs=False, 
   return compare(ref, jax.jit(run), q, k, v, do)
 
 
+def nearest_case(mesh, window, *, b=2, t=48, h=3, d=8, clusters=4, docs=False, seed=7):
+  q, k, v, route, centroids, do, seg = inputs(b, t, h, d, clusters, docs, seed)
+
+  def ref(q, k, v):
+    return ops.nearest(q, k, v, centroids, window, route=route, segment_ids=per_head(seg, h))[0]
+
+  def run(q, k, v):
+    return sharded.sharded_nearest(q, k, v, centroids, window, route=route, segment_ids=seg, mesh=mesh)
+
+  return compare(ref, jax.jit(run), q, k, v, do)
+
+
 def local_case(mesh, block, *, b=2, t=48, h=3, d=8, docs=False, seed=1):
   q, k, v, _, _, do, seg = inputs(b, t, h, d, 2, docs, seed)
   ref = lambda q, k, v: ops.local(q, k, v, block, segment_ids=per_head(seg, h))
@@ -73,6 +85,9 @@ def main():
       # w larger than a shard: each shard offers all its tokens as candidates.
       'balanced_seq4_w20': balanced_case(m14, 20, b=1, seed=2),
       'balanced_seq4_ties': balanced_case(m14, 12, b=1, seed=3, repeat=True),
+      # Prefix-only membership: windows shorter and longer than a shard, documents.
+      'nearest_seq4_w5_docs': nearest_case(m24, 5, docs=True),
+      'nearest_seq4_w16': nearest_case(m14, 16, b=1, seed=8),
       'local_seq4_block6_docs': local_case(m24, 6, docs=True),
   }
   print(json.dumps(out))

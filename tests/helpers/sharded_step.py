@@ -1,8 +1,9 @@
 """Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
 
 With the argument `linear`: a stack of every linear mixer (and attention) on one fsdp × tensor × sequence mesh
-against one device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
-the EMA, on a data × tensor × sequence mesh against one device with the whole batch."""
+against one device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first
+batch and moved by the EMA, on a data × tensor × sequence mesh against one device with the whole batch, with balanced
+and with prefix-only membership."""
 import json
 import os
 import sys
@@ -80,31 +81,47 @@ def flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+def rel(a, b):
+  return float(np.linalg.norm(flat(a) - flat(b)) / np.linalg.norm(flat(b)))
+
+
+def against_one_device(cases, devices):
+  """{name: distance of (parallel, devices, overrides) to the one-device run with the same overrides}."""
+  out, refs = {}, {}
+  for name, (parallel, mesh_devices, overrides) in cases.items():
+    key = repr(sorted((overrides or {}).items()))
+    if key not in refs:
+      refs[key] = run({'data': 1}, devices[:1], overrides)
+    ref, ref_losses, _, ref_buffers = refs[key]
+    params, losses, specs, buffers = run(parallel, mesh_devices, overrides)
+    out[name] = {'param_rel': rel(params, ref), 'loss_diff': max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                 'specs': specs}
+    if jax.tree.leaves(ref_buffers):
+      out[name]['centroid_rel'] = rel(buffers, ref_buffers)
+  return out
+
+
 def main():
   devices = jax.devices()
   assert len(devices) == 8, devices
-  routing = sys.argv[1:] == ['routing']
-  linear = sys.argv[1:] == ['linear']
-  overrides = ROUTING if routing else (LINEAR if linear else None)
-  ref, ref_losses, _, ref_buffers = run({'data': 1}, devices[:1], overrides)
-  out = {}
-  meshes = ({'data2_tensor2_sequence2': ({'data': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices)}
-            if routing else
-            {'fsdp2_tensor2_sequence2': ({'fsdp': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices)}
-            if linear else
-            {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices), 'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices),
-             'data8': ({'data': 8}, devices),
-             'data2_sequence4_ring': ({'data': 2, 'sequence': 4, 'context': 'ring'}, devices),
+  mode = sys.argv[1] if len(sys.argv) > 1 else 'meshes'
+  cp = {'data': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}
+  if mode == 'routing':
+    cases = {'data2_tensor2_sequence2_balanced': (cp, devices, ROUTING),
+             'data2_tensor2_sequence2_causal': (cp, devices, {**ROUTING, 'model.routing.causal': True})}
+  elif mode == 'linear':
+    cases = {'fsdp2_tensor2_sequence2': ({'fsdp': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices,
+                                         LINEAR)}
+  else:
+    cases = {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices, None),
+             'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices, None),
+             'data8': ({'data': 8}, devices, None),
+             'data2_sequence4_ring': ({'data': 2, 'sequence': 4, 'context': 'ring'}, devices, None),
              'data2_sequence4_all_gather': ({'data': 2, 'sequence': 4, 'context': 'all_gather',
-                                             'load_balance': 'striped'}, devices),
-             'data2_tensor2_sequence2_ring': ({'data': 2, 'tensor': 2, 'sequence': 2}, devices)})
-  for name, (parallel, mesh_devices) in meshes.items():
-    params, losses, specs, buffers = run(parallel, mesh_devices, overrides)
-    out[name] = {'param_rel': float(np.linalg.norm(flat(params) - flat(ref)) / np.linalg.norm(flat(ref))),
-                 'loss_diff': max(abs(a - b) for a, b in zip(losses, ref_losses)), 'specs': specs}
-    if routing:
-      out[name]['centroid_rel'] = float(np.linalg.norm(flat(buffers) - flat(ref_buffers)) / np.linalg.norm(flat(ref_buffers)))
-  if not routing and not linear:
+                                             'load_balance': 'striped'}, devices, None),
+             'data2_tensor2_sequence2_ring': ({'data': 2, 'tensor': 2, 'sequence': 2}, devices, None)}
+  out = against_one_device(cases, devices)
+  if mode == 'meshes':
     out['replication'] = replication_checks(devices)
   print(json.dumps(out))
 
