@@ -116,3 +116,22 @@ def test_context_attention_refuses_paths_that_cannot_run_here_by_name():
     context.context_attention(q, q, q, pos, mesh=mesh, impl='bogus')
   with pytest.raises(ValueError, match='dense blocks.*window 3'):
     context.context_attention(q, q, q, pos, mesh=mesh, impl='xla', window=3)
+
+
+@pytest.fixture(scope='module')
+def handed_results():
+  return script_json(['tests/helpers/handed_recurrence.py'])
+
+
+@pytest.mark.xdist_group('context_handed')
+@pytest.mark.parametrize('case', ['seq2_lanes1', 'seq2_lanes4', 'seq4_lanes1', 'seq4_lanes2', 'seq4_lanes4'])
+def test_a_handed_recurrence_equals_one_pass_over_the_row_whole_shards_and_as_a_wavefront(handed_results, case):
+  # A tanh recurrence (not affine in its state) with documents, one starting exactly at a shard boundary.
+  r = handed_results[case]
+  assert r['finite']
+  assert max(r['fwd'], r['dx'], r['da'], r['dfresh']) < 1e-6, r
+
+
+def test_wavefront_lanes_divide_the_heads():
+  assert context.wavefront_lanes(16, 2) == 4 and context.wavefront_lanes(16, 8) == 16
+  assert context.wavefront_lanes(6, 2) == 3 and context.wavefront_lanes(7, 2) == 1

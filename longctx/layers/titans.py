@@ -36,7 +36,7 @@ from longctx.layers.conv import ShortConv
 from longctx.ops.chunking import resets
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
 from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS, starting_weights
-from longctx.parallel.context import handed_recurrence
+from longctx.parallel.context import handed_recurrence, wavefront_lanes
 from longctx.parallel.rules import current_mesh
 
 
@@ -194,7 +194,7 @@ class Titans(registry.Mixer):
         form = lambda q, k, v, theta, eta, alpha, delta, state, fresh, ids: self.lmm(
             q, k, v, {'theta': theta, 'eta': eta, 'alpha': alpha, 'delta': delta}, state, ids, fresh['weights'])
         o = handed_recurrence(form, (q, k, v, g['theta'], g['eta'], g['alpha'], g['delta']), state, segment_ids,
-                              mesh=mesh)
+                              mesh=mesh, lanes=wavefront_lanes(self.heads, mesh.shape['sequence']))
       else:
         o, _ = self.lmm(q, k, v, g, state, segment_ids, self.initial_weights(b))
     else:
