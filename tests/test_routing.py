@@ -157,6 +157,7 @@ def sharded_steps():
   return script_json(['tests/helpers/sharded_step.py', 'routing'])
 
 
+@pytest.mark.xdist_group('routing_sharded_steps')
 @pytest.mark.parametrize('membership', ['balanced', 'causal'])
 def test_sharded_training_gives_the_centroids_and_parameters_of_one_device_with_the_whole_batch(sharded_steps,
                                                                                                  membership):

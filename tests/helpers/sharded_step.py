@@ -115,7 +115,6 @@ def main():
   else:
     cases = {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices, None),
              'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices, None),
-             'data8': ({'data': 8}, devices, None),
              'data2_sequence4_ring': ({'data': 2, 'sequence': 4, 'context': 'ring'}, devices, None),
              'data2_sequence4_all_gather': ({'data': 2, 'sequence': 4, 'context': 'all_gather',
                                              'load_balance': 'striped'}, devices, None),
