@@ -281,9 +281,10 @@ def _check_context_parallel(cfg, layers, n: int) -> None:
       raise ConfigError('model.attention.impl', a.impl, f'auto or chunked under parallel.sequence={n} with '
                         f'{", ".join(blockers)}: cuDNN blocks need order zigzag or none, no window and one '
                         'document a row')
-  if a.get('conv_size', 0) or a.persistent_tokens:
-    raise ConfigError('model.attention.conv_size' if a.get('conv_size', 0) else 'model.attention.persistent_tokens',
-                      a.get('conv_size', 0) or a.persistent_tokens, f'0 under parallel.sequence={n}')
+  if a.get('conv_size', 0) and order != 'none':
+    raise ConfigError('model.attention.conv_size', a.conv_size, f'0 under parallel.load_balance={order}: the short '
+                      'convolution reads the tokens before each one in the natural order (parallel.load_balance=none '
+                      'keeps it)')
 
 
 _OVERRIDE = re.compile(r'^--config\.([\w.]+)(?:=(.*))?$')

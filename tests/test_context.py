@@ -33,6 +33,15 @@ def test_block_structure_of_the_cudnn_path_equals_dense(results, method, case):
   assert max(r['fwd'], r['dq'], r['dk'], r['dv']) < 1e-5, r
 
 
+@pytest.mark.parametrize('method', ['ring', 'all_gather'])
+@pytest.mark.parametrize('case', ['zigzag_docs_window_prefix', 'none_structured_prefix'])
+def test_persistent_tokens_every_query_sees_join_sharded_attention(results, method, case):
+  # Against single-device prefixed attention; the prefix's own gradient is summed over the devices that hold it.
+  r = results[f'{method}_{case}']
+  assert r['finite']
+  assert max(r['fwd'], r['dq'], r['dk'], r['dv'], r['dprefix_k'], r['dprefix_v']) < 1e-5, r
+
+
 @pytest.mark.parametrize('order', context.ORDERS)
 def test_reorderings_are_permutations_that_balance_causal_work(order):
   t, n = 48, 4
@@ -71,7 +80,7 @@ def test_balanced_rows_carry_targets_taken_in_the_original_order():
     ({'data.seq_len': 60}, 'data.seq_len'),
     ({'parallel.context': 'gather'}, 'parallel.context'),
     ({'parallel.load_balance': 'random'}, 'parallel.load_balance'),
-    ({'model.attention.conv_size': 4}, 'model.attention.conv_size'),
+    ({'model.attention.conv_size': 4}, 'model.attention.conv_size'),       # zigzag order
     # cuDNN blocks: packed documents (the default data), striped order, or a window cannot take them.
     ({'model.attention.impl': 'cudnn'}, 'model.attention.impl'),
     ({'model.attention.impl': 'cudnn', 'data.source': 'mqar', 'model.vocab_size': 8192,
@@ -95,9 +104,10 @@ def linear_results():
 
 @pytest.mark.xdist_group('context_linear')
 def test_every_linear_mixer_sharded_trains_as_on_one_device(linear_results):
-  # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2, titans and attention in one stack, two
-  # steps, with a document starting inside a shard and one starting exactly at a shard boundary; sharded at once
-  # over the sequence, fsdp (parameters and batch) and tensor (heads of every mixer split over the tensor axis).
+  # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2, titans, titans_mag and attention (with
+  # persistent tokens and a short convolution) in one stack, two steps, with a document starting inside a shard and
+  # one starting exactly at a shard boundary; sharded at once over the sequence, fsdp (parameters and batch) and
+  # tensor (heads of every mixer split over the tensor axis).
   r = linear_results['fsdp2_tensor2_sequence2']
   assert r['loss_diff'] < 1e-5 and r['param_rel'] < 1e-5, r
 

@@ -134,7 +134,7 @@ class Attention(registry.Mixer):
     if mesh is not None and mesh.shape.get('sequence', 1) > 1:
       o = context.context_attention(q, k, v, positions, segment_ids, mesh=mesh, method=self.context,
                                     window=self.window, order=self.order, chunk_size=self.chunk_size,
-                                    impl=self.impl if self.impl in ('auto', 'cudnn') else 'chunked')
+                                    impl=self.impl if self.impl in ('auto', 'cudnn') else 'chunked', prefix=prefix)
     elif prefix is not None:
       o = prefixed(q, k, v, *(a.astype(k.dtype) for a in prefix), segment_ids, window=self.window,
                    block=self.chunk_size)

@@ -54,6 +54,8 @@ class _Gate(nnx.Module):
 @registry.register('titans_mag')
 class TitansMAG(registry.Mixer):
   """Memory as a gate (module docstring)."""
+  context_parallel = True   # both branches have their own: attention with the prefix, the memory handed on
+  natural_order = True
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     self.attn = SlidingWindowAttention(config, layer_index=layer_index, rngs=rngs)
@@ -64,6 +66,10 @@ class TitansMAG(registry.Mixer):
   def check_config(cls, config, layer_index):
     SlidingWindowAttention.check_config(config, layer_index)
     Titans.check_config(config, layer_index)
+
+  @classmethod
+  def check_sequence_sharding(cls, config, shards):
+    Titans.check_sequence_sharding(config, shards)
 
   @classmethod
   def flops(cls, config, seq_len):

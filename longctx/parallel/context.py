@@ -43,6 +43,7 @@ token starting at r.
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +260,30 @@ class _Structured:
     return dq, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1)
 
 
+class _Plan(NamedTuple):
+  """What the sharded attention functions share: the blocks, the axis and its size, and the kernel for the prefix
+  (persistent tokens every query sees; XLA or cuDNN, no mask)."""
+  blocks: Any
+  axis: str
+  n: int
+  prefix_kernel: Any
+
+
+def _with_prefix(plan, q, o, lse, prefix):
+  if prefix is None:
+    return o, lse
+  return _merge(o, lse, *plan.prefix_kernel.fwd(q, *prefix, False))
+
+
+def _prefix_grads(plan, q, o, lse, do, prefix):
+  """The prefix block's share of dq, and d(prefix K, V) from this device's queries (shard_map sums them over the
+  devices that hold the same prefix)."""
+  if prefix is None:
+    return 0.0, None
+  dq, dk, dv = plan.prefix_kernel.bwd(q, *prefix, o, lse, do, False)
+  return dq, (dk.astype(prefix[0].dtype), dv.astype(prefix[1].dtype))
+
+
 def _ring_forward(blocks, q, k, v, pos, seg, *, axis, n):
   perm = [(i, (i + 1) % n) for i in range(n)]
   o, lse = _empty(q)
@@ -272,6 +297,7 @@ def _ring_forward(blocks, q, k, v, pos, seg, *, axis, n):
 
 
 def _ring_backward(blocks, q, k, v, pos, seg, o, lse, do, *, axis, n):
+  """fp32 (dq, dk, dv) of the ring's blocks, from the global output and LSE."""
   perm = [(i, (i + 1) % n) for i in range(n)]
   dq = jnp.zeros(q.shape, jnp.float32)
   held = (k, v, pos, seg)
@@ -284,55 +310,56 @@ def _ring_backward(blocks, q, k, v, pos, seg, o, lse, do, *, axis, n):
     dk, dv = jax.lax.ppermute((dk + dk_s, dv + dv_s), axis, perm)
     dq = dq + dq_s
     held = nxt
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(context, q, k, v, pos, seg):
-  return _ring_fwd(context, q, k, v, pos, seg)[0]
+def _ring(plan, q, k, v, pos, seg, prefix):
+  return _ring_fwd(plan, q, k, v, pos, seg, prefix)[0]
 
 
-def _ring_fwd(context, q, k, v, pos, seg):
-  blocks, axis, n = context
-  o, lse = _ring_forward(blocks, q, k, v, pos, seg, axis=axis, n=n)
+def _ring_fwd(plan, q, k, v, pos, seg, prefix):
+  o, lse = _ring_forward(plan.blocks, q, k, v, pos, seg, axis=plan.axis, n=plan.n)
+  o, lse = _with_prefix(plan, q, o, lse, prefix)
   o = o.astype(q.dtype)
-  return o, (q, k, v, pos, seg, o, lse)
+  return o, (q, k, v, pos, seg, prefix, o, lse)
 
 
-def _ring_bwd(context, res, do):
-  blocks, axis, n = context
-  q, k, v, pos, seg, o, lse = res
-  return (*_ring_backward(blocks, q, k, v, pos, seg, o, lse, do, axis=axis, n=n), None, None)
+def _ring_bwd(plan, res, do):
+  q, k, v, pos, seg, prefix, o, lse = res
+  dq, dk, dv = _ring_backward(plan.blocks, q, k, v, pos, seg, o, lse, do, axis=plan.axis, n=plan.n)
+  dq_prefix, dprefix = _prefix_grads(plan, q, o, lse, do, prefix)
+  return ((dq + dq_prefix).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dprefix)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gathered(context, q, k, v, pos, seg):
-  return _gathered_fwd(context, q, k, v, pos, seg)[0]
+def _gathered(plan, q, k, v, pos, seg, prefix):
+  return _gathered_fwd(plan, q, k, v, pos, seg, prefix)[0]
 
 
-def _gather(context, *xs):
-  return tuple(jax.lax.all_gather(x, context[1], axis=1, tiled=True) for x in xs)
+def _gather(plan, *xs):
+  return tuple(jax.lax.all_gather(x, plan.axis, axis=1, tiled=True) for x in xs)
 
 
-def _gathered_fwd(context, q, k, v, pos, seg):
-  blocks = context[0]
-  kg, vg, pg, sg = _gather(context, k, v, pos, seg)
-  o, lse = blocks.gathered_forward(q, kg, vg, pos, pg, seg, sg)
+def _gathered_fwd(plan, q, k, v, pos, seg, prefix):
+  kg, vg, pg, sg = _gather(plan, k, v, pos, seg)
+  o, lse = plan.blocks.gathered_forward(q, kg, vg, pos, pg, seg, sg)
+  o, lse = _with_prefix(plan, q, o, lse, prefix)
   o = o.astype(q.dtype)
-  return o, (q, k, v, pos, seg, o, lse)
+  return o, (q, k, v, pos, seg, prefix, o, lse)
 
 
-def _gathered_bwd(context, res, do):
-  blocks, axis, _ = context
-  q, k, v, pos, seg, o, lse = res
-  kg, vg, pg, sg = _gather(context, k, v, pos, seg)
-  dq, dk, dv = blocks.gathered_backward(q, kg, vg, pos, pg, seg, sg, o, lse, do)
+def _gathered_bwd(plan, res, do):
+  q, k, v, pos, seg, prefix, o, lse = res
+  kg, vg, pg, sg = _gather(plan, k, v, pos, seg)
+  dq, dk, dv = plan.blocks.gathered_backward(q, kg, vg, pos, pg, seg, sg, o, lse, do)
+  dq_prefix, dprefix = _prefix_grads(plan, q, o, lse, do, prefix)
   # all_gather's transpose: each device's keys collect their gradient from every device.
-  scatter = lambda x, like: jax.lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True).astype(like.dtype)
-  return dq.astype(q.dtype), scatter(dk, k), scatter(dv, v), None, None
+  scatter = lambda x, like: jax.lax.psum_scatter(x, plan.axis, scatter_dimension=1, tiled=True).astype(like.dtype)
+  return (dq + dq_prefix).astype(q.dtype), scatter(dk, k), scatter(dv, v), None, None, dprefix
 
 
 _gathered.defvjp(_gathered_fwd, _gathered_bwd)
@@ -481,12 +508,15 @@ def _structured(segment_ids, window, order) -> bool:
 
 
 def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str = 'sequence', method: str = 'ring',
-                      window: int = 0, scale=None, order: str = 'zigzag', impl: str = 'auto', chunk_size: int = 512):
+                      window: int = 0, scale=None, order: str = 'zigzag', impl: str = 'auto', chunk_size: int = 512,
+                      prefix=None):
   """Causal attention of q [B, T, H, D] over k, v [B, T, KV, D] whose T is sharded over `axis` of `mesh` in token
   order `order` (the data loader's `reorder`): key j is seen by query i when positions[j] ≤ positions[i], same
   segment, within `window`. method: ring | all_gather (module docstring). impl: cudnn (blocks on cuDNN, where
   `cudnn_blocks_supported`), xla (the same block structure on dense XLA blocks), chunked (online softmax in XLA over
-  `chunk_size` chunks, any positions and documents) or auto (cudnn where supported, else chunked)."""
+  `chunk_size` chunks, any positions and documents) or auto (cudnn where supported, else chunked). `prefix`: keys
+  and values [B, P, KV, D] that every query sees, whatever its window and document (persistent tokens), held whole
+  by every device: one more unmasked block, merged by its log-sum-exp."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   seg = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   n = mesh.shape[axis]
@@ -511,6 +541,10 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
     blocks = _Chunked(window, scale, chunk_size)
   local = {'ring': _ring, 'all_gather': _gathered}[method]
   q_spec, kv_spec, row_spec = _specs(mesh, q, k, axis)
-  f = _shard_map(functools.partial(local, (blocks, axis, n)), mesh,
-                 (q_spec, kv_spec, kv_spec, row_spec, row_spec), q_spec)
-  return f(q, k, v, positions.astype(jnp.int32), seg)
+  prefix_kernel = blocks.kernel if isinstance(blocks, _Structured) else _XlaKernel(scale)
+  if prefix is not None:
+    prefix = tuple(x.astype(k.dtype) for x in prefix)
+  prefix_spec = None if prefix is None else (P(*kv_spec[:1], None, *kv_spec[2:]),) * 2
+  f = _shard_map(functools.partial(local, _Plan(blocks, axis, n, prefix_kernel)), mesh,
+                 (q_spec, kv_spec, kv_spec, row_spec, row_spec, prefix_spec), q_spec)
+  return f(q, k, v, positions.astype(jnp.int32), seg, prefix)

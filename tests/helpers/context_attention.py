@@ -11,7 +11,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from longctx.ops.attention import naive  # noqa: E402
+from longctx.ops.attention import naive, prefixed  # noqa: E402
 from longctx.parallel import context  # noqa: E402
 from longctx.parallel.mesh import make_mesh  # noqa: E402
 import ml_collections  # noqa: E402
@@ -22,11 +22,12 @@ def rel(a, b):
   return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
 
 
-def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed, **kw):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed, prefix_len=0, **kw):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
   q = jax.random.normal(ks[0], (b, t, h, d))
   k, v = (jax.random.normal(key, (b, t, kv, d)) for key in ks[1:3])
   do = jax.random.normal(ks[3], (b, t, h, d))
+  prefix = tuple(jax.random.normal(key, (b, prefix_len, kv, d)) for key in ks[4:6]) if prefix_len else None
   seg = np.ones((b, t), np.int32)
   pos = np.broadcast_to(np.arange(t), (b, t)).copy()
   if docs:
@@ -34,24 +35,30 @@ def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed, **kw):
     seg[:, cut:] = 2
     pos[:, cut:] -= cut
   seg, pos = jnp.asarray(seg), jnp.asarray(pos)
-  ref_loss = lambda q, k, v: jnp.sum(naive(q, k, v, seg, window=window) * do)
-  ref_o = naive(q, k, v, seg, window=window)
-  ref_g = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
+  if prefix is None:
+    ref = lambda q, k, v, prefix: naive(q, k, v, seg, window=window)
+  else:
+    ref = lambda q, k, v, prefix: prefixed(q, k, v, *prefix, seg, window=window, block=16)
+  ref_o, ref_vjp = jax.vjp(ref, q, k, v, prefix)
+  ref_g = ref_vjp(do)
   # Reorder the rows as the data loader would, run sharded, restore.
   perm = lambda x: context.reorder(x, n, order)
   absolute = jnp.broadcast_to(jnp.arange(t), (b, t))
   rq, rk, rv, rdo, rpos, rseg = (perm(x) for x in (q, k, v, do, absolute, seg))
 
-  def loss(q, k, v):
+  def loss(q, k, v, prefix):
     o = context.context_attention(q, k, v, rpos, None if kw.get('impl') == 'xla' else rseg, mesh=mesh,
-                                  method=method, window=window, order=order, **kw)
+                                  method=method, window=window, order=order, prefix=prefix, **kw)
     return jnp.sum(o * rdo), o
 
-  (_, o), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(rq, rk, rv)
+  (_, o), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(rq, rk, rv, prefix)
   back = lambda x: context.restore(x, n, order)
-  errs = [rel(back(o), ref_o)] + [rel(back(a), r) for a, r in zip(g, ref_g)]
-  finite = all(bool(jnp.isfinite(x).all()) for x in (o, *g))
-  return {'fwd': errs[0], 'dq': errs[1], 'dk': errs[2], 'dv': errs[3], 'finite': finite}
+  errs = [rel(back(o), ref_o)] + [rel(back(a), r) for a, r in zip(g[:3], ref_g[:3])]
+  result = {'fwd': errs[0], 'dq': errs[1], 'dk': errs[2], 'dv': errs[3]}
+  if prefix is not None:
+    result['dprefix_k'], result['dprefix_v'] = (rel(a, r) for a, r in zip(g[3], ref_g[3]))
+  result['finite'] = all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves((o, g)))
+  return result
 
 
 def main():
@@ -67,6 +74,12 @@ def main():
     # Chunks of 5 that divide neither the shard nor the gathered row.
     out[f'{method}_zigzag_docs_window_chunk5'] = case(mesh, 4, method, 'zigzag', 2, 40, 3, 3, 8, 7, True, 2,
                                                       chunk_size=5)
+  # Persistent tokens every query sees: chunked blocks with documents and a window, and the structured blocks.
+  for method in ('ring', 'all_gather'):
+    out[f'{method}_zigzag_docs_window_prefix'] = case(mesh, 4, method, 'zigzag', 2, 40, 3, 3, 8, 7, True, 6,
+                                                      prefix_len=5)
+    out[f'{method}_none_structured_prefix'] = case(mesh, 4, method, 'none', 2, 48, 6, 2, 16, 0, False, 7,
+                                                   prefix_len=4, impl='xla')
   # The block structure cuDNN runs (ring steps, or the blocks of the gathered K/V), on dense XLA blocks.
   for method in ('ring', 'all_gather'):
     for order in ('zigzag', 'none'):
