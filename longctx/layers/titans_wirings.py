@@ -19,6 +19,11 @@ Decoding keeps the segment in progress (its reads' and tokens' keys and values),
 the memory mixer's cache; segments are whole chunks of the memory (segment_size a multiple of chunk_size), so a
 segment's end is a chunk's end and cached decoding equals the full forward.
 
+Under `parallel.sequence` > 1 (natural order): MAG's branches shard as their mixers do (attention with the prefix
+on every device, the memory handed on head group by head group); MAC keeps whole segments on each device and hands
+the carry (memory, the memory's convolution cache and its ids) from device to device with the module's parameters
+whole on each (`longctx.parallel.context.handed_recurrence`), so its segments run one after another as on one device.
+
 MAL, memory as a layer, is a pattern rather than a mixer: `titans` layers alternating with `swa` layers that have
 persistent tokens (configs/titans.py:variant=mal).
 
@@ -38,6 +43,8 @@ from longctx.layers.titans import Titans, titans_dims
 from longctx.ops.attention import masked
 from longctx.ops.chunking import pad_to_multiple
 from longctx.ops.titans import init_state, memory as memory_lib
+from longctx.parallel.context import handed_recurrence
+from longctx.parallel.rules import current_mesh
 
 
 class _Gate(nnx.Module):
@@ -90,6 +97,8 @@ class TitansMAG(registry.Mixer):
 @registry.register('titans_mac')
 class TitansMAC(registry.Mixer):
   """Memory as context (module docstring)."""
+  context_parallel = True   # whole segments on each device, the memory handed from device to device
+  natural_order = True
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     m = config.model
@@ -109,6 +118,13 @@ class TitansMAC(registry.Mixer):
     if t.segment_size < 1 or t.segment_size % t.chunk_size:
       raise ConfigError('model.titans.segment_size', t.segment_size,
                         f'a positive multiple of model.titans.chunk_size={t.chunk_size} (512 in the paper)')
+
+  @classmethod
+  def check_sequence_sharding(cls, config, shards):
+    t, seq_len = config.model.titans, config.data.seq_len
+    if (seq_len // shards) % t.segment_size:
+      raise ConfigError('model.titans.segment_size', t.segment_size,
+                        f'a divisor of the {seq_len // shards} tokens each of parallel.sequence={shards} shards holds')
 
   @classmethod
   def flops(cls, config, seq_len):
@@ -177,23 +193,40 @@ class TitansMAC(registry.Mixer):
   def __call__(self, x, *, positions, segment_ids, cache=None):
     if cache is not None:
       return self._decode(x, positions, cache)
+    b = x.shape[0]
+    attn = self.attn
+    qa, ka, va, _ = attn.projections(x, segment_ids)          # with the attention's short convolution, if any
+    qa, ka = rope(qa, positions, attn.rope_theta), rope(ka, positions, attn.rope_theta)
+    qr = l2_normalize(jax.nn.silu(self.read_q(x)))
+    k_conv = self.memory.conv.size - 1
+    # What runs through the segments: the memory, the memory's convolution cache and the ids the cache came from.
+    start = (init_state(self.memory.spec, [w[...] for w in self.memory.memory], b),
+             jnp.zeros((b, k_conv, self.memory.conv.kernel.shape[1]), x.dtype),
+             jnp.full((b, max(k_conv, 1)), -2, jnp.int32))
+    arrays = (x, qa, ka, va, qr, positions)
+    mesh = current_mesh()
+    if mesh is not None and mesh.shape.get('sequence', 1) > 1:
+      # Each device holds whole segments; the memory is handed from device to device (longctx.parallel.context).
+      graph, params = nnx.split(self)
+      form = lambda *a, shared: nnx.merge(graph, shared)._segments(*a)
+      return handed_recurrence(form, arrays, start, segment_ids, mesh=mesh, shared=params), None
+    return self._segments(*arrays, start, start, segment_ids)[0], None
+
+  def _segments(self, x, qa, ka, va, qr, positions, carry, fresh, segment_ids):
+    """The segment loop over rows [B, T, ...] from `carry` (memory, convolution cache, its ids); `fresh` is the
+    carry at a document start. Returns (outputs [B, T, d_model], the carry after the last segment)."""
     b, t, _ = x.shape
     c = min(self.segment, t)
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     pad = lambda z, v=0: pad_to_multiple(z, c, value=v)
     n = pad(ids).shape[1] // c
     seg_major = lambda z: jnp.moveaxis(z.reshape((b, n, c) + z.shape[2:]), 1, 0)
-    attn = self.attn
-    qa, ka, va, _ = attn.projections(x, segment_ids)          # with the attention's short convolution, if any
-    qa, ka = rope(qa, positions, attn.rope_theta), rope(ka, positions, attn.rope_theta)
-    qr = l2_normalize(jax.nn.silu(self.read_q(x)))
     xs = tuple(seg_major(pad(z)) for z in (x, qa, ka, va, qr, positions))
     ids_s = seg_major(pad(ids, -1))                          # padding is a document of its own, dropped at the end
-    prefix = attn.prefix(b)
+    prefix = self.attn.prefix(b)
     spec = self.memory.spec
     initial = [w[...] for w in self.memory.memory]
-    start = init_state(spec, initial, b)
-    k_conv = self.memory.conv.size - 1
+    start = fresh[0]
 
     def body(carry, inputs):
       state, conv_cache, conv_ids = carry
@@ -209,12 +242,11 @@ class TitansMAC(registry.Mixer):
       idx = jnp.arange(c)
       inside = (idx[None, :] <= idx[:, None])[None] & (id_s[:, :, None] == id_s[:, None, :])
       y = self._attend(q_s, kh, vh, k_s, v_s, inside, prefix)
+      k_conv = conv_cache.shape[1]
       q, k, v, g, conv_cache = self.memory.features(y, id_s, conv_cache, conv_ids[:, -k_conv:] if k_conv else None)
       o, state = self.memory.lmm(q, k, v, g, state, id_s, self.memory.initial_weights(b))
       out = self.gate(y, self.memory.project(o, y))
       return (state, conv_cache, id_s[:, -conv_ids.shape[1]:]), out
 
-    conv0 = jnp.zeros((b, k_conv, self.memory.conv.kernel.shape[1]), x.dtype)
-    ids0 = jnp.full((b, max(k_conv, 1)), -2, jnp.int32)
-    _, out = jax.lax.scan(jax.checkpoint(body), (start, conv0, ids0), xs + (ids_s,))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * c, -1)[:, :t], None
+    carry, out = jax.lax.scan(jax.checkpoint(body), carry, xs + (ids_s,))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * c, -1)[:, :t], carry

@@ -425,7 +425,7 @@ def wavefront_lanes(heads: int, shards: int) -> int:
 
 
 def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, axis: str = 'sequence',
-                      lanes: int = 1):
+                      lanes: int = 1, shared=None):
   """Runs `form(*arrays, state, fresh_state, segment_ids) -> (out, final state)` over arrays [B, T, H, ...] sharded
   over `axis` in natural order, handing the state from device to device (module docstring). `fresh_state` (a
   pytree of [B, H, ...] leaves, the state at a document start) is where device 0 starts and where a device starts
@@ -433,7 +433,8 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
 
   With `lanes` = L > 1 the heads are independent recurrences (axis 2 of the arrays, axis 1 of the state) and run as
   a wavefront of L head groups: at stage t device r runs group t − r and hands its final state on, so the n shards
-  take n + L − 1 stages of 1/L of a shard's work instead of n stages of a whole shard's. Returns the outputs,
+  take n + L − 1 stages of 1/L of a shard's work instead of n stages of a whole shard's. `shared` (a pytree, e.g.
+  a module's parameters) reaches every device whole and is passed to `form` as `shared=`. Returns the outputs,
   sharded like the inputs."""
   n = mesh.shape[axis]
   seg, row = _rows(arrays, segment_ids, mesh, axis)
@@ -442,12 +443,18 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
   if heads % lanes:
     raise ValueError(f'handed recurrence: {lanes} lanes do not divide {heads} heads')
   width = heads // lanes
-  lane_of = lambda x, lane, at: jax.lax.dynamic_slice_in_dim(x, lane * width, width, axis=at)
-  put_lane = lambda x, part, lane, at: jax.lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), lane * width,
-                                                                          axis=at)
+  if lanes == 1:     # the whole state and every head at each stage
+    lane_of = lambda x, lane, at: x
+    put_lane = lambda x, part, lane, at: part.astype(x.dtype)
+  else:
+    lane_of = lambda x, lane, at: jax.lax.dynamic_slice_in_dim(x, lane * width, width, axis=at)
+    put_lane = lambda x, part, lane, at: jax.lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), lane * width,
+                                                                            axis=at)
+  extra = {} if shared is None else {'shared': shared}
 
   def body(*local):
-    *xs, sg, fresh = local
+    *xs, sg, fresh, extra = local
+    kw = {} if shared is None else {'shared': extra['shared']}
     ids = None if segment_ids is None else sg
     me = jax.lax.axis_index(axis)
     last_before = jax.lax.ppermute(sg[:, -1], axis, [(i, i + 1) for i in range(n - 1)])
@@ -464,13 +471,13 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
       def run(lane_state, lane_xs=lane_xs, lane_fresh=lane_fresh):
         begin = jax.tree.map(lambda f, s: jnp.where(starts_fresh.reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
                              lane_fresh, lane_state)
-        return form(*lane_xs, begin, lane_fresh, ids)
+        return form(*lane_xs, begin, lane_fresh, ids, **kw)
 
       shapes = jax.eval_shape(run, lane_state)
       idle = lambda lane_state, shapes=shapes: (jnp.zeros(shapes[0].shape, shapes[0].dtype), lane_state)
       o, final = jax.lax.cond(active, run, idle, lane_state)
       if out is None:
-        out = jnp.zeros(o.shape[:2] + (heads,) + o.shape[3:], o.dtype)
+        out = jnp.zeros(o.shape[:2] + (o.shape[2] * lanes,) + o.shape[3:], o.dtype)
       out = jnp.where(active, put_lane(out, o, lane, 2), out)
       if stage < n + lanes - 2:
         # The next device runs this lane at the next stage, from this device's final state.
@@ -481,8 +488,8 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
         state = jax.tree.map(lambda s, h: jnp.where(took, put_lane(s, h, at, 1), s), state, handed)
     return out
 
-  f = _shard_map(body, mesh, (row,) * (len(arrays) + 1) + (state_specs,), row)
-  return f(*arrays, seg, fresh_state)
+  f = _shard_map(body, mesh, (row,) * (len(arrays) + 1) + (state_specs, jax.tree.map(lambda _: P(), extra)), row)
+  return f(*arrays, seg, fresh_state, extra)
 
 
 def _specs(mesh, q, k, axis):

@@ -84,8 +84,7 @@ def main():
   for method in ('ring', 'all_gather'):
     for order in ('zigzag', 'none'):
       out[f'{method}_{order}_structured'] = case(mesh, 4, method, order, 2, 48, 6, 2, 16, 0, False, 4, impl='xla')
-    out[f'{method}_zigzag_structured_8dev'] = case(mesh8, 8, method, 'zigzag', 1, 64, 5, 5, 8, 0, False, 5,
-                                                   impl='xla')
+  out['ring_zigzag_structured_8dev'] = case(mesh8, 8, 'ring', 'zigzag', 1, 64, 5, 5, 8, 0, False, 5, impl='xla')
   print(json.dumps(out))
 
 

@@ -1,6 +1,6 @@
 """Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
 
-With the argument `linear`: a stack of every linear mixer, Titans (LMM and MAG) and attention with persistent tokens
+With the argument `linear`: a stack of every linear mixer, Titans (LMM, MAG, MAC) and attention with persistent tokens
 and a short convolution, on one fsdp × tensor × sequence mesh against one device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first
 batch and moved by the EMA, on a data × tensor × sequence mesh against one device with the whole batch, with balanced
 and with prefix-only membership."""
@@ -26,8 +26,10 @@ ROUTING = {'model.pattern': 'local,routing', 'model.routing.num_clusters': 4, 'm
            'model.routing.ema_decay': 0.9, 'model.routing.commitment': 0.1}
 
 
-LINEAR = {'model.pattern': 'hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,titans,titans_mag,attention',
-          'model.num_layers': 11, 'model.linear.chunk_size': 8, 'model.titans.chunk_size': 4,
+LINEAR = {'model.pattern': ('hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,titans,titans_mag,'
+                           'titans_mac,attention'),
+          'model.num_layers': 12, 'model.linear.chunk_size': 8, 'model.titans.chunk_size': 4,
+          'model.titans.segment_size': 8,
           'model.attention.persistent_tokens': 4, 'model.attention.swa_window': 24, 'model.attention.conv_size': 3}
 
 
@@ -40,10 +42,15 @@ def run(parallel, devices, overrides=None):
   step = make_train_step(setup)
   rng = np.random.default_rng(0)
   b, t = cfg.train.batch_size, cfg.data.seq_len
-  # Documents of 20, 12 and the rest: one starts inside a shard, one exactly where a shard starts (t/2).
-  cuts = [0, 20, t // 2, t]
-  seg = np.repeat([np.concatenate([np.full(e - s, i + 1) for i, (s, e) in enumerate(zip(cuts, cuts[1:]))])], b, 0)
-  pos = np.repeat([np.concatenate([np.arange(e - s) for s, e in zip(cuts, cuts[1:])])], b, 0)
+  # Half the rows: documents of 20, 12 and the rest, one starting inside a shard, one exactly where a shard starts
+  # (t/2); the other half: a document from 20 to 3t/4 that runs across that shard boundary.
+  rows = []
+  for cuts in ([0, 20, t // 2, t], [0, 20, 3 * t // 4, t]):
+    seg_row = np.concatenate([np.full(e - s, i + 1) for i, (s, e) in enumerate(zip(cuts, cuts[1:]))])
+    pos_row = np.concatenate([np.arange(e - s) for s, e in zip(cuts, cuts[1:])])
+    rows.append((seg_row, pos_row))
+  seg = np.stack([rows[i % 2][0] for i in range(b)])
+  pos = np.stack([rows[i % 2][1] for i in range(b)])
   losses = []
   for _ in range(2):
     batch = {'tokens': rng.integers(0, 256, (b, t)), 'segment_ids': seg, 'positions': pos}
