@@ -181,6 +181,14 @@ def test_routing_over_a_sharded_sequence_equals_one_device_forward_and_backward(
   assert max(r['fwd'], r['dq'], r['dk'], r['dv']) < 1e-5, r
 
 
+@pytest.mark.xdist_group('routing_sharded_ops')
+def test_sharded_balanced_routing_needs_a_fraction_of_one_devices_memory(sharded_ops):
+  # T 16K, w 64, 256 clusters over 4 devices: no device holds the whole row's vectors or all the clusters' blocks
+  # (the scores of its own tokens against every centroid, K x T/4, are what remains).
+  m = sharded_ops['memory_seq4']
+  assert m['sharded'] < 0.6 * m['one_device'], m
+
+
 @pytest.mark.parametrize('overrides,field', [
     ({'model.routing.num_clusters': 6}, 'model.routing.num_clusters'),
     ({'model.routing.local_block': 12}, 'model.routing.local_block'),

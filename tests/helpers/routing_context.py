@@ -74,6 +74,17 @@ def compare(ref, run, q, k, v, do):
   return {'fwd': errs[0], 'dq': errs[1], 'dk': errs[2], 'dv': errs[3], 'finite': finite}
 
 
+def temp_bytes(mesh, t=16384, w=64, d=64):
+  """Scratch memory of one device for the gradient of balanced routing over a row of t tokens (K = t / w clusters):
+  sharded over `mesh`, and on one device."""
+  q = jax.ShapeDtypeStruct((1, t, 1, d), jnp.float32)
+  c = jax.ShapeDtypeStruct((1, t // w, d), jnp.float32)
+  run = lambda q, c: jnp.sum(sharded.sharded_balanced(q, q, q, c, w, route=q, segment_ids=None, mesh=mesh))
+  one = lambda q, c: jnp.sum(ops.balanced(q, q, q, c, w)[0])
+  temp = lambda f: jax.jit(jax.grad(f)).lower(q, c).compile().memory_analysis().temp_size_in_bytes
+  return {'sharded': temp(run), 'one_device': temp(one), 'row': t * d * 4}
+
+
 def main():
   devices = jax.devices()
   mesh = lambda data, seq: make_mesh(ml_collections.ConfigDict(
@@ -90,6 +101,7 @@ def main():
       'nearest_seq4_w16': nearest_case(m14, 16, b=1, seed=8),
       'local_seq4_block6_docs': local_case(m24, 6, docs=True),
   }
+  out['memory_seq4'] = temp_bytes(m14)
   print(json.dumps(out))
 
 
