@@ -459,33 +459,37 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
     me = jax.lax.axis_index(axis)
     last_before = jax.lax.ppermute(sg[:, -1], axis, [(i, i + 1) for i in range(n - 1)])
     starts_fresh = (me == 0) | (sg[:, 0] != last_before)
-    state, out = fresh, None
-    for stage in range(n + lanes - 1):
-      lane = stage - me
+    lane_xs = lambda lane: [lane_of(x, lane, 2) for x in xs]
+
+    def run(lane_state, lane):
+      lane_fresh = jax.tree.map(lambda f: lane_of(f, lane, 1), fresh)
+      begin = jax.tree.map(lambda f, s: jnp.where(starts_fresh.reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
+                           lane_fresh, lane_state)
+      return form(*lane_xs(lane), begin, lane_fresh, ids, **kw)
+
+    lane0_state = jax.tree.map(lambda s: lane_of(s, 0, 1), fresh)
+    o_shape = jax.eval_shape(run, lane0_state, 0)[0]
+
+    def stage(carry, t):
+      # One traced copy of `form` whatever n and L: the stages are a loop, the lane a device's stage − its index.
+      state, out = carry
+      lane = t - me
       active = (lane >= 0) & (lane < lanes)
       lane = jnp.clip(lane, 0, lanes - 1)
-      lane_xs = [lane_of(x, lane, 2) for x in xs]
-      lane_fresh = jax.tree.map(lambda f: lane_of(f, lane, 1), fresh)
       lane_state = jax.tree.map(lambda s: lane_of(s, lane, 1), state)
-
-      def run(lane_state, lane_xs=lane_xs, lane_fresh=lane_fresh):
-        begin = jax.tree.map(lambda f, s: jnp.where(starts_fresh.reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
-                             lane_fresh, lane_state)
-        return form(*lane_xs, begin, lane_fresh, ids, **kw)
-
-      shapes = jax.eval_shape(run, lane_state)
-      idle = lambda lane_state, shapes=shapes: (jnp.zeros(shapes[0].shape, shapes[0].dtype), lane_state)
-      o, final = jax.lax.cond(active, run, idle, lane_state)
-      if out is None:
-        out = jnp.zeros(o.shape[:2] + (o.shape[2] * lanes,) + o.shape[3:], o.dtype)
+      idle = lambda lane_state, lane: (jnp.zeros(o_shape.shape, o_shape.dtype), lane_state)
+      o, final = jax.lax.cond(active, run, idle, lane_state, lane)
       out = jnp.where(active, put_lane(out, o, lane, 2), out)
-      if stage < n + lanes - 2:
-        # The next device runs this lane at the next stage, from this device's final state.
-        handed = jax.lax.ppermute(final, axis, [(i, i + 1) for i in range(n - 1)])
-        sender_lane = stage - (me - 1)
-        took = (me > 0) & (sender_lane >= 0) & (sender_lane < lanes)
-        at = jnp.clip(sender_lane, 0, lanes - 1)
-        state = jax.tree.map(lambda s, h: jnp.where(took, put_lane(s, h, at, 1), s), state, handed)
+      # The next device runs this lane at the next stage, from this device's final state.
+      handed = jax.lax.ppermute(final, axis, [(i, i + 1) for i in range(n - 1)])
+      sender_lane = t - (me - 1)
+      took = (me > 0) & (sender_lane >= 0) & (sender_lane < lanes)
+      at = jnp.clip(sender_lane, 0, lanes - 1)
+      state = jax.tree.map(lambda s, h: jnp.where(took, put_lane(s, h, at, 1), s), state, handed)
+      return (state, out), None
+
+    out = jnp.zeros(o_shape.shape[:2] + (o_shape.shape[2] * lanes,) + o_shape.shape[3:], o_shape.dtype)
+    (_, out), _ = jax.lax.scan(stage, (fresh, out), jnp.arange(n + lanes - 1))
     return out
 
   f = _shard_map(body, mesh, (row,) * (len(arrays) + 1) + (state_specs, jax.tree.map(lambda _: P(), extra)), row)
