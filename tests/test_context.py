@@ -77,7 +77,8 @@ def test_balanced_rows_carry_targets_taken_in_the_original_order():
 @pytest.mark.parametrize('overrides,field', [
     ({'model.pattern': 'titans_mac', 'parallel.load_balance': 'none', 'model.titans.segment_size': 32},
      'model.titans.segment_size'),
-    ({'model.pattern': 'titans', 'parallel.load_balance': 'none', 'model.titans.chunk_size': 32}, 'model.titans.chunk_size'),
+    ({'model.pattern': 'titans', 'parallel.load_balance': 'none', 'model.titans.chunk_size': 32},
+     'model.titans.chunk_size'),
     ({'model.pattern': 'hgrn,attention'}, 'parallel.load_balance'),
     ({'data.seq_len': 60}, 'data.seq_len'),
     ({'parallel.context': 'gather'}, 'parallel.context'),

@@ -33,8 +33,9 @@ class Attention(registry.Mixer):
 
   Under `parallel.sequence` > 1 the row is sharded over the mesh's sequence axis in the data loader's balanced
   token order and attention runs as `parallel.context` (ring | all_gather, `longctx.parallel.context`), masked by
-  each token's document and in-document position; ring and all-gather blocks run on cuDNN where it applies (impl auto or cudnn:
-  GPU, rows of one document, no window, zigzag or natural order), else in chunks of `chunk_size`.
+  each token's document and in-document position; its blocks run on cuDNN where it applies (impl auto or cudnn: GPU,
+  rows of one document, no window, zigzag or natural order), else in chunks of `chunk_size`; persistent tokens are
+  one more block every device holds.
   """
   context_parallel = True
 

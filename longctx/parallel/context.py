@@ -81,7 +81,7 @@ def restore(x, n: int, order: str, axis: int = 1):
   return jnp.take(x, np.argsort(permutation(x.shape[axis], n, order)), axis=axis)
 
 
-def _merge(o_a, lse_a, o_b, lse_b):
+def merge_partials(o_a, lse_a, o_b, lse_b):
   """Two partial attentions over disjoint keys (o fp32 normalised over its keys, lse [B, H, T]) as one."""
   lse = jnp.logaddexp(lse_a, lse_b)
   safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
@@ -91,7 +91,8 @@ def _merge(o_a, lse_a, o_b, lse_b):
   return o_a * to_o(w_a) + o_b * to_o(w_b), lse
 
 
-def _empty(q):
+def empty_partial(q):
+  """The partial attention over no keys: o = 0, lse = −∞."""
   b, t, h, _ = q.shape
   return jnp.zeros(q.shape, jnp.float32), jnp.full((b, h, t), -jnp.inf, jnp.float32)
 
@@ -107,7 +108,7 @@ class _Chunked:
     del step
     return jax.lax.cond(attention_ops.block_visible(q_pos, k_pos, self.window),
                         lambda: attention_ops.block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **self.kw),
-                        lambda: _empty(q))
+                        lambda: empty_partial(q))
 
   def backward(self, step, q, k, v, q_pos, k_pos, q_seg, k_seg, o, lse, do):
     del step
@@ -193,16 +194,16 @@ class _Structured:
     fwd = self.kernel.fwd
     if self.order == 'none':
       return {'diagonal': lambda: fwd(q, k, v, True), 'earlier': lambda: fwd(q, k, v, False),
-              'later': lambda: _empty(q)}[relation]()
+              'later': lambda: empty_partial(q)}[relation]()
     c = q.shape[1] // 2
     qa, qb, ka, kb, va, vb = q[:, :c], q[:, c:], k[:, :c], k[:, c:], v[:, :c], v[:, c:]
     join = lambda a, b: (jnp.concatenate([a[0], b[0]], 1), jnp.concatenate([a[1], b[1]], 2))
     if relation == 'diagonal':
-      return join(fwd(qa, ka, va, True), _merge(*fwd(qb, ka, va, False), *fwd(qb, kb, vb, True)))
+      return join(fwd(qa, ka, va, True), merge_partials(*fwd(qb, ka, va, False), *fwd(qb, kb, vb, True)))
     # An earlier block: every local query sees its first chunk only; a later one: our second chunk sees all of it.
     if relation == 'earlier':
       return fwd(q, ka, va, False)
-    return join(_empty(qa), fwd(qb, k, v, False))
+    return join(empty_partial(qa), fwd(qb, k, v, False))
 
   def _bwd(self, relation, q, k, v, o, lse, do):
     bwd = self.kernel.bwd
@@ -246,9 +247,9 @@ class _Structured:
     return [x[:, j * s:(j + 1) * s] for j in range(self.n)]
 
   def gathered_forward(self, q, k, v, *_):
-    o, lse = _empty(q)
+    o, lse = empty_partial(q)
     for j, (kj, vj) in enumerate(zip(self._blocks(k), self._blocks(v))):
-      o, lse = _merge(o, lse, *self._switch(self._relation(j), self._fwd, q, kj, vj))
+      o, lse = merge_partials(o, lse, *self._switch(self._relation(j), self._fwd, q, kj, vj))
     return o, lse
 
   def gathered_backward(self, q, k, v, _qp, _kp, _qs, _ks, o, lse, do):
@@ -272,7 +273,7 @@ class _Plan(NamedTuple):
 def _with_prefix(plan, q, o, lse, prefix):
   if prefix is None:
     return o, lse
-  return _merge(o, lse, *plan.prefix_kernel.fwd(q, *prefix, False))
+  return merge_partials(o, lse, *plan.prefix_kernel.fwd(q, *prefix, False))
 
 
 def _prefix_grads(plan, q, o, lse, do, prefix):
@@ -286,12 +287,12 @@ def _prefix_grads(plan, q, o, lse, do, prefix):
 
 def _ring_forward(blocks, q, k, v, pos, seg, *, axis, n):
   perm = [(i, (i + 1) % n) for i in range(n)]
-  o, lse = _empty(q)
+  o, lse = empty_partial(q)
   held = (k, v, pos, seg)
   for step in range(n):
     nxt = jax.lax.ppermute(held, axis, perm) if step < n - 1 else None     # issued before the compute it overlaps
     kb, vb, pb, sb = held
-    o, lse = _merge(o, lse, *blocks.forward(step, q, kb, vb, pos, pb, seg, sb))
+    o, lse = merge_partials(o, lse, *blocks.forward(step, q, kb, vb, pos, pb, seg, sb))
     held = nxt
   return o, lse
 
@@ -365,7 +366,8 @@ def _gathered_bwd(plan, res, do):
 _gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
-def _shard_map(body, mesh, in_specs, out_specs):
+def map_shards(body, mesh, in_specs, out_specs):
+  """`jax.shard_map` (jax.experimental's on older jax) without replication checks."""
   shard_map = getattr(jax, 'shard_map', None)
   if shard_map is None:
     from jax.experimental.shard_map import shard_map
@@ -373,7 +375,7 @@ def _shard_map(body, mesh, in_specs, out_specs):
   return shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def _rows(arrays, segment_ids, mesh, axis):
+def row_layout(arrays, segment_ids, mesh, axis):
   """(segment ids [B, T] int32, ones without documents; the spec of a [B, T, ...] row sharded over `axis`)."""
   seg = jnp.ones(arrays[0].shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   return seg, P(logical_to_spec(('batch',), arrays[0].shape[:1], mesh)[0], axis)
@@ -386,7 +388,7 @@ def sharded_recurrence(form, arrays: tuple, segment_ids, *, mesh, axis: str = 's
   `vector` [B, D] (M elementwise). `arrays[value_index]` is the value input that the M pass zeroes (widened to Dk
   for a matrix state: arrays[1] are the keys). Returns the outputs, sharded like the inputs."""
   n = mesh.shape[axis]
-  seg, row = _rows(arrays, segment_ids, mesh, axis)
+  seg, row = row_layout(arrays, segment_ids, mesh, axis)
 
   def body(*local):
     *xs, sg = local
@@ -415,7 +417,7 @@ def sharded_recurrence(form, arrays: tuple, segment_ids, *, mesh, axis: str = 's
     out, _ = form(*xs, initial_state=state, segment_ids=ids)
     return out
 
-  return _shard_map(body, mesh, (row,) * (len(arrays) + 1), row)(*arrays, seg)
+  return map_shards(body, mesh, (row,) * (len(arrays) + 1), row)(*arrays, seg)
 
 
 def wavefront_lanes(heads: int, shards: int) -> int:
@@ -437,7 +439,7 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
   a module's parameters) reaches every device whole and is passed to `form` as `shared=`. Returns the outputs,
   sharded like the inputs."""
   n = mesh.shape[axis]
-  seg, row = _rows(arrays, segment_ids, mesh, axis)
+  seg, row = row_layout(arrays, segment_ids, mesh, axis)
   state_specs = jax.tree.map(lambda _: P(row[0]), fresh_state)
   heads = arrays[0].shape[2]
   if heads % lanes:
@@ -492,7 +494,7 @@ def handed_recurrence(form, arrays: tuple, fresh_state, segment_ids, *, mesh, ax
     (_, out), _ = jax.lax.scan(stage, (fresh, out), jnp.arange(n + lanes - 1))
     return out
 
-  f = _shard_map(body, mesh, (row,) * (len(arrays) + 1) + (state_specs, jax.tree.map(lambda _: P(), extra)), row)
+  f = map_shards(body, mesh, (row,) * (len(arrays) + 1) + (state_specs, jax.tree.map(lambda _: P(), extra)), row)
   return f(*arrays, seg, fresh_state, extra)
 
 
@@ -556,6 +558,6 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
   if prefix is not None:
     prefix = tuple(x.astype(k.dtype) for x in prefix)
   prefix_spec = None if prefix is None else (P(*kv_spec[:1], None, *kv_spec[2:]),) * 2
-  f = _shard_map(functools.partial(local, _Plan(blocks, axis, n, prefix_kernel)), mesh,
+  f = map_shards(functools.partial(local, _Plan(blocks, axis, n, prefix_kernel)), mesh,
                  (q_spec, kv_spec, kv_spec, row_spec, row_spec, prefix_spec), q_spec)
   return f(q, k, v, positions.astype(jnp.int32), seg, prefix)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from longctx.ops import routing as ops
-from longctx.parallel.context import _empty, _merge, _rows, _shard_map
+from longctx.parallel.context import empty_partial, map_shards, merge_partials, row_layout
 from longctx.parallel.rules import logical_to_spec
 
 
@@ -44,7 +44,7 @@ def sharded_local(q, k, v, block: int, segment_ids, *, mesh, axis: str = 'sequen
   number of blocks; `segment_ids` [B, T] or None."""
   n = mesh.shape[axis]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  seg, row = _rows((q,), segment_ids, mesh, axis)
+  seg, row = row_layout((q,), segment_ids, mesh, axis)
   spec = P(row[0], axis, _heads(mesh, q.shape[2]), None)
 
   def body(q, k, v, sg):
@@ -58,7 +58,7 @@ def sharded_local(q, k, v, block: int, segment_ids, *, mesh, axis: str = 'sequen
     queries = jnp.concatenate([jnp.zeros_like(q[:, :block]), q], axis=1)
     return ops._two_blocks(queries, keys, values, block, scale, ids=ids)[:, block:].astype(q.dtype)
 
-  return _shard_map(body, mesh, (spec, spec, spec, row), spec)(q, k, v, seg)
+  return map_shards(body, mesh, (spec, spec, spec, row), spec)(q, k, v, seg)
 
 
 def _members(scores, window: int, axis: str, shard: int):
@@ -86,7 +86,7 @@ def sharded_balanced(q, k, v, centroids, window: int, *, route, segment_ids, mes
   per = clusters // n
   shard = t // n
   scale = d ** -0.5 if scale is None else scale
-  seg, row = _rows((q,), segment_ids, mesh, axis)
+  seg, row = row_layout((q,), segment_ids, mesh, axis)
   heads = _heads(mesh, h)
   spec = P(row[0], axis, heads, None)
 
@@ -138,7 +138,7 @@ def sharded_balanced(q, k, v, centroids, window: int, *, route, segment_ids, mes
     o = total / jnp.maximum(count, 1.0)[..., None]
     return jnp.moveaxis(o, 1, 2).astype(q.dtype)
 
-  f = _shard_map(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
+  f = map_shards(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
   return f(q, k, v, route, centroids, seg)
 
 
@@ -169,7 +169,7 @@ def sharded_nearest(q, k, v, centroids, window: int, *, route, segment_ids, mesh
   clusters = centroids.shape[1]
   shard = t // n
   scale = d ** -0.5 if scale is None else scale
-  seg, row = _rows((q,), segment_ids, mesh, axis)
+  seg, row = row_layout((q,), segment_ids, mesh, axis)
   heads = _heads(mesh, h)
   spec = P(row[0], axis, heads, None)
   block = jax.checkpoint(lambda q, k, v, qm, km: _ranked_block(q, k, v, qm, km, window, scale))
@@ -182,7 +182,7 @@ def sharded_nearest(q, k, v, centroids, window: int, *, route, segment_ids, mesh
     earlier = jnp.sum(jnp.where((jnp.arange(n) < me)[:, None, None, None], counts, 0), axis=0)
     rank = jnp.sum((jnp.cumsum(onehot, axis=1) - onehot + earlier[:, None]) * onehot, axis=-1)   # [B, s, H]
     meta = (cluster, rank, jnp.broadcast_to(sg[..., None], cluster.shape))
-    o, lse = _empty(q)
+    o, lse = empty_partial(q)
     held = (k, v, meta)
     for step in range(n):
       nxt = _shift(held, axis, n, 1) if step < n - 1 else None
@@ -191,10 +191,10 @@ def sharded_nearest(q, k, v, centroids, window: int, *, route, segment_ids, mesh
         part = block(q, kb, vb, meta, km)
       else:   # the block of device me − step: skipped when it wrapped round from a later shard
         part = jax.lax.cond(step <= me, lambda kb=kb, vb=vb, km=km: block(q, kb, vb, meta, km),
-                            lambda: _empty(q))
-      o, lse = _merge(o, lse, *part)
+                            lambda: empty_partial(q))
+      o, lse = merge_partials(o, lse, *part)
       held = nxt
     return o.astype(q.dtype)
 
-  f = _shard_map(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
+  f = map_shards(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
   return f(q, k, v, route, centroids, seg)

@@ -1,9 +1,10 @@
 """Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
 
-With the argument `linear`: a stack of every linear mixer, Titans (LMM, MAG, MAC) and attention with persistent tokens
-and a short convolution, on one fsdp × tensor × sequence mesh against one device. With the argument `routing`: a stack with a routing layer, its centroids seeded from the first
-batch and moved by the EMA, on a data × tensor × sequence mesh against one device with the whole batch, with balanced
-and with prefix-only membership."""
+With the argument `linear`: a stack of every linear mixer, Titans (LMM, MAG, MAC) and attention with persistent
+tokens and a short convolution, on one fsdp × tensor × sequence mesh against one device. With the argument
+`routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by the EMA, on a
+data × tensor × sequence mesh against one device with the whole batch, with balanced and with prefix-only
+membership."""
 import json
 import os
 import sys
@@ -29,8 +30,8 @@ ROUTING = {'model.pattern': 'local,routing', 'model.routing.num_clusters': 4, 'm
 LINEAR = {'model.pattern': ('hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,titans,titans_mag,'
                            'titans_mac,attention'),
           'model.num_layers': 12, 'model.linear.chunk_size': 8, 'model.titans.chunk_size': 4,
-          'model.titans.segment_size': 8,
-          'model.attention.persistent_tokens': 4, 'model.attention.swa_window': 24, 'model.attention.conv_size': 3}
+          'model.titans.segment_size': 8, 'model.attention.persistent_tokens': 4, 'model.attention.swa_window': 24,
+          'model.attention.conv_size': 3}
 
 
 def run(parallel, devices, overrides=None):
