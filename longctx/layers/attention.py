@@ -11,7 +11,7 @@ from longctx.layers.common import Dense, param, rope
 from longctx.layers.conv import ShortConv
 from longctx.ops.attention import attention, cached, prefixed
 from longctx.parallel import context
-from longctx.parallel.rules import constrain, current_mesh
+from longctx.parallel.rules import constrain, sequence_mesh
 
 
 @registry.register('attention')
@@ -131,8 +131,8 @@ class Attention(registry.Mixer):
     k = constrain(k, ('batch', 'length', 'act_kv_heads', None))
     v = constrain(v, ('batch', 'length', 'act_kv_heads', None))
     prefix = self.prefix(x.shape[0])
-    mesh = current_mesh()
-    if mesh is not None and mesh.shape.get('sequence', 1) > 1:
+    mesh = sequence_mesh()
+    if mesh is not None:
       o = context.context_attention(q, k, v, positions, segment_ids, mesh=mesh, method=self.context,
                                     window=self.window, order=self.order, chunk_size=self.chunk_size,
                                     impl=self.impl if self.impl in ('auto', 'cudnn') else 'chunked', prefix=prefix)

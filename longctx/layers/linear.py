@@ -16,7 +16,7 @@ from longctx.config import ConfigError
 from longctx.layers import registry
 from longctx.layers.common import Dense, RMSNorm
 from longctx.parallel.context import sharded_recurrence
-from longctx.parallel.rules import current_mesh
+from longctx.parallel.rules import sequence_mesh
 
 
 def linear_dims(config):
@@ -53,8 +53,8 @@ def run_recurrence(form, arrays: tuple, segment_ids, cache, *, vector: bool = Fa
   """(outputs, final state or None) of `form(*arrays, initial_state=, segment_ids=)` from the cache's state; in
   training under a mesh that shards the sequence, across the devices by `longctx.parallel.context.sharded_recurrence`
   (no final state is kept there)."""
-  mesh = current_mesh()
-  if cache is None and mesh is not None and mesh.shape.get('sequence', 1) > 1:
+  mesh = sequence_mesh()
+  if cache is None and mesh is not None:
     return sharded_recurrence(form, arrays, segment_ids, mesh=mesh, vector=vector, value_index=value_index), None
   return form(*arrays, initial_state=None if cache is None else cache['state'], segment_ids=segment_ids)
 

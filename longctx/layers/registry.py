@@ -36,6 +36,14 @@ class Mixer(nnx.Module):
     """What the context-parallel path needs beyond `check_config`, with the sequence over `shards` devices."""
     del config, shards
 
+
+def check_divides_shard(field: str, value: int, config: Any, shards: int) -> None:
+  """Refuses `field` = value unless it divides the tokens each of `shards` sequence shards holds."""
+  from longctx.config import ConfigError
+  tokens = config.data.seq_len // shards
+  if tokens % value:
+    raise ConfigError(field, value, f'a divisor of the {tokens} tokens each of parallel.sequence={shards} shards holds')
+
   @classmethod
   def flops(cls, config: Any, seq_len: int) -> float:
     """Forward FLOPs per sequence beyond the parameter matmuls (longctx.train.flops counts those)."""

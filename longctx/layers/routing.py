@@ -42,7 +42,7 @@ from longctx.layers.common import Dense, rope
 from longctx.ops import routing as ops
 from longctx.ops.attention import masked
 from longctx.parallel import routing as sharded
-from longctx.parallel.rules import current_mesh
+from longctx.parallel.rules import sequence_mesh
 
 
 class Centroids(nnx.Variable):
@@ -125,10 +125,8 @@ class Routing(registry.Mixer):
 
   @classmethod
   def check_sequence_sharding(cls, config, shards):
-    r, seq_len = config.model.routing, config.data.seq_len
-    if (seq_len // shards) % r.local_block:
-      raise ConfigError('model.routing.local_block', r.local_block,
-                        f'a divisor of the {seq_len // shards} tokens each of parallel.sequence={shards} shards holds')
+    r = config.model.routing
+    registry.check_divides_shard('model.routing.local_block', r.local_block, config, shards)
     if not cls.routing_heads(config):
       return
     if not r.causal and r.num_clusters % shards:
@@ -168,8 +166,7 @@ class Routing(registry.Mixer):
     if cache is not None:
       return self.decode(q_rot, k_rot, v, u, cache)
     scale = self.head_dim ** -0.5
-    mesh = current_mesh()
-    mesh = mesh if mesh is not None and mesh.shape.get('sequence', 1) > 1 else None
+    mesh = sequence_mesh()
     outs = []
     if hl:
       lq, lk, lv = q_rot[:, :, :hl], k_rot[:, :, :hl], v[:, :, :hl]

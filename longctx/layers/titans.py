@@ -37,7 +37,7 @@ from longctx.ops.chunking import resets
 from longctx.ops.titans import MemorySpec, chunk_lmm, init_state
 from longctx.ops.titans.memory import ACTIVATIONS, OBJECTIVES, RETENTIONS, starting_weights
 from longctx.parallel.context import handed_recurrence, wavefront_lanes
-from longctx.parallel.rules import current_mesh
+from longctx.parallel.rules import sequence_mesh
 
 
 def titans_dims(config):
@@ -77,10 +77,7 @@ class Titans(registry.Mixer):
 
   @classmethod
   def check_sequence_sharding(cls, config, shards):
-    chunk, seq_len = config.model.titans.chunk_size, config.data.seq_len
-    if (seq_len // shards) % chunk:
-      raise ConfigError('model.titans.chunk_size', chunk,
-                        f'a divisor of the {seq_len // shards} tokens each of parallel.sequence={shards} shards holds')
+    registry.check_divides_shard('model.titans.chunk_size', config.model.titans.chunk_size, config, shards)
 
   def __init__(self, config, *, layer_index: int, rngs: nnx.Rngs):
     del layer_index
@@ -188,8 +185,8 @@ class Titans(registry.Mixer):
     q, k, v, g, conv_cache = self.features(x, segment_ids, None if cache is None else cache['conv'])
     if cache is None:
       state = init_state(self.spec, [w[...] for w in self.memory], b)
-      mesh = current_mesh()
-      if mesh is not None and mesh.shape.get('sequence', 1) > 1:
+      mesh = sequence_mesh()
+      if mesh is not None:
         # The memory is handed from device to device along the sharded sequence (longctx.parallel.context).
         form = lambda q, k, v, theta, eta, alpha, delta, state, fresh, ids: self.lmm(
             q, k, v, {'theta': theta, 'eta': eta, 'alpha': alpha, 'delta': delta}, state, ids, fresh['weights'])

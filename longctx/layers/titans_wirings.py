@@ -44,7 +44,7 @@ from longctx.ops.attention import masked
 from longctx.ops.chunking import pad_to_multiple
 from longctx.ops.titans import init_state, memory as memory_lib
 from longctx.parallel.context import handed_recurrence
-from longctx.parallel.rules import current_mesh
+from longctx.parallel.rules import sequence_mesh
 
 
 class _Gate(nnx.Module):
@@ -121,10 +121,7 @@ class TitansMAC(registry.Mixer):
 
   @classmethod
   def check_sequence_sharding(cls, config, shards):
-    t, seq_len = config.model.titans, config.data.seq_len
-    if (seq_len // shards) % t.segment_size:
-      raise ConfigError('model.titans.segment_size', t.segment_size,
-                        f'a divisor of the {seq_len // shards} tokens each of parallel.sequence={shards} shards holds')
+    registry.check_divides_shard('model.titans.segment_size', config.model.titans.segment_size, config, shards)
 
   @classmethod
   def flops(cls, config, seq_len):
@@ -204,8 +201,8 @@ class TitansMAC(registry.Mixer):
              jnp.zeros((b, k_conv, self.memory.conv.kernel.shape[1]), x.dtype),
              jnp.full((b, max(k_conv, 1)), -2, jnp.int32))
     arrays = (x, qa, ka, va, qr, positions)
-    mesh = current_mesh()
-    if mesh is not None and mesh.shape.get('sequence', 1) > 1:
+    mesh = sequence_mesh()
+    if mesh is not None:
       # Each device holds whole segments; the memory is handed from device to device (longctx.parallel.context).
       graph, params = nnx.split(self)
       form = lambda *a, shared: nnx.merge(graph, shared)._segments(*a)

@@ -261,109 +261,93 @@ class _Structured:
     return dq, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1)
 
 
-class _Plan(NamedTuple):
-  """What the sharded attention functions share: the blocks, the axis and its size, and the kernel for the prefix
-  (persistent tokens every query sees; XLA or cuDNN, no mask)."""
-  blocks: Any
-  axis: str
-  n: int
-  prefix_kernel: Any
-
-
-def _with_prefix(plan, q, o, lse, prefix):
-  if prefix is None:
-    return o, lse
-  return merge_partials(o, lse, *plan.prefix_kernel.fwd(q, *prefix, False))
-
-
-def _prefix_grads(plan, q, o, lse, do, prefix):
-  """The prefix block's share of dq, and d(prefix K, V) from this device's queries (shard_map sums them over the
-  devices that hold the same prefix)."""
-  if prefix is None:
-    return 0.0, None
-  dq, dk, dv = plan.prefix_kernel.bwd(q, *prefix, o, lse, do, False)
-  return dq, (dk.astype(prefix[0].dtype), dv.astype(prefix[1].dtype))
-
-
-def _ring_forward(blocks, q, k, v, pos, seg, *, axis, n):
-  perm = [(i, (i + 1) % n) for i in range(n)]
+def _ring_forward(plan, q, k, v, pos, seg):
+  perm = [(i, (i + 1) % plan.n) for i in range(plan.n)]
   o, lse = empty_partial(q)
   held = (k, v, pos, seg)
-  for step in range(n):
-    nxt = jax.lax.ppermute(held, axis, perm) if step < n - 1 else None     # issued before the compute it overlaps
+  for step in range(plan.n):
+    nxt = jax.lax.ppermute(held, plan.axis, perm) if step < plan.n - 1 else None   # issued before the compute
     kb, vb, pb, sb = held
-    o, lse = merge_partials(o, lse, *blocks.forward(step, q, kb, vb, pos, pb, seg, sb))
+    o, lse = merge_partials(o, lse, *plan.blocks.forward(step, q, kb, vb, pos, pb, seg, sb))
     held = nxt
   return o, lse
 
 
-def _ring_backward(blocks, q, k, v, pos, seg, o, lse, do, *, axis, n):
+def _ring_backward(plan, q, k, v, pos, seg, o, lse, do):
   """fp32 (dq, dk, dv) of the ring's blocks, from the global output and LSE."""
-  perm = [(i, (i + 1) % n) for i in range(n)]
+  perm = [(i, (i + 1) % plan.n) for i in range(plan.n)]
   dq = jnp.zeros(q.shape, jnp.float32)
   held = (k, v, pos, seg)
   dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for step in range(n):
-    nxt = jax.lax.ppermute(held, axis, perm) if step < n - 1 else None     # overlaps this step's compute
+  for step in range(plan.n):
+    nxt = jax.lax.ppermute(held, plan.axis, perm) if step < plan.n - 1 else None   # overlaps this step's compute
     kb, vb, pb, sb = held
-    dq_s, dk_s, dv_s = blocks.backward(step, q, kb, vb, pos, pb, seg, sb, o, lse, do)
+    dq_s, dk_s, dv_s = plan.blocks.backward(step, q, kb, vb, pos, pb, seg, sb, o, lse, do)
     # The held block's gradient follows it round the ring; after n moves it is back home.
-    dk, dv = jax.lax.ppermute((dk + dk_s, dv + dv_s), axis, perm)
+    dk, dv = jax.lax.ppermute((dk + dk_s, dv + dv_s), plan.axis, perm)
     dq = dq + dq_s
     held = nxt
   return dq, dk, dv
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(plan, q, k, v, pos, seg, prefix):
-  return _ring_fwd(plan, q, k, v, pos, seg, prefix)[0]
-
-
-def _ring_fwd(plan, q, k, v, pos, seg, prefix):
-  o, lse = _ring_forward(plan.blocks, q, k, v, pos, seg, axis=plan.axis, n=plan.n)
-  o, lse = _with_prefix(plan, q, o, lse, prefix)
-  o = o.astype(q.dtype)
-  return o, (q, k, v, pos, seg, prefix, o, lse)
-
-
-def _ring_bwd(plan, res, do):
-  q, k, v, pos, seg, prefix, o, lse = res
-  dq, dk, dv = _ring_backward(plan.blocks, q, k, v, pos, seg, o, lse, do, axis=plan.axis, n=plan.n)
-  dq_prefix, dprefix = _prefix_grads(plan, q, o, lse, do, prefix)
-  return ((dq + dq_prefix).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dprefix)
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gathered(plan, q, k, v, pos, seg, prefix):
-  return _gathered_fwd(plan, q, k, v, pos, seg, prefix)[0]
 
 
 def _gather(plan, *xs):
   return tuple(jax.lax.all_gather(x, plan.axis, axis=1, tiled=True) for x in xs)
 
 
-def _gathered_fwd(plan, q, k, v, pos, seg, prefix):
+def _gathered_forward(plan, q, k, v, pos, seg):
   kg, vg, pg, sg = _gather(plan, k, v, pos, seg)
-  o, lse = plan.blocks.gathered_forward(q, kg, vg, pos, pg, seg, sg)
-  o, lse = _with_prefix(plan, q, o, lse, prefix)
+  return plan.blocks.gathered_forward(q, kg, vg, pos, pg, seg, sg)
+
+
+def _gathered_backward(plan, q, k, v, pos, seg, o, lse, do):
+  """fp32 (dq, dk, dv), K/V gathered again; all_gather's transpose (each device's keys collect their gradient from
+  every device) is a reduce-scatter."""
+  kg, vg, pg, sg = _gather(plan, k, v, pos, seg)
+  dq, dk, dv = plan.blocks.gathered_backward(q, kg, vg, pos, pg, seg, sg, o, lse, do)
+  scatter = lambda x: jax.lax.psum_scatter(x, plan.axis, scatter_dimension=1, tiled=True)
+  return dq, scatter(dk), scatter(dv)
+
+
+# method: (forward -> (o fp32, lse), backward -> fp32 (dq, dk, dv)), each inside shard_map on one device's shard.
+_METHODS = {'ring': (_ring_forward, _ring_backward), 'all_gather': (_gathered_forward, _gathered_backward)}
+
+
+class _Plan(NamedTuple):
+  """What a sharded attention call fixes: the method (ring | all_gather), the blocks, the axis and its size, and the
+  kernel for the prefix (persistent tokens every query sees; XLA or cuDNN, no mask)."""
+  method: str
+  blocks: Any
+  axis: str
+  n: int
+  prefix_kernel: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sharded(plan, q, k, v, pos, seg, prefix):
+  return _sharded_fwd(plan, q, k, v, pos, seg, prefix)[0]
+
+
+def _sharded_fwd(plan, q, k, v, pos, seg, prefix):
+  o, lse = _METHODS[plan.method][0](plan, q, k, v, pos, seg)
+  if prefix is not None:
+    o, lse = merge_partials(o, lse, *plan.prefix_kernel.fwd(q, *prefix, False))
   o = o.astype(q.dtype)
   return o, (q, k, v, pos, seg, prefix, o, lse)
 
 
-def _gathered_bwd(plan, res, do):
+def _sharded_bwd(plan, res, do):
+  """Every block's gradient from the global output and LSE (autodiff through a per-block LSE would be wrong). The
+  prefix's K/V gradient is this device's queries' share: shard_map sums it over the devices holding that prefix."""
   q, k, v, pos, seg, prefix, o, lse = res
-  kg, vg, pg, sg = _gather(plan, k, v, pos, seg)
-  dq, dk, dv = plan.blocks.gathered_backward(q, kg, vg, pos, pg, seg, sg, o, lse, do)
-  dq_prefix, dprefix = _prefix_grads(plan, q, o, lse, do, prefix)
-  # all_gather's transpose: each device's keys collect their gradient from every device.
-  scatter = lambda x, like: jax.lax.psum_scatter(x, plan.axis, scatter_dimension=1, tiled=True).astype(like.dtype)
-  return (dq + dq_prefix).astype(q.dtype), scatter(dk, k), scatter(dv, v), None, None, dprefix
+  dq, dk, dv = _METHODS[plan.method][1](plan, q, k, v, pos, seg, o, lse, do)
+  dprefix = None
+  if prefix is not None:
+    dq_p, dpk, dpv = plan.prefix_kernel.bwd(q, *prefix, o, lse, do, False)
+    dq, dprefix = dq + dq_p, (dpk.astype(prefix[0].dtype), dpv.astype(prefix[1].dtype))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, dprefix
 
 
-_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+_sharded.defvjp(_sharded_fwd, _sharded_bwd)
 
 
 def map_shards(body, mesh, in_specs, out_specs):
@@ -540,6 +524,8 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
                      f'rows without segment ids, no window and order zigzag or none; got dtype '
                      f'{jnp.dtype(q.dtype).name}, head_dim {q.shape[-1]}, segments {segment_ids is not None}, '
                      f'window {window}, order {order}')
+  if method not in _METHODS:
+    raise ValueError(f'context attention method {method!r}: one of {", ".join(_METHODS)}')
   if impl not in ('auto', 'cudnn', 'xla', 'chunked'):
     raise ValueError(f'context attention impl {impl!r}: one of auto, cudnn, xla, chunked')
   if impl == 'xla' and not structured:
@@ -552,12 +538,11 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
     blocks = _Structured(_CudnnKernel(scale), order, axis, n)
   else:
     blocks = _Chunked(window, scale, chunk_size)
-  local = {'ring': _ring, 'all_gather': _gathered}[method]
   q_spec, kv_spec, row_spec = _specs(mesh, q, k, axis)
   prefix_kernel = blocks.kernel if isinstance(blocks, _Structured) else _XlaKernel(scale)
   if prefix is not None:
     prefix = tuple(x.astype(k.dtype) for x in prefix)
   prefix_spec = None if prefix is None else (P(*kv_spec[:1], None, *kv_spec[2:]),) * 2
-  f = map_shards(functools.partial(local, _Plan(blocks, axis, n, prefix_kernel)), mesh,
+  f = map_shards(functools.partial(_sharded, _Plan(method, blocks, axis, n, prefix_kernel)), mesh,
                  (q_spec, kv_spec, kv_spec, row_spec, row_spec, prefix_spec), q_spec)
   return f(q, k, v, positions.astype(jnp.int32), seg, prefix)

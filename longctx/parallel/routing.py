@@ -30,8 +30,12 @@ from longctx.parallel.context import empty_partial, map_shards, merge_partials, 
 from longctx.parallel.rules import logical_to_spec
 
 
-def _heads(mesh, heads: int):
-  return logical_to_spec(('act_heads',), (heads,), mesh)[0]
+def _layout(q, segment_ids, mesh, axis):
+  """(segment ids [B, T], the spec of the row [B, T], of [B, T, H, D] with the heads over the tensor axis where
+  they divide, and of per-head [H, K, D] centroids)."""
+  seg, row = row_layout((q,), segment_ids, mesh, axis)
+  heads = logical_to_spec(('act_heads',), q.shape[2:3], mesh)[0]
+  return seg, row, P(row[0], axis, heads, None), P(heads, None, None)
 
 
 def _shift(x, axis: str, n: int, by: int):
@@ -44,8 +48,7 @@ def sharded_local(q, k, v, block: int, segment_ids, *, mesh, axis: str = 'sequen
   number of blocks; `segment_ids` [B, T] or None."""
   n = mesh.shape[axis]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  seg, row = row_layout((q,), segment_ids, mesh, axis)
-  spec = P(row[0], axis, _heads(mesh, q.shape[2]), None)
+  seg, row, spec, _ = _layout(q, segment_ids, mesh, axis)
 
   def body(q, k, v, sg):
     me = jax.lax.axis_index(axis)
@@ -79,16 +82,14 @@ def sharded_balanced(q, k, v, centroids, window: int, *, route, segment_ids, mes
   whose T is sharded over `axis` in natural order; centroids [H, K, D] with K a multiple of the axis size;
   `segment_ids` [B, T] or None."""
   n = mesh.shape[axis]
-  b, t, h, d = q.shape
+  t, d = q.shape[1], q.shape[3]
   clusters = centroids.shape[1]
   if clusters % n:
     raise ValueError(f'sharded balanced routing: {clusters} clusters do not divide over {axis}={n} devices')
   per = clusters // n
   shard = t // n
   scale = d ** -0.5 if scale is None else scale
-  seg, row = row_layout((q,), segment_ids, mesh, axis)
-  heads = _heads(mesh, h)
-  spec = P(row[0], axis, heads, None)
+  seg, row, spec, centroid_spec = _layout(q, segment_ids, mesh, axis)
 
   def body(q, k, v, route, centroids, sg):
     me = jax.lax.axis_index(axis)
@@ -138,7 +139,7 @@ def sharded_balanced(q, k, v, centroids, window: int, *, route, segment_ids, mes
     o = total / jnp.maximum(count, 1.0)[..., None]
     return jnp.moveaxis(o, 1, 2).astype(q.dtype)
 
-  f = map_shards(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
+  f = map_shards(body, mesh, (spec, spec, spec, spec, centroid_spec, row), spec)
   return f(q, k, v, route, centroids, seg)
 
 
@@ -165,13 +166,9 @@ def sharded_nearest(q, k, v, centroids, window: int, *, route, segment_ids, mesh
   whose T is sharded over `axis` in natural order (documents contiguous); centroids [H, K, D]; `segment_ids`
   [B, T] or None."""
   n = mesh.shape[axis]
-  b, t, h, d = q.shape
   clusters = centroids.shape[1]
-  shard = t // n
-  scale = d ** -0.5 if scale is None else scale
-  seg, row = row_layout((q,), segment_ids, mesh, axis)
-  heads = _heads(mesh, h)
-  spec = P(row[0], axis, heads, None)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  seg, row, spec, centroid_spec = _layout(q, segment_ids, mesh, axis)
   block = jax.checkpoint(lambda q, k, v, qm, km: _ranked_block(q, k, v, qm, km, window, scale))
 
   def body(q, k, v, route, centroids, sg):
@@ -196,5 +193,5 @@ def sharded_nearest(q, k, v, centroids, window: int, *, route, segment_ids, mesh
       held = nxt
     return o.astype(q.dtype)
 
-  f = map_shards(body, mesh, (spec, spec, spec, spec, P(heads, None, None), row), spec)
+  f = map_shards(body, mesh, (spec, spec, spec, spec, centroid_spec, row), spec)
   return f(q, k, v, route, centroids, seg)

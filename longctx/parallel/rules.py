@@ -72,9 +72,11 @@ def activation_sharding(mesh: jax.sharding.Mesh | None):
     _CONTEXT.reset(token)
 
 
-def current_mesh() -> jax.sharding.Mesh | None:
-  """The mesh of the enclosing `activation_sharding`, or None."""
-  return _CONTEXT.get()
+def sequence_mesh() -> jax.sharding.Mesh | None:
+  """The enclosing mesh when it shards the sequence (a `sequence` axis larger than 1), else None: whether a mixer
+  takes its context-parallel path."""
+  mesh = _CONTEXT.get()
+  return mesh if mesh is not None and mesh.shape.get('sequence', 1) > 1 else None
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
