@@ -14,7 +14,8 @@ from longctx.ops.channel_decay.naive import channel_decay as naive_channel_decay
 from longctx.ops.delta_rule import chunk_delta_rule, naive_delta_rule
 from longctx.ops.scalar_decay import chunk_scalar_decay, naive_scalar_decay
 
-from tests.helpers.linear import assert_chunked_matches_naive, inputs, rel
+from tests.helpers.linear import (GATE_TOL, OUT_TOL, QKV_TOL, STATE_TOL, assert_chunked_matches_naive, inputs,
+                                  outputs_and_grads, rel)
 
 
 def operands(seed, bh, n, c, dk, dv, delta):
@@ -123,3 +124,52 @@ def test_unit_lower_inverse_dispatch():
   assert triangular.choose('jax', 64, 'gpu') == 'jax'
   with pytest.raises(ValueError, match='unit_lower_inverse kernel .triton.'):
     triangular.unit_lower_inverse(jnp.zeros((16, 16)), 'triton')
+
+
+@pytest.mark.parametrize('segments,dk,dv,strength', [(False, 64, 32, 1.0), (True, 16, 128, 10.0)])
+def test_delta_prep_kernels_equal_the_jax_operands_forward_and_backward(segments, dk, dv, strength):
+  # The prep kernel and its gradient kernel against the jax form, on odd lengths padded to whole chunks,
+  # documents, random zeroed gates and strong ones; gradients reach g through the cumulative sum and the padding.
+  from longctx.ops.delta_rule import chunk as dr
+  c = 32
+  x = inputs(21 + segments, 2, 77, 3, dk, dv, strength=strength, zero_gates=0.3, segments=segments)
+  names = ('q', 'k', 'v', 'beta', 'g')
+  cot = [jax.random.normal(jax.random.PRNGKey(i), (6, 96, d)) for i, d in enumerate((dk, dk, dv, c, dk))]
+
+  def run(form):
+    def f(*a):
+      args = dr._prep_kernel_inputs(*a, x['segment_ids'], c)
+      return form(*args, dr._Prep(c, 0.3, 'ieee', True, 'jax'))
+    out, vjp = jax.vjp(f, *(x[n] for n in names))
+    return out, vjp(tuple(y.astype(o.dtype) for y, o in zip(cot, out)))
+
+  (got, dgot), (want, dwant) = run(dr._kernel_operands), run(dr._jax_operands)
+  for name, a, b in zip(('q', 'k', 'u', 'p', 'w') + tuple('d' + n for n in names), got + dgot, want + dwant):
+    assert np.isfinite(np.asarray(a)).all(), name
+    assert rel(a, b) < 1e-5, name
+
+
+def test_delta_rule_bf16_through_the_kernels_matches_the_recurrence():
+  # bf16 inputs: the prep kernel and the state pass multiply in bf16 (fp32 accumulation, fp32 state) and the
+  # operands between them are bf16; still within SPEC.md's tolerances of the fp32 recurrence on the same inputs.
+  x = inputs(31, 2, 150, 2, 64, 64, strength=1.0, zero_gates=0.2, segments=True)
+  bf = {n: (x[n].astype(jnp.bfloat16) if n in ('q', 'k', 'v', 'beta') else x[n]) for n in x}
+  exact = {n: (bf[n].astype(jnp.float32) if n in ('q', 'k', 'v', 'beta') else x[n]) for n in x}
+  names = ('q', 'k', 'v', 'beta', 'g')
+  o_ref, s_ref, g_ref = outputs_and_grads(naive_delta_rule, exact, names)
+  o, s, g = outputs_and_grads(chunked_with_kernel(chunk_delta_rule, chunk_size=32), bf, names)
+  assert o.dtype == jnp.bfloat16
+  assert rel(o, o_ref) < OUT_TOL and rel(s, s_ref) < STATE_TOL
+  for name, a, b in zip(names + ('initial_state',), g, g_ref):
+    assert np.isfinite(np.asarray(a, np.float32)).all(), name
+    assert rel(a, b) < (GATE_TOL if name in ('beta', 'g') else QKV_TOL), name
+
+
+def test_delta_prep_kernel_sizes():
+  from kernels_pallas.linear import delta_prep
+  assert delta_prep.supported(64, 128, 128) == (True, '')
+  assert 'chunk size 256' in delta_prep.supported(256, 128, 128)[1]     # the state pass takes it; the prep does not
+  assert 'value head dim 96' in delta_prep.supported(64, 128, 96)[1]
+  with pytest.raises(ValueError, match='not a multiple of the chunk'):
+    delta_prep.prepare(*(jnp.ones((1, 40, 1, 16)),) * 3, jnp.ones((1, 40)), jnp.ones((1, 40)), chunk=16, scale=1.0,
+                       interpret=True)

@@ -47,22 +47,26 @@ def _diagonal_inverse(a):
   return x + jnp.where(row == col, 1.0, 0.0)
 
 
-def _kernel(a_ref, o_ref, *, precision):
-  c = a_ref.shape[-1]
-  nb = c // BLOCK
-  block = lambda i: pl.ds(i * BLOCK, BLOCK)
-  diag = [_diagonal_inverse(a_ref[block(i), block(i)].astype(jnp.float32)) for i in range(nb)]
+def block_inverse(a_block, nb: int, precision: str):
+  """X = (I + A)⁻¹ of a strictly lower-triangular [nb·16, nb·16] matrix given by its blocks (`a_block(i, k)`: the
+  [16, 16] block A_ik, k ≤ i, in fp32; the diagonal blocks' upper triangles are ignored), as a dict of the nonzero
+  blocks X_ij, j ≤ i: the diagonal blocks by rows, the rest by block forward substitution."""
   x = {}
   for i in range(nb):
+    x[i, i] = _diagonal_inverse(a_block(i, i))
+    for j in range(i):
+      acc = sum(dot(a_block(i, k), x[k, j], precision) for k in range(j, i))
+      x[i, j] = -dot(x[i, i], acc, precision)
+  return x
+
+
+def _kernel(a_ref, o_ref, *, precision):
+  nb = a_ref.shape[-1] // BLOCK
+  block = lambda i: pl.ds(i * BLOCK, BLOCK)
+  x = block_inverse(lambda i, k: a_ref[block(i), block(k)].astype(jnp.float32), nb, precision)
+  for i in range(nb):
     for j in range(nb):
-      if j == i:
-        x[i, j] = diag[i]
-      elif j < i:
-        acc = sum(dot(a_ref[block(i), block(k)], x[k, j], precision) for k in range(j, i))
-        x[i, j] = -dot(diag[i], acc, precision)
-      else:
-        x[i, j] = jnp.zeros((BLOCK, BLOCK), jnp.float32)
-      o_ref[block(i), block(j)] = x[i, j].astype(o_ref.dtype)
+      o_ref[block(i), block(j)] = x.get((i, j), jnp.zeros((BLOCK, BLOCK), jnp.float32)).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=('interpret', 'precision', 'num_warps'))

@@ -36,7 +36,7 @@ class Options(NamedTuple):
   interpret: bool = False
   num_warps: int = 4
   num_stages: int = 1
-  precision: str = 'tf32'   # precision of the fp32 matmuls on GPU: tf32 | ieee
+  precision: str = 'tf32'   # the matmuls: tf32 (fp32 operands, the platform default) | ieee | bf16 (see steps.dot)
   backend: str = 'gpu'      # gpu: the Triton-lowered kernels here; tpu: kernels_pallas.linear.tpu (Mosaic TPU)
 
 

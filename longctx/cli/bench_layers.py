@@ -250,24 +250,30 @@ def bench_state_pass(steps: int) -> list[dict]:
   results = [{'case': 'state_pass_jax', 'shape': shape, 'fwd_ms': median_ms(ref_fwd, *x, steps=steps),
               'fwd_bwd_ms': median_ms(ref_both, *x, steps=steps)}]
   print(json.dumps(results[0]), flush=True)
-  options = itertools.product((32, 64), (4, 8), (1, 2)) if jax.default_backend() == 'gpu' else ()
-  for block_v, warps, stages in options:
+  gpu = jax.default_backend() == 'gpu'
+  # fp32 operands (TF32 products), then bf16 operands and products as the delta rule's prep kernel feeds them.
+  options = [(o, 'tf32') for o in itertools.product((32, 64), (4, 8), (1, 2))] if gpu else []
+  options += [(o, p) for p in ('bf16',) for o in ((32, 4, 1), (64, 4, 1), (64, 8, 1))] if gpu else []
+  for (block_v, warps, stages), precision in options:
     fwd, both = timed(functools.partial(kernel.state_pass, chunk=c, block_v=block_v, num_warps=warps,
-                                        num_stages=stages))
+                                        num_stages=stages, precision=precision))
+    args = [a.astype(jnp.bfloat16) if precision != 'tf32' and i in (0, 1, 2, 3, 6) else a for i, a in enumerate(x)]
     with recorded({'case': 'state_pass_pallas', 'shape': shape, 'block_v': block_v, 'num_warps': warps,
-                   'num_stages': stages}, results) as row:
-      o, g = fwd(*x), both(*x)
+                   'num_stages': stages, 'precision': precision}, results) as row:
+      o, g = fwd(*args), both(*args)
       row.update(err_out=rel_error(o, o_ref), err_grad=max(rel_error(a, b) for a, b in zip(g, g_ref)),
-                 fwd_ms=median_ms(fwd, *x, steps=steps), fwd_bwd_ms=median_ms(both, *x, steps=steps))
+                 fwd_ms=median_ms(fwd, *args, steps=steps), fwd_bwd_ms=median_ms(both, *args, steps=steps))
   return results
 
 
 def state_pass_markdown(env: dict, results: list[dict]) -> str:
   lines = [f'Device: {env["device"]}; jax {env["jax"]}; {env["date"]}\n',
-           '| form | value block | warps | stages | fwd ms | fwd+bwd ms | rel err out / grads |',
-           '|---|---|---|---|---|---|---|']
+           '| form | value block | warps | stages | operands / products | fwd ms | fwd+bwd ms | rel err out / grads |',
+           '|---|---|---|---|---|---|---|---|']
   for r in results:
     opts = ' | '.join(str(r.get(k, '-')) for k in ('block_v', 'num_warps', 'num_stages'))
+    p = r.get('precision')
+    opts += ' | ' + ('-' if p is None else 'fp32 / tf32' if p == 'tf32' else 'bf16 / bf16')
     if 'error' in r:
       lines.append(f'| {r["case"]} | {opts} | failed: {r["error"][:60]} | | |')
       continue

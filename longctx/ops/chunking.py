@@ -31,10 +31,19 @@ def resets(segment_ids, length: int, batch: int):
   return jnp.concatenate([jnp.zeros((batch, 1), bool), r], axis=1)
 
 
-def chunk_segment_masks(reset_chunks):
-  """From resets [B, N, C]: (same [B, N, C, C]: j and i in one document, from_start [B, N, C]: the incoming state
-  reaches i, to_end [B, N, C]: position j's update reaches the chunk's last state)."""
-  count = jnp.cumsum(reset_chunks.astype(jnp.int32), axis=-1)
+def reset_counts(segment_ids, chunk: int):
+  """[B, T'] int32 (T' = T rounded up to whole chunks): how many documents have started since the first position of
+  the chunk (0 up to the chunk's first document start). None without segment ids."""
+  if segment_ids is None:
+    return None
+  b, t = segment_ids.shape
+  count = jnp.cumsum(to_chunks(pad_to_multiple(resets(segment_ids, t, b), chunk), chunk).astype(jnp.int32), axis=-1)
+  return count.reshape(b, -1)
+
+
+def count_masks(count):
+  """From `reset_counts` laid out [..., C]: (same [..., C, C]: j and i in one document, from_start [..., C]: the
+  incoming state reaches i, to_end [..., C]: position j's update reaches the chunk's last state)."""
   same = count[..., :, None] == count[..., None, :]
   return same, count == 0, count == count[..., -1:]
 
@@ -49,8 +58,7 @@ def chunked_inputs(arrays, segment_ids, chunk: int):
     # One document: masks that broadcast, rather than [B, N, C] constants the compiler would fold at every length.
     masks = (jnp.ones((1, 1, 1, chunk, chunk), bool), jnp.ones((1, 1, 1, chunk), bool), jnp.ones((1, 1, 1, chunk), bool))
   else:
-    reset = pad_to_multiple(resets(segment_ids, t, b), chunk)
-    masks = tuple(m[:, None] for m in chunk_segment_masks(to_chunks(reset, chunk)))
+    masks = tuple(m[:, None] for m in count_masks(to_chunks(reset_counts(segment_ids, chunk), chunk)))
   return tuple(heads_first(x) for x in arrays), masks
 
 

@@ -23,7 +23,8 @@ KERNELS = ('auto', 'pallas', 'jax', 'pallas_interpret')
 _chosen: dict[tuple, str] = {}
 
 
-def _padded(d: int) -> int:
+def padded(d: int) -> int:
+  """The head dim the kernels run at: d rounded up to a power of two ≥ 16."""
   return max(16, 1 << (d - 1).bit_length())
 
 
@@ -31,7 +32,7 @@ def choose(requested: str, *, platform: str, chunk: int, dk: int, dv: int) -> st
   """'pallas', 'pallas_interpret' or 'jax' for these sizes; a forced kernel that cannot apply raises, saying why."""
   if requested not in KERNELS:
     raise ValueError(f'model.linear.kernel = {requested!r}: expected one of {", ".join(KERNELS)}')
-  ok, why = kernel.supported(chunk, _padded(dk), _padded(dv))
+  ok, why = kernel.supported(chunk, padded(dk), padded(dv))
   if requested in ('pallas', 'pallas_interpret') and not ok:
     raise ValueError(f'model.linear.kernel = {requested}: {why} (chunk {chunk}, head dims {dk}/{dv})')
   if requested == 'pallas' and platform not in ('gpu', 'tpu'):
@@ -50,8 +51,9 @@ def _pad(x, axis: int, to: int):
 
 def state_pass(q, k, u, p, a, h0=None, w=None, *, kernel_name: str = 'auto'):
   """q, k, w [B, H, N, C, Dk], u [B, H, N, C, Dv], p [B, H, N, C, C], a [B, H, N] (one decay per state) or
-  [B, H, N, Dk] (one per key row), h0 [B, H, Dk, Dv] (None: zeros). Returns (O [B, H, N, C, Dv] fp32, final state
-  fp32)."""
+  [B, H, N, Dk] (one per key row), h0 [B, H, Dk, Dv] (None: zeros; it may have fewer rows and columns than the
+  operands' head dims, which callers may have zero-padded). Returns (O [B, H, N, C, Dv] fp32, final state fp32).
+  bf16 operands run the kernel's matmuls in bf16 (the state rounded to bf16 for them, kept in fp32)."""
   b, h, n, c, dk = q.shape
   dv = u.shape[-1]
   platform = jax.default_backend()
@@ -64,17 +66,21 @@ def state_pass(q, k, u, p, a, h0=None, w=None, *, kernel_name: str = 'auto'):
   rows = lambda x: x.reshape(b * h, n * c, x.shape[-1])
   a = jnp.broadcast_to(a[..., None], (b, h, n, dk)) if a.ndim == 3 else a
   a = jnp.swapaxes(a.reshape(b * h, n, dk), 1, 2)
-  h0 = jnp.zeros((b * h, dk, dv), jnp.float32) if h0 is None else h0.reshape(b * h, dk, dv).astype(jnp.float32)
+  if h0 is None:
+    h0 = jnp.zeros((b * h, dk, dv), jnp.float32)
+  else:   # may be smaller than the operands' (padded) head dims
+    h0 = _pad(_pad(h0.reshape((b * h,) + h0.shape[-2:]).astype(jnp.float32), 1, dk), 2, dv)
   q, k, u, p = rows(q), rows(k), rows(u), rows(p)
   w = None if w is None else rows(w)
   if choice == 'jax':
     o, state = reference.state_pass(q, k, u, p, a, h0, w, chunk=c)
   else:
-    pk, pv = _padded(dk), _padded(dv)
+    pk, pv = padded(dk), padded(dv)
     q, k = _pad(q, 2, pk), _pad(k, 2, pk)
     w = None if w is None else _pad(w, 2, pk)
     o, state = kernel.state_pass(q, k, _pad(u, 2, pv), p, _pad(a, 1, pk), _pad(_pad(h0, 1, pk), 2, pv), w, chunk=c,
                                  interpret=choice == 'pallas_interpret',
+                                 precision='bf16' if q.dtype == jnp.bfloat16 else 'tf32',
                                  backend='tpu' if platform == 'tpu' and choice == 'pallas' else 'gpu')
     o, state = o[..., :dv], state[:, :dk, :dv]
   return o.reshape(b, h, n, c, dv), state.reshape(b, h, dk, dv)

@@ -1,0 +1,251 @@
+"""A Pallas kernel for everything the chunked (gated) delta rule computes before its state pass, all chunks at once.
+
+For one chunk of C tokens of one (batch, head), with G the log-gates' cumulative sums within the chunk, β, and the
+document masks (two positions interact only within one document; the incoming state reaches position i only
+before the chunk's first document start; position j's update reaches the chunk's end only after its last):
+    Γ_ij = e^{G_i − G_j} (j ≤ i, one document),   γ_i = e^{G_i} (where the incoming state reaches i, else 0)
+    A = strictLower(diag(β) (Γ ⊙ K Kᵀ)),   X = (I + A)⁻¹
+    w = X (βγ ⊙ K),   ũ = X (β ⊙ V),   p = scale · (Q Kᵀ) ⊙ Γ,   q̃ = scale · γ ⊙ Q,   k̃ = e^{G_C − G} ⊙ K (0 where
+    the update does not reach the end)
+which are the operands of `reference.state_pass` (longctx.ops.delta_rule.chunk has the same in plain jax, the
+reference this kernel must equal).
+
+One program per (batch·head, chunk). It reads Q, K and V in their [B, T, H, D] layout, so no heads-first fp32 copy
+of the inputs is made; builds A and X in 16×16 blocks (`inverse.block_inverse`: rows inside the diagonal blocks,
+block forward substitution below them) without leaving the chip; and writes the five operands heads-first
+[B·H, T, ·] in the input dtype, which the state pass reads directly. bf16 inputs multiply in bf16 with fp32
+accumulation (`steps.dot` precision bf16) except inside the inverse, which stays in fp32.
+
+Portable Pallas (refs, static slices, dots, a loop), lowered through the Triton lowering on GPU; the tests run it on
+CPU in interpret mode. `gradients` is the vector-Jacobian product, one program per chunk as well, from X stored by
+the forward pass (`store_inverse`), so the backward pass neither inverts again nor goes through the jax form.
+Launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.09 ms at 2 warps (1.30
+at 4, 1.95 at 8); `gradients` 3.02 ms at 8 warps (4.45 at 4, 8.17 at 16, 37 at 2): it holds a dozen [C, C] and
+[C, D] fp32 values per program, and fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims
+powers of two ≥ 16 (callers pad), T a multiple of C.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from kernels_pallas.linear.inverse import BLOCK, MAX_CHUNK, block_inverse
+from kernels_pallas.linear.steps import dot
+
+
+def supported(chunk: int, dk: int, dv: int) -> tuple[bool, str]:
+  """Whether the kernel takes these sizes, and if not, why."""
+  if chunk & (chunk - 1) or not BLOCK <= chunk <= MAX_CHUNK:
+    return False, f'chunk size {chunk} is not a power of two between {BLOCK} and {MAX_CHUNK}'
+  for name, d in (('key head dim', dk), ('value head dim', dv)):
+    if d < 16 or d & (d - 1):
+      return False, f'{name} {d} is not a power of two ≥ 16'
+  return True, ''
+
+
+class _Gates:
+  """The gates of one chunk read from G (and the reset counts): Γ blocks and the per-position factors."""
+
+  def __init__(self, G_ref, count_ref):
+    self.G_ref, self.count_ref = G_ref, count_ref
+    c = G_ref.shape[0]
+    self.whole = pl.ds(0, c)
+    G = G_ref[...].astype(jnp.float32)
+    self.is_last = jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+    self.g_end = jnp.sum(jnp.where(self.is_last, G, 0.0))
+    self.last = None if count_ref is None else jnp.max(count_ref[...])
+
+  def G(self, sl):
+    return self.G_ref[sl].astype(jnp.float32)
+
+  def start(self, sl):
+    """γ: e^G where the incoming state reaches the position, else 0."""
+    g = jnp.exp(self.G(sl))
+    return g if self.count_ref is None else jnp.where(self.count_ref[sl] == 0, g, 0.0)
+
+  def end(self, sl):
+    """e^{G_C − G} where the position's update reaches the chunk's last state, else 0."""
+    e = jnp.exp(self.g_end - self.G(sl))
+    return e if self.count_ref is None else jnp.where(self.count_ref[sl] == self.last, e, 0.0)
+
+  def decay(self, sl_i, sl_j, diagonal):
+    """Γ on the block of rows sl_i and columns sl_j, zero where j > i (a diagonal block) or where i and j lie in
+    different documents."""
+    gi, gj = self.G(sl_i), self.G(sl_j)
+    shape = (gi.shape[0], gj.shape[0])
+    mask = None
+    if diagonal:
+      mask = jax.lax.broadcasted_iota(jnp.int32, shape, 1) <= jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    if self.count_ref is not None:
+      same = self.count_ref[sl_i][:, None] == self.count_ref[sl_j][None, :]
+      mask = same if mask is None else mask & same
+    diff = gi[:, None] - gj[None, :]
+    if mask is None:
+      return jnp.exp(diff)
+    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
+def _kernel(*refs, scale, segments, precision, store_inverse):
+  q_ref, k_ref, v_ref, beta_ref, G_ref = refs[:5]
+  count_ref = refs[5] if segments else None
+  qt_ref, kt_ref, w_ref, u_ref, p_ref = refs[5 + segments:10 + segments]
+  x_ref = refs[10 + segments] if store_inverse else None
+  c = G_ref.shape[0]
+  f32 = jnp.float32
+  inverse_precision = 'ieee' if precision == 'ieee' else 'tf32'
+  rows = lambda i: pl.ds(i * BLOCK, BLOCK)
+  gates = _Gates(G_ref, count_ref)
+  decay = gates.decay
+  whole = gates.whole
+  q = q_ref[...]
+  k = k_ref[...]
+  p_ref[...] = (scale * dot(q, k, precision, trans_y=True) * decay(whole, whole, True)).astype(p_ref.dtype)
+  qt_ref[...] = ((scale * gates.start(whole))[:, None] * q.astype(f32)).astype(qt_ref.dtype)
+  kt_ref[...] = (gates.end(whole)[:, None] * k.astype(f32)).astype(kt_ref.dtype)
+
+  def a_block(i, j):
+    kk = dot(k_ref[rows(i), :], k_ref[rows(j), :], precision, trans_y=True)
+    return beta_ref[rows(i)].astype(f32)[:, None] * decay(rows(i), rows(j), i == j) * kk
+
+  nb = c // BLOCK
+  x = block_inverse(a_block, nb, inverse_precision)
+  beta = [beta_ref[rows(j)].astype(f32) for j in range(nb)]
+  keys = [((beta[j] * gates.start(rows(j)))[:, None] * k_ref[rows(j), :].astype(f32)) for j in range(nb)]
+  values = [beta[j][:, None] * v_ref[rows(j), :].astype(f32) for j in range(nb)]
+  for i in range(nb):
+    w_ref[rows(i), :] = sum(dot(x[i, j], keys[j], precision) for j in range(i + 1)).astype(w_ref.dtype)
+    u_ref[rows(i), :] = sum(dot(x[i, j], values[j], precision) for j in range(i + 1)).astype(u_ref.dtype)
+    if x_ref is not None:
+      for j in range(nb):
+        x_ref[rows(i), rows(j)] = x.get((i, j), jnp.zeros((BLOCK, BLOCK), f32))
+
+
+def _grad_kernel(*refs, scale, segments, precision):
+  """The gradient of one chunk's operands with respect to Q, K, V, β and G, from the stored X (see the module
+  docstring for the forward formulas):
+      dX = dw (βγK)ᵀ + dũ (βV)ᵀ,   Z = Xᵀ dw,   Y = Xᵀ dũ,   dA = strictLower(−Xᵀ dX Xᵀ)
+      dK = (dA' + dA'ᵀ) K + s (dp ⊙ Γ)ᵀ Q + βγ Z + e dk̃,   dA' = β ⊙ Γ ⊙ dA
+      dQ = s (dp ⊙ Γ) K + s γ dq̃,   dV = β Y,   dβ = rowsum(dA ⊙ Γ ⊙ KKᵀ) + γ rowsum(Z ⊙ K) + rowsum(Y ⊙ V)
+      dG = rowsum(M) − colsum(M) + γ (s rowsum(dq̃ ⊙ Q) + β rowsum(Z ⊙ K)) − e ⊙ de + [i = C] Σ e ⊙ de,
+  with M = Γ ⊙ (β ⊙ dA ⊙ KKᵀ + s dp ⊙ QKᵀ) and de = rowsum(dk̃ ⊙ K)."""
+  q_ref, k_ref, v_ref, beta_ref, G_ref = refs[:5]
+  count_ref = refs[5] if segments else None
+  x_ref, dqt_ref, dkt_ref, dw_ref, du_ref, dp_ref = refs[5 + segments:11 + segments]
+  dq_ref, dk_ref, dv_ref, dbeta_ref, dG_ref = refs[11 + segments:]
+  # Ordered so that few [C, C] and [C, D] values are live at once (they are held in registers).
+  f32 = jnp.float32
+  exact = 'ieee' if precision == 'ieee' else 'tf32'
+  gates = _Gates(G_ref, count_ref)
+  whole = gates.whole
+  c = G_ref.shape[0]
+  rowsum = lambda a: jnp.sum(a, axis=1)
+  beta = beta_ref[...].astype(f32)
+  gamma = gates.start(whole)
+  # Through the inverse: dX, then dA; Z and Y give dV and their parts of dK, dβ and dG.
+  X = x_ref[...]
+  dw, du = dw_ref[...], du_ref[...]
+  kf, vf = k_ref[...].astype(f32), v_ref[...].astype(f32)
+  dX = dot(dw, (beta * gamma)[:, None] * kf, exact, trans_y=True) + dot(du, beta[:, None] * vf, exact, trans_y=True)
+  Y = dot(X, du, exact, trans_x=True)
+  dv_ref[...] = (beta[:, None] * Y).astype(dv_ref.dtype)
+  dbeta = rowsum(Y * vf)
+  Z = dot(X, dw, exact, trans_x=True)
+  ZK = rowsum(Z * kf)
+  dk = (beta * gamma)[:, None] * Z
+  strict = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1) < jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  dA = jnp.where(strict, -dot(dot(X, dX, exact, trans_x=True), X, exact, trans_y=True), 0.0)
+  # Through A = β Γ K Kᵀ and P = s (Q Kᵀ) Γ.
+  Gamma = gates.decay(whole, whole, True)
+  k = k_ref[...]
+  KK = dot(k, k, precision, trans_y=True)
+  dA_gamma = dA * Gamma
+  dbeta = dbeta + rowsum(dA_gamma * KK) + gamma * ZK
+  dbeta_ref[...] = dbeta
+  M = beta[:, None] * dA_gamma * KK
+  dKK = beta[:, None] * dA_gamma
+  dk = dk + dot(dKK, k, exact) + dot(dKK, k, exact, trans_x=True)
+  q = q_ref[...]
+  dP = dp_ref[...].astype(f32) * Gamma * scale
+  M = M + dP * dot(q, k, precision, trans_y=True)
+  dk = dk + dot(dP, q, exact, trans_x=True)
+  dqt = dqt_ref[...].astype(f32)
+  dq_ref[...] = (dot(dP, k, exact) + (scale * gamma)[:, None] * dqt).astype(dq_ref.dtype)
+  e = gates.end(whole)
+  dkt = dkt_ref[...].astype(f32)
+  dk_ref[...] = (dk + e[:, None] * dkt).astype(dk_ref.dtype)
+  de = rowsum(dkt * kf) * e
+  dG = rowsum(M) - jnp.sum(M, axis=0) + gamma * (scale * rowsum(dqt * q.astype(f32)) + beta * ZK) - de
+  dG_ref[...] = dG + jnp.where(gates.is_last, jnp.sum(de), 0.0)
+
+
+def _specs(b, t, h, chunk, dk, dv, segments):
+  tokens = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, n: (i // h, n, i % h, 0))
+  gates = pl.BlockSpec((None, chunk), lambda i, n: (i, n))
+  inputs = [tokens(dk), tokens(dk), tokens(dv), gates, gates]
+  if segments:
+    inputs.append(pl.BlockSpec((None, chunk), lambda i, n: (i // h, n)))
+  heads_first = lambda d: pl.BlockSpec((None, chunk, d), lambda i, n: (i, n, 0))
+  return inputs, heads_first, tokens, gates
+
+
+def _check(q, v, chunk):
+  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+  ok, why = supported(chunk, dk, dv)
+  if not ok or t % chunk:
+    raise ValueError(f'delta-rule prep kernel: {why or f"length {t} is not a multiple of the chunk {chunk}"}')
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, num_warps, name):
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+      compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1), name=name)
+
+
+def _inputs(q, k, v, beta, G, count):
+  args = [q, k, v, beta.astype(jnp.float32), G.astype(jnp.float32)]
+  return args + ([] if count is None else [count.astype(jnp.int32)])
+
+
+@functools.partial(jax.jit, static_argnames=('chunk', 'scale', 'precision', 'store_inverse', 'interpret',
+                                             'num_warps'))
+def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision: str = 'tf32',
+            store_inverse: bool = False, interpret: bool = False, num_warps: int = 2):
+  """q, k [B, T, H, Dk], v [B, T, H, Dv] (one dtype; T a multiple of `chunk`), beta and G [B·H, T] fp32 (G: the
+  log-gates' cumulative sums within each chunk), count [B, T] int32 (documents started since the chunk's first
+  position; None: one document). Returns (q̃, k̃, w, ũ, p), heads-first [B·H, T, Dk | Dv | C] in the input dtype,
+  and with `store_inverse` also X [B·H, T, C] fp32 (each chunk's (I + A)⁻¹, for `gradients`)."""
+  _check(q, v, chunk)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  in_specs, heads_first, _, _ = _specs(b, t, h, chunk, dk, dv, count is not None)
+  dims = (dk, dk, dk, dv, chunk)
+  out_shape = [jax.ShapeDtypeStruct((b * h, t, d), q.dtype) for d in dims]
+  if store_inverse:
+    dims += (chunk,)
+    out_shape.append(jax.ShapeDtypeStruct((b * h, t, chunk), jnp.float32))
+  kernel = functools.partial(_kernel, scale=scale, segments=count is not None, precision=precision,
+                             store_inverse=store_inverse)
+  return _call(kernel, (b * h, t // chunk), in_specs, [heads_first(d) for d in dims], out_shape, interpret,
+               num_warps, 'delta_rule_prep')(*_inputs(q, k, v, beta, G, count))
+
+
+@functools.partial(jax.jit, static_argnames=('chunk', 'scale', 'precision', 'interpret', 'num_warps'))
+def gradients(q, k, v, beta, G, count, X, cotangents, *, chunk: int, scale: float, precision: str = 'tf32',
+              interpret: bool = False, num_warps: int = 8):
+  """The vector-Jacobian product of `prepare`: from its inputs, the stored X and the cotangents of (q̃, k̃, w, ũ,
+  p), returns (dq, dk, dv in the inputs' layout and dtype, dβ and dG [B·H, T] fp32)."""
+  _check(q, v, chunk)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  segments = count is not None
+  in_specs, heads_first, tokens, gates = _specs(b, t, h, chunk, dk, dv, segments)
+  in_specs = in_specs + [heads_first(d) for d in (chunk, dk, dk, dk, dv, chunk)]
+  out_shape = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+               + [jax.ShapeDtypeStruct((b * h, t), jnp.float32)] * 2)
+  kernel = functools.partial(_grad_kernel, scale=scale, segments=segments, precision=precision)
+  return _call(kernel, (b * h, t // chunk), in_specs, [tokens(dk), tokens(dk), tokens(dv), gates, gates], out_shape,
+               interpret, num_warps, 'delta_rule_prep_grad')(*_inputs(q, k, v, beta, G, count), X, *cotangents)
