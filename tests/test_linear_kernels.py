@@ -139,7 +139,7 @@ def test_delta_prep_kernels_equal_the_jax_operands_forward_and_backward(segments
   def run(form):
     def f(*a):
       args = dr._prep_kernel_inputs(*a, x['segment_ids'], c)
-      return form(*args, dr._Prep(c, 0.3, 'ieee', True, 'jax'))
+      return form(*args, dr._Prep(c, 0.3, 'ieee', True))
     out, vjp = jax.vjp(f, *(x[n] for n in names))
     return out, vjp(tuple(y.astype(o.dtype) for y, o in zip(cot, out)))
 

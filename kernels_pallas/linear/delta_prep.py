@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.linear.inverse import BLOCK, MAX_CHUNK, block_inverse
+from kernels_pallas.linear.inverse import BLOCK, MAX_CHUNK, block_inverse, block_rows, store_blocks
 from kernels_pallas.linear.steps import dot
 
 
@@ -92,36 +92,33 @@ class _Gates:
 def _kernel(*refs, scale, segments, precision, store_inverse):
   q_ref, k_ref, v_ref, beta_ref, G_ref = refs[:5]
   count_ref = refs[5] if segments else None
-  qt_ref, kt_ref, w_ref, u_ref, p_ref = refs[5 + segments:10 + segments]
+  qt_ref, kt_ref, u_ref, p_ref, w_ref = refs[5 + segments:10 + segments]
   x_ref = refs[10 + segments] if store_inverse else None
   c = G_ref.shape[0]
   f32 = jnp.float32
   inverse_precision = 'ieee' if precision == 'ieee' else 'tf32'
-  rows = lambda i: pl.ds(i * BLOCK, BLOCK)
   gates = _Gates(G_ref, count_ref)
-  decay = gates.decay
   whole = gates.whole
   q = q_ref[...]
   k = k_ref[...]
-  p_ref[...] = (scale * dot(q, k, precision, trans_y=True) * decay(whole, whole, True)).astype(p_ref.dtype)
+  p_ref[...] = (scale * dot(q, k, precision, trans_y=True) * gates.decay(whole, whole, True)).astype(p_ref.dtype)
   qt_ref[...] = ((scale * gates.start(whole))[:, None] * q.astype(f32)).astype(qt_ref.dtype)
   kt_ref[...] = (gates.end(whole)[:, None] * k.astype(f32)).astype(kt_ref.dtype)
 
   def a_block(i, j):
-    kk = dot(k_ref[rows(i), :], k_ref[rows(j), :], precision, trans_y=True)
-    return beta_ref[rows(i)].astype(f32)[:, None] * decay(rows(i), rows(j), i == j) * kk
+    kk = dot(k_ref[block_rows(i), :], k_ref[block_rows(j), :], precision, trans_y=True)
+    return beta_ref[block_rows(i)].astype(f32)[:, None] * gates.decay(block_rows(i), block_rows(j), i == j) * kk
 
   nb = c // BLOCK
   x = block_inverse(a_block, nb, inverse_precision)
-  beta = [beta_ref[rows(j)].astype(f32) for j in range(nb)]
-  keys = [((beta[j] * gates.start(rows(j)))[:, None] * k_ref[rows(j), :].astype(f32)) for j in range(nb)]
-  values = [beta[j][:, None] * v_ref[rows(j), :].astype(f32) for j in range(nb)]
+  beta = [beta_ref[block_rows(j)].astype(f32) for j in range(nb)]
+  keys = [((beta[j] * gates.start(block_rows(j)))[:, None] * k_ref[block_rows(j), :].astype(f32)) for j in range(nb)]
+  values = [beta[j][:, None] * v_ref[block_rows(j), :].astype(f32) for j in range(nb)]
   for i in range(nb):
-    w_ref[rows(i), :] = sum(dot(x[i, j], keys[j], precision) for j in range(i + 1)).astype(w_ref.dtype)
-    u_ref[rows(i), :] = sum(dot(x[i, j], values[j], precision) for j in range(i + 1)).astype(u_ref.dtype)
+    w_ref[block_rows(i), :] = sum(dot(x[i, j], keys[j], precision) for j in range(i + 1)).astype(w_ref.dtype)
+    u_ref[block_rows(i), :] = sum(dot(x[i, j], values[j], precision) for j in range(i + 1)).astype(u_ref.dtype)
     if x_ref is not None:
-      for j in range(nb):
-        x_ref[rows(i), rows(j)] = x.get((i, j), jnp.zeros((BLOCK, BLOCK), f32))
+      store_blocks(x_ref, x, nb, i)
 
 
 def _grad_kernel(*refs, scale, segments, precision):
@@ -134,7 +131,7 @@ def _grad_kernel(*refs, scale, segments, precision):
   with M = Γ ⊙ (β ⊙ dA ⊙ KKᵀ + s dp ⊙ QKᵀ) and de = rowsum(dk̃ ⊙ K)."""
   q_ref, k_ref, v_ref, beta_ref, G_ref = refs[:5]
   count_ref = refs[5] if segments else None
-  x_ref, dqt_ref, dkt_ref, dw_ref, du_ref, dp_ref = refs[5 + segments:11 + segments]
+  x_ref, dqt_ref, dkt_ref, du_ref, dp_ref, dw_ref = refs[5 + segments:11 + segments]
   dq_ref, dk_ref, dv_ref, dbeta_ref, dG_ref = refs[11 + segments:]
   # Ordered so that few [C, C] and [C, D] values are live at once (they are held in registers).
   f32 = jnp.float32
@@ -216,13 +213,14 @@ def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision
             store_inverse: bool = False, interpret: bool = False, num_warps: int = 2):
   """q, k [B, T, H, Dk], v [B, T, H, Dv] (one dtype; T a multiple of `chunk`), beta and G [B·H, T] fp32 (G: the
   log-gates' cumulative sums within each chunk), count [B, T] int32 (documents started since the chunk's first
-  position; None: one document). Returns (q̃, k̃, w, ũ, p), heads-first [B·H, T, Dk | Dv | C] in the input dtype,
+  position; None: one document). Returns (q̃, k̃, ũ, p, w) in the order `reference.state_pass` takes them,
+  heads-first [B·H, T, Dk | Dv | C] in the input dtype,
   and with `store_inverse` also X [B·H, T, C] fp32 (each chunk's (I + A)⁻¹, for `gradients`)."""
   _check(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   in_specs, heads_first, _, _ = _specs(b, t, h, chunk, dk, dv, count is not None)
-  dims = (dk, dk, dk, dv, chunk)
+  dims = (dk, dk, dv, chunk, dk)
   out_shape = [jax.ShapeDtypeStruct((b * h, t, d), q.dtype) for d in dims]
   if store_inverse:
     dims += (chunk,)
@@ -236,14 +234,14 @@ def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision
 @functools.partial(jax.jit, static_argnames=('chunk', 'scale', 'precision', 'interpret', 'num_warps'))
 def gradients(q, k, v, beta, G, count, X, cotangents, *, chunk: int, scale: float, precision: str = 'tf32',
               interpret: bool = False, num_warps: int = 8):
-  """The vector-Jacobian product of `prepare`: from its inputs, the stored X and the cotangents of (q̃, k̃, w, ũ,
-  p), returns (dq, dk, dv in the inputs' layout and dtype, dβ and dG [B·H, T] fp32)."""
+  """The vector-Jacobian product of `prepare`: from its inputs, the stored X and the cotangents of (q̃, k̃, ũ, p,
+  w), returns (dq, dk, dv in the inputs' layout and dtype, dβ and dG [B·H, T] fp32)."""
   _check(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   segments = count is not None
   in_specs, heads_first, tokens, gates = _specs(b, t, h, chunk, dk, dv, segments)
-  in_specs = in_specs + [heads_first(d) for d in (chunk, dk, dk, dk, dv, chunk)]
+  in_specs = in_specs + [heads_first(d) for d in (chunk, dk, dk, dv, chunk, dk)]
   out_shape = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
                + [jax.ShapeDtypeStruct((b * h, t), jnp.float32)] * 2)
   kernel = functools.partial(_grad_kernel, scale=scale, segments=segments, precision=precision)

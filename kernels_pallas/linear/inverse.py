@@ -60,13 +60,22 @@ def block_inverse(a_block, nb: int, precision: str):
   return x
 
 
+def store_blocks(o_ref, x, nb: int, i: int):
+  """Writes block row i of `block_inverse`'s X into o_ref [C, C], zeros above the diagonal."""
+  for j in range(nb):
+    o_ref[block_rows(i), block_rows(j)] = x.get((i, j), jnp.zeros((BLOCK, BLOCK), jnp.float32)).astype(o_ref.dtype)
+
+
+def block_rows(i):
+  """The rows (or columns) of 16-block i."""
+  return pl.ds(i * BLOCK, BLOCK)
+
+
 def _kernel(a_ref, o_ref, *, precision):
   nb = a_ref.shape[-1] // BLOCK
-  block = lambda i: pl.ds(i * BLOCK, BLOCK)
-  x = block_inverse(lambda i, k: a_ref[block(i), block(k)].astype(jnp.float32), nb, precision)
+  x = block_inverse(lambda i, k: a_ref[block_rows(i), block_rows(k)].astype(jnp.float32), nb, precision)
   for i in range(nb):
-    for j in range(nb):
-      o_ref[block(i), block(j)] = x.get((i, j), jnp.zeros((BLOCK, BLOCK), jnp.float32)).astype(o_ref.dtype)
+    store_blocks(o_ref, x, nb, i)
 
 
 @functools.partial(jax.jit, static_argnames=('interpret', 'precision', 'num_warps'))

@@ -48,18 +48,21 @@ def count_masks(count):
   return same, count == 0, count == count[..., -1:]
 
 
+def chunk_masks(count, chunk: int):
+  """The masks of `count_masks` from `reset_counts` [B, T'] (or None), laid out [B, 1, N, C, ...] to broadcast
+  over heads; without counts all true and of size 1 but for the chunk (one document: masks that broadcast, rather
+  than [B, N, C] constants the compiler would fold at every length)."""
+  if count is None:
+    return jnp.ones((1, 1, 1, chunk, chunk), bool), jnp.ones((1, 1, 1, chunk), bool), jnp.ones((1, 1, 1, chunk), bool)
+  return tuple(m[:, None] for m in count_masks(to_chunks(count, chunk)))
+
+
 def chunked_inputs(arrays, segment_ids, chunk: int):
   """fp32, zero-padded to a whole number of chunks and laid out [B, H, N, C, ...] (arrays are [B, T, H, ...]),
-  with the document masks of `chunk_segment_masks` broadcast over heads (all true, of size 1 but for the chunk,
-  without segment ids). Zero padding must leave the state as it is (zero keys and values, zero log-gates, zero β)."""
-  b, t = arrays[0].shape[:2]
+  with the document masks of `chunk_masks`. Zero padding must leave the state as it is (zero keys and values,
+  zero log-gates, zero β)."""
   heads_first = lambda x: jnp.moveaxis(to_chunks(pad_to_multiple(x.astype(jnp.float32), chunk), chunk), 3, 1)
-  if segment_ids is None:
-    # One document: masks that broadcast, rather than [B, N, C] constants the compiler would fold at every length.
-    masks = (jnp.ones((1, 1, 1, chunk, chunk), bool), jnp.ones((1, 1, 1, chunk), bool), jnp.ones((1, 1, 1, chunk), bool))
-  else:
-    masks = tuple(m[:, None] for m in count_masks(to_chunks(reset_counts(segment_ids, chunk), chunk)))
-  return tuple(heads_first(x) for x in arrays), masks
+  return tuple(heads_first(x) for x in arrays), chunk_masks(reset_counts(segment_ids, chunk), chunk)
 
 
 def unchunk(o, length: int):

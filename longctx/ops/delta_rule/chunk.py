@@ -9,8 +9,9 @@ Within a chunk of C tokens with cumulative log-gates G (γ = e^G) and the incomi
 Only the last three lines run in the sequential pass over chunks (`longctx.ops.state_pass`, a Pallas kernel
 where it applies). Where the state pass runs the GPU kernel, everything before it is one Pallas kernel too
 (kernels_pallas.linear.delta_prep: reads Q, K, V in place, writes the state pass's operands in the input dtype),
-with a gradient kernel of its own (from each chunk's stored (I + A)⁻¹); elsewhere (I + A)⁻¹ is `longctx.ops.triangular`. Document starts zero Γ across them and cut the incoming state off (see longctx.ops.chunking),
-which is exact where a −∞ gate would make G − G undefined.
+with a gradient kernel of its own (from each chunk's stored (I + A)⁻¹); elsewhere (I + A)⁻¹ is
+`longctx.ops.triangular`. Document starts zero Γ across them and cut the incoming state off (see
+longctx.ops.chunking), which is exact where a −∞ gate would make G − G undefined.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from kernels_pallas.linear import delta_prep
 from longctx.ops import state_pass as state_pass_paths
 from longctx.ops import triangular
-from longctx.ops.chunking import chunked_inputs, count_masks, pad_to_multiple, reset_counts, to_chunks, unchunk
+from longctx.ops.chunking import chunk_masks, chunked_inputs, pad_to_multiple, reset_counts, unchunk
 from longctx.ops.state_pass import state_pass
 
 
@@ -51,7 +53,6 @@ class _Prep(NamedTuple):
   scale: float
   precision: str
   interpret: bool
-  inverse: str
 
 
 def _layout(x, heads, chunk):
@@ -60,7 +61,6 @@ def _layout(x, heads, chunk):
 
 
 def _prep(q, k, v, beta, G, count, opts, store_inverse):
-  from kernels_pallas.linear import delta_prep
   return delta_prep.prepare(q, k, v, beta, G, count, chunk=opts.chunk, scale=opts.scale, precision=opts.precision,
                             store_inverse=store_inverse, interpret=opts.interpret)
 
@@ -68,35 +68,28 @@ def _prep(q, k, v, beta, G, count, opts, store_inverse):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _kernel_operands(q, k, v, beta, G, count, opts):
   """The prep kernel's (Q_start, K_end, U_tilde, P, W), heads-first [B·H, T, ·], with its gradient kernel."""
-  qt, kt, w, u, p = _prep(q, k, v, beta, G, count, opts, False)
-  return qt, kt, u, p, w
+  return _prep(q, k, v, beta, G, count, opts, False)
 
 
 def _jax_operands(q, k, v, beta, G, count, opts):
   """`_kernel_operands` in plain jax (the reference the kernels are tested against)."""
   b, t, h, _ = q.shape
   c = opts.chunk
-  heads_first = lambda x: jnp.moveaxis(to_chunks(x.astype(jnp.float32), c), 3, 1)
-  masks = ((jnp.ones((1, 1, 1, c, c), bool),) + (jnp.ones((1, 1, 1, c), bool),) * 2 if count is None
-           else tuple(m[:, None] for m in count_masks(to_chunks(count, c))))
-  out = _operands(heads_first(q), heads_first(k), heads_first(v), _layout(beta, h, c), _layout(G, h, c), masks,
-                  opts.scale, opts.inverse)
+  (q, k, v), masks = chunked_inputs((q, k, v), None, c)
+  out = _operands(q, k, v, _layout(beta, h, c), _layout(G, h, c), chunk_masks(count, c), opts.scale, 'jax')
   return tuple(x.reshape(b * h, t, x.shape[-1]).astype(q.dtype) for x in out)
 
 
 def _kernel_operands_fwd(q, k, v, beta, G, count, opts):
-  qt, kt, w, u, p, X = _prep(q, k, v, beta, G, count, opts, True)
-  return (qt, kt, u, p, w), (q, k, v, beta, G, count, X)
+  *operands, X = _prep(q, k, v, beta, G, count, opts, True)
+  return tuple(operands), (q, k, v, beta, G, count, X)
 
 
 def _kernel_operands_bwd(opts, res, grads):
-  from kernels_pallas.linear import delta_prep
-  q, k, v, beta, G, count, X = res
-  dqt, dkt, du, dp, dw = grads
-  dq, dk, dv, dbeta, dG = delta_prep.gradients(q, k, v, beta, G, count, X, (dqt, dkt, dw, du, dp), chunk=opts.chunk,
-                                               scale=opts.scale, precision=opts.precision,
-                                               interpret=opts.interpret)
-  return dq, dk, dv, dbeta, dG, None
+  *inputs, X = res
+  grads = delta_prep.gradients(*inputs, X, grads, chunk=opts.chunk, scale=opts.scale, precision=opts.precision,
+                               interpret=opts.interpret)
+  return tuple(grads) + (None,)
 
 
 _kernel_operands.defvjp(_kernel_operands_fwd, _kernel_operands_bwd)
@@ -107,7 +100,6 @@ _logged: set[tuple] = set()
 def _use_prep_kernel(path: str, c: int, dk: int, dv: int, platform: str) -> bool:
   """Whether the operands come from the prep kernel: where the state pass runs the GPU kernel (or interprets it)
   and the kernel takes the (padded) sizes."""
-  from kernels_pallas.linear import delta_prep
   use = path == 'pallas_interpret' or (path == 'pallas' and platform == 'gpu')
   ok, why = delta_prep.supported(c, dk, dv)
   key = (path, platform, c, dk, dv)
@@ -125,10 +117,9 @@ def _prep_kernel_inputs(q, k, v, beta, g, segment_ids, c):
   dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else jnp.float32
   pad_dim = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, state_pass_paths.padded(x.shape[-1]) - x.shape[-1])])
   q, k, v = (pad_dim(pad_to_multiple(x.astype(dtype), c)) for x in (q, k, v))
-  heads_first = lambda x: jnp.swapaxes(pad_to_multiple(x.astype(jnp.float32), c), 1, 2)     # [B, H, T']
-  G = jnp.cumsum(to_chunks(jnp.moveaxis(heads_first(g), 1, 2), c), axis=2)                      # [B, N, C, H]
-  G = jnp.moveaxis(G.reshape(b, -1, h), 2, 1)
-  return q, k, v, heads_first(beta).reshape(b * h, -1), G.reshape(b * h, -1), reset_counts(segment_ids, c)
+  heads_first = lambda x: jnp.swapaxes(pad_to_multiple(x.astype(jnp.float32), c), 1, 2).reshape(b * h, -1)
+  G = jnp.cumsum(_layout(heads_first(g), h, c), axis=-1).reshape(b * h, -1)
+  return q, k, v, heads_first(beta), G, reset_counts(segment_ids, c)
 
 
 def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
@@ -144,11 +135,10 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   path = state_pass_paths.choose(kernel, platform=platform, chunk=c, dk=dk, dv=dv)
   if _use_prep_kernel(path, c, pk, pv, platform):
     q, k, v, beta, G, count = _prep_kernel_inputs(q, k, v, beta, g, segment_ids, c)
-    opts = _Prep(c, float(scale), 'bf16' if q.dtype == jnp.bfloat16 else 'tf32', path == 'pallas_interpret',
-                 triangular.choose(kernel, c, platform))
+    opts = _Prep(c, float(scale), 'bf16' if q.dtype == jnp.bfloat16 else 'tf32', path == 'pallas_interpret')
     operands = tuple(x.reshape(b, h, -1, c, x.shape[-1]) for x in _kernel_operands(q, k, v, beta, G, count, opts))
     G = _layout(G, h, c)
-    from_start = jnp.ones((1, 1, 1, c), bool) if count is None else (to_chunks(count, c) == 0)[:, None]
+    from_start = chunk_masks(count, c)[1]
   else:
     (q, k, v, beta, g), (same, from_start, to_end) = chunked_inputs((q, k, v, beta, g), segment_ids, c)
     G = jnp.cumsum(g, axis=-1)
