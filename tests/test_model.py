@@ -77,7 +77,7 @@ def test_spread_placement_gives_the_hybrid_studys_24_layer_grid(ratio, attention
   assert [i for i, n in enumerate(names) if n == 'attention'] == attention_layers
 
 
-def _one_step(cfg, seed=0):
+def _one_step(cfg, seed=0, healthy=True):
   mesh = make_mesh(cfg.parallel, jax.devices()[:1])
   setup = TrainSetup(cfg, mesh)
   state = setup.init(cfg.seed)
@@ -86,8 +86,18 @@ def _one_step(cfg, seed=0):
   batch = {'tokens': jnp.asarray(rng.integers(0, 256, (b, t)), jnp.int32),
            'segment_ids': jnp.asarray(np.repeat([[1] * (t // 2) + [2] * (t - t // 2)], b, 0), jnp.int32),
            'positions': jnp.asarray(np.repeat([list(range(t // 2)) + list(range(t - t // 2))], b, 0), jnp.int32)}
-  new_state, metrics = make_train_step(setup)(state, batch)
-  return new_state, metrics
+  before = jax.tree.map(np.asarray, state)
+  new_state, metrics = make_train_step(setup)(state, batch, healthy)
+  return new_state, metrics, before
+
+
+def test_a_step_after_a_failed_one_changes_only_the_counter():
+  state, metrics, before = _one_step(small_config(), healthy=False)
+  assert bool(metrics['finite']) and not bool(metrics['healthy'])
+  assert int(state['step']) == int(before['step']) + 1
+  for x, y in zip(jax.tree.leaves((state['params'], state['opt_state'])),
+                  jax.tree.leaves((before['params'], before['opt_state']))):
+    np.testing.assert_array_equal(np.asarray(x), y)
 
 
 def rel(a, b):
@@ -97,15 +107,15 @@ def rel(a, b):
 
 @pytest.mark.parametrize('remat', ['full', 'dots_saveable', 'offload_dots'])
 def test_remat_policies_do_not_change_the_step(remat):
-  ref, m_ref = _one_step(small_config())
-  out, m = _one_step(small_config(**{'model.remat': remat}))
+  ref, m_ref, _ = _one_step(small_config())
+  out, m, _ = _one_step(small_config(**{'model.remat': remat}))
   assert rel(out['params'], ref['params']) < 1e-6
   assert abs(float(m['loss']) - float(m_ref['loss'])) < 1e-6
 
 
 def test_gradient_accumulation_equals_the_whole_batch():
-  ref, m_ref = _one_step(small_config())
-  out, m = _one_step(small_config(**{'train.grad_accum': 2}))
+  ref, m_ref, _ = _one_step(small_config())
+  out, m, _ = _one_step(small_config(**{'train.grad_accum': 2}))
   assert abs(float(m['grad_norm']) - float(m_ref['grad_norm'])) < 1e-5 * float(m_ref['grad_norm'])
   assert rel(out['params'], ref['params']) < 1e-6
 

@@ -109,6 +109,36 @@ def test_non_finite_loss_halts_naming_the_step_and_keeps_the_last_checkpoint(tmp
   assert set(saved) <= set(os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
+def test_a_halt_found_late_keeps_the_state_before_the_failed_step_and_a_replayable_report(tmp_path):
+  from longctx.train import halt
+  steady = {'train.learning_rate': 1e-3, 'train.schedule': 'constant', 'train.warmup_steps': 0}
+  # Metrics are read every 10 steps: the failed step is found some steps after it ran.
+  exploding = {'train.checkpoint_every': 0, 'train.log_every': 10, 'train.learning_rate': 1e30,
+               'train.schedule': 'constant', 'train.warmup_steps': 0}
+  workdir, replica = str(tmp_path / 'run'), str(tmp_path / 'replica')
+  for w in (workdir, replica):
+    train(small_config(**{'train.num_steps': 10, **steady}), w)
+  cfg = small_config(**{'train.num_steps': 20, **exploding})
+  with pytest.raises(TrainingHalted, match='gradient report') as err:
+    train(cfg, workdir)
+  failed = err.value.step
+  with open(os.path.join(workdir, 'halt', 'report.json')) as f:
+    report = json.load(f)
+  assert report['step'] == failed and (report['non_finite_gradients'] or not np.isfinite(report['loss']))
+  assert halt.replay(cfg, workdir)['non_finite_gradients'] == report['non_finite_gradients']
+  # The saved state is the one a run that stops just before the failed step ends with.
+  manager = Checkpoints(os.path.join(workdir, 'halt'))
+  setup = TrainSetup(cfg, make_mesh(cfg.parallel, jax.devices()[:1]))
+  saved, step = manager.restore_latest(setup.abstract_state)
+  manager.close()
+  assert step == failed - 1 and int(saved['step']) == failed - 1
+  if failed - 1 > 10:
+    train(small_config(**{'train.num_steps': failed - 1, **exploding}), replica)
+  reference, _ = final_state(cfg, replica)
+  for x, y in zip(jax.tree.leaves(saved['params']), jax.tree.leaves(reference['params'])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_resume_with_an_incompatible_optimizer_state_is_refused_and_keeps_the_checkpoint(tmp_path):
   workdir = str(tmp_path)
   train(small_config(**{'train.num_steps': 5}), workdir)

@@ -17,6 +17,7 @@ from longctx.parallel import distributed
 from longctx.parallel import mesh as mesh_lib
 from longctx.train import checkpoint as ckpt_lib
 from longctx.train import flops as flops_lib
+from longctx.train import halt as halt_lib
 from longctx.train import metrics as metrics_lib
 from longctx.train.state import TrainSetup
 from longctx.train.step import make_eval_step, make_train_step
@@ -26,7 +27,11 @@ IncompatibleCheckpoint = ckpt_lib.IncompatibleCheckpoint
 
 
 class TrainingHalted(RuntimeError):
-  """Loss or gradients stopped being finite (train.nan_policy = halt)."""
+  """Loss or gradients stopped being finite (train.nan_policy = halt) at `step`."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def check_resume(config, workdir: str) -> None:
@@ -105,8 +110,9 @@ class _Interval:
       if not m['finite']:
         if self.nan_policy == 'halt':
           raise TrainingHalted(f'loss or gradients not finite at step {step} (loss={float(m["loss"])}, '
-                               f'grad_norm={float(m["grad_norm"])}); the state after step {step - 1} stands and no '
-                               'checkpoint was written after it. Set train.nan_policy=skip to step over such batches.')
+                               f'grad_norm={float(m["grad_norm"])}); the state after step {step - 1} stands (the '
+                               'steps after it changed nothing) and no checkpoint was written after it. Set '
+                               'train.nan_policy=skip to step over such batches.', step)
         self.skipped += 1
         logging.warning('step %d: loss or gradients not finite; update skipped', step)
     finite = [m for _, m in rows if m['finite']] or [m for _, m in rows]
@@ -190,6 +196,8 @@ def train(config, workdir: str) -> dict:
                        flops_lib.peak_flops(), byte_level)
   row: dict = {}
   step = start
+  healthy = True
+  unseen = {}   # step -> batch, for the steps whose metrics the host has not read yet
   try:
     with _Preemption() as preemption:
       while step < t.num_steps:
@@ -200,9 +208,12 @@ def train(config, workdir: str) -> dict:
           state = setup.seed_buffers(state, batch, config.seed)   # routing centroids: k-means on the first batch
         if step == start:
           distributed.compile_together(train_step, 'train step', state, batch)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, healthy)
+        if t.nan_policy == 'halt':
+          healthy = step_metrics['healthy']   # stays on the device: a failed step freezes the ones queued after it
         step += 1
         interval.add(step, step_metrics)
+        unseen[step] = batch
         bar.update(1)
         if step == start + 1:  # compile time stays out of the throughput figures
           jax.block_until_ready(state)
@@ -215,7 +226,16 @@ def train(config, workdir: str) -> dict:
         eval_due = t.eval_every and (step % t.eval_every == 0 or last)
         save_due = (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stop
         if interval.pending and (step % t.log_every == 0 or last or stop or save_due or eval_due):
-          row = interval.row()
+          try:
+            row = interval.row()
+          except TrainingHalted as e:
+            report = halt_lib.save(setup, state, unseen[e.step], e.step, workdir, saved_config)
+            bad = report['non_finite_gradients']
+            raise TrainingHalted(
+                f'{e} Its state, batch and gradient report are in {halt_lib.directory(workdir)} '
+                f'(non-finite gradients there: {", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") or "none"}'
+                f'; loss {report["loss"]:.4g}).', e.step) from None
+          unseen.clear()
           writer.write(step, row)
           bar.set_postfix(loss=f'{row["loss"]:.3f}', tok_s=f'{row.get("tokens_per_s", 0):.0f}')
         if eval_due:

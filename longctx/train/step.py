@@ -37,36 +37,56 @@ def _loss_sums(setup, params, batch, buffers=None):
   return objective, (nll_sum, jnp.sum(w), stats)
 
 
-def make_train_step(setup):
-  cfg = setup.config.train
-  accum = cfg.grad_accum
+def mean_gradients(setup, params, batch, buffers=None):
+  """(gradients of the mean objective per counted token, (mean loss, token count, routing stats)); with
+  train.grad_accum > 1 the micro-batches' sums are added before dividing, so accumulation is exact."""
+  accum = setup.config.train.grad_accum
   grad_fn = jax.grad(lambda p, b, buf: _loss_sums(setup, p, b, buf), has_aux=True)
+  with activation_sharding(setup.mesh):
+    if accum == 1:
+      grads, (nll, count, stats) = grad_fn(params, batch, buffers)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+      def body(carry, mb):
+        g, n, c, st = carry
+        dg, (dn, dc, dst) = grad_fn(params, mb, buffers)
+        return (jax.tree.map(jnp.add, g, dg), n + dn, c + dc, jax.tree.map(jnp.add, st, dst)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, nll, count, stats), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, setup.zero_stats()), micro)
+  denom = jnp.maximum(count, 1.0)
+  return jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads), (nll / denom, count, stats)
+
+
+class TrainStep:
+  """The jitted step: (state, batch[, healthy]) -> (state, metrics). A step whose loss or gradients are not finite
+  changes nothing but the step counter, and so does every step after it while `healthy` is passed back from the
+  previous step's metrics (train.nan_policy = halt: the host sees the failure some steps later, and the state is
+  still the one the failed step started from)."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+
+  def __call__(self, state, batch, healthy=True):
+    return self.jitted(state, batch, healthy)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, True)
+
+
+def make_train_step(setup) -> TrainStep:
   routing_cfg = setup.config.model.routing
 
-  def step(state, batch):
+  def step(state, batch, healthy):
     params, buffers = state['params'], state.get('buffers')
-    with activation_sharding(setup.mesh):
-      if accum == 1:
-        grads, (nll, count, stats) = grad_fn(params, batch, buffers)
-      else:
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
-
-        def body(carry, mb):
-          g, n, c, st = carry
-          dg, (dn, dc, dst) = grad_fn(params, mb, buffers)
-          return (jax.tree.map(jnp.add, g, dg), n + dn, c + dc, jax.tree.map(jnp.add, st, dst)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, nll, count, stats), _ = jax.lax.scan(body, (zeros, 0.0, 0.0, setup.zero_stats()), micro)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
-    loss = nll / denom
+    grads, (loss, count, stats) = mean_gradients(setup, params, batch, buffers)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = finite & healthy
     updates, opt_state = setup.tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
-    # A non-finite step changes nothing but the step counter; the host halts or skips per train.nan_policy.
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
     new_state = {'step': state['step'] + 1, 'params': keep(new_params, params),
                  'opt_state': keep(opt_state, state['opt_state']), 'rng': state['rng']}
     if setup.has_buffers:
@@ -75,13 +95,14 @@ def make_train_step(setup):
       moved = routing.update_centroids(buffers, stats, routing_cfg.ema_decay, routing_cfg.ema_eps)
       new_state['buffers'] = keep(moved, buffers)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(new_state['params']),
-               'learning_rate': setup.schedule(state['step']), 'tokens': count, 'finite': finite}
+               'learning_rate': setup.schedule(state['step']), 'tokens': count, 'finite': finite,
+               'healthy': apply}
     return new_state, metrics
 
   rep = mesh_lib.replicated(setup.mesh)
   data = mesh_lib.batch_sharding(setup.mesh)
-  return jax.jit(step, in_shardings=(setup.shardings, data), out_shardings=(setup.shardings, rep),
-                 donate_argnums=(0,))
+  return TrainStep(jax.jit(step, in_shardings=(setup.shardings, data, rep), out_shardings=(setup.shardings, rep),
+                           donate_argnums=(0,)))
 
 
 def position_buckets(seq_len: int) -> list[tuple[int, int]]:
