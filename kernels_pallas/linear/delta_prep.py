@@ -20,8 +20,9 @@ Portable Pallas (refs, static slices, dots, a loop), lowered through the Triton 
 CPU in interpret mode. `gradients` is the vector-Jacobian product, one program per chunk as well, from X stored by
 the forward pass (`store_inverse`), so the backward pass neither inverts again nor goes through the jax form.
 Launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.09 ms at 2 warps (1.30
-at 4, 1.95 at 8); `gradients` 3.02 ms at 8 warps (4.45 at 4, 8.17 at 16, 37 at 2): it holds a dozen [C, C] and
-[C, D] fp32 values per program, and fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims
+at 4, 1.95 at 8); `gradients` 2.43 ms at 4 + 8 warps (2.62 at 8 + 8, 2.86 at 4 + 4, 3.85 at 4 + 16, 14.9 at 2 + 8;
+3.02 as one kernel at 8 warps): together its two kernels hold more [C, C] and [C, D] fp32 values than one program's
+registers, and fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims
 powers of two ≥ 16 (callers pad), T a multiple of C.
 """
 from __future__ import annotations
@@ -121,47 +122,59 @@ def _kernel(*refs, scale, segments, precision, store_inverse):
       store_blocks(x_ref, x, nb, i)
 
 
-def _grad_kernel(*refs, scale, segments, precision):
-  """The gradient of one chunk's operands with respect to Q, K, V, β and G, from the stored X (see the module
-  docstring for the forward formulas):
-      dX = dw (βγK)ᵀ + dũ (βV)ᵀ,   Z = Xᵀ dw,   Y = Xᵀ dũ,   dA = strictLower(−Xᵀ dX Xᵀ)
-      dK = (dA' + dA'ᵀ) K + s (dp ⊙ Γ)ᵀ Q + βγ Z + e dk̃,   dA' = β ⊙ Γ ⊙ dA
-      dQ = s (dp ⊙ Γ) K + s γ dq̃,   dV = β Y,   dβ = rowsum(dA ⊙ Γ ⊙ KKᵀ) + γ rowsum(Z ⊙ K) + rowsum(Y ⊙ V)
-      dG = rowsum(M) − colsum(M) + γ (s rowsum(dq̃ ⊙ Q) + β rowsum(Z ⊙ K)) − e ⊙ de + [i = C] Σ e ⊙ de,
-  with M = Γ ⊙ (β ⊙ dA ⊙ KKᵀ + s dp ⊙ QKᵀ) and de = rowsum(dk̃ ⊙ K)."""
-  q_ref, k_ref, v_ref, beta_ref, G_ref = refs[:5]
-  count_ref = refs[5] if segments else None
-  x_ref, dqt_ref, dkt_ref, du_ref, dp_ref, dw_ref = refs[5 + segments:11 + segments]
-  dq_ref, dk_ref, dv_ref, dbeta_ref, dG_ref = refs[11 + segments:]
-  # Ordered so that few [C, C] and [C, D] values are live at once (they are held in registers).
+def _inverse_grad_kernel(*refs, segments, precision):
+  """First half of the VJP (see `_grad_kernel`): through the inverse, dV, rowsum(Y ⊙ V) and dA."""
+  k_ref, v_ref, beta_ref, G_ref = refs[:4]
+  count_ref = refs[4] if segments else None
+  x_ref, du_ref, dw_ref, dv_ref, dbeta_ref, dA_ref = refs[4 + segments:]
   f32 = jnp.float32
   exact = 'ieee' if precision == 'ieee' else 'tf32'
   gates = _Gates(G_ref, count_ref)
-  whole = gates.whole
   c = G_ref.shape[0]
-  rowsum = lambda a: jnp.sum(a, axis=1)
   beta = beta_ref[...].astype(f32)
-  gamma = gates.start(whole)
-  # Through the inverse: dX, then dA; Z and Y give dV and their parts of dK, dβ and dG.
+  gamma = gates.start(gates.whole)
   X = x_ref[...]
   dw, du = dw_ref[...], du_ref[...]
   kf, vf = k_ref[...].astype(f32), v_ref[...].astype(f32)
   dX = dot(dw, (beta * gamma)[:, None] * kf, exact, trans_y=True) + dot(du, beta[:, None] * vf, exact, trans_y=True)
   Y = dot(X, du, exact, trans_x=True)
   dv_ref[...] = (beta[:, None] * Y).astype(dv_ref.dtype)
-  dbeta = rowsum(Y * vf)
-  Z = dot(X, dw, exact, trans_x=True)
+  dbeta_ref[...] = jnp.sum(Y * vf, axis=1)
+  strict = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1) < jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  dA_ref[...] = jnp.where(strict, -dot(dot(X, dX, exact, trans_x=True), X, exact, trans_y=True), 0.0)
+
+
+def _grad_kernel(*refs, scale, segments, precision):
+  """The gradient of one chunk's operands with respect to Q, K, β and G, given dA and rowsum(Y ⊙ V) from
+  `_inverse_grad_kernel` (see the module docstring for the forward formulas):
+      dX = dw (βγK)ᵀ + dũ (βV)ᵀ,   Z = Xᵀ dw,   Y = Xᵀ dũ,   dA = strictLower(−Xᵀ dX Xᵀ)
+      dK = (dA' + dA'ᵀ) K + s (dp ⊙ Γ)ᵀ Q + βγ Z + e dk̃,   dA' = β ⊙ Γ ⊙ dA
+      dQ = s (dp ⊙ Γ) K + s γ dq̃,   dV = β Y,   dβ = rowsum(dA ⊙ Γ ⊙ KKᵀ) + γ rowsum(Z ⊙ K) + rowsum(Y ⊙ V)
+      dG = rowsum(M) − colsum(M) + γ (s rowsum(dq̃ ⊙ Q) + β rowsum(Z ⊙ K)) − e ⊙ de + [i = C] Σ e ⊙ de,
+  with M = Γ ⊙ (β ⊙ dA ⊙ KKᵀ + s dp ⊙ QKᵀ) and de = rowsum(dk̃ ⊙ K). Two kernels rather than one: together they
+  hold more [C, C] and [C, D] fp32 values than a program's registers."""
+  q_ref, k_ref, beta_ref, G_ref = refs[:4]
+  count_ref = refs[4] if segments else None
+  x_ref, dA_ref, ydv_ref, dqt_ref, dkt_ref, dp_ref, dw_ref = refs[4 + segments:11 + segments]
+  dq_ref, dk_ref, dbeta_ref, dG_ref = refs[11 + segments:]
+  # Ordered so that few [C, C] and [C, D] values are live at once (they are held in registers).
+  f32 = jnp.float32
+  exact = 'ieee' if precision == 'ieee' else 'tf32'
+  gates = _Gates(G_ref, count_ref)
+  whole = gates.whole
+  rowsum = lambda a: jnp.sum(a, axis=1)
+  beta = beta_ref[...].astype(f32)
+  gamma = gates.start(whole)
+  kf = k_ref[...].astype(f32)
+  Z = dot(x_ref[...], dw_ref[...], exact, trans_x=True)
   ZK = rowsum(Z * kf)
   dk = (beta * gamma)[:, None] * Z
-  strict = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1) < jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
-  dA = jnp.where(strict, -dot(dot(X, dX, exact, trans_x=True), X, exact, trans_y=True), 0.0)
   # Through A = β Γ K Kᵀ and P = s (Q Kᵀ) Γ.
   Gamma = gates.decay(whole, whole, True)
   k = k_ref[...]
   KK = dot(k, k, precision, trans_y=True)
-  dA_gamma = dA * Gamma
-  dbeta = dbeta + rowsum(dA_gamma * KK) + gamma * ZK
-  dbeta_ref[...] = dbeta
+  dA_gamma = dA_ref[...] * Gamma
+  dbeta_ref[...] = ydv_ref[...] + rowsum(dA_gamma * KK) + gamma * ZK
   M = beta[:, None] * dA_gamma * KK
   dKK = beta[:, None] * dA_gamma
   dk = dk + dot(dKK, k, exact) + dot(dKK, k, exact, trans_x=True)
@@ -233,17 +246,30 @@ def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision
 
 @functools.partial(jax.jit, static_argnames=('chunk', 'scale', 'precision', 'interpret', 'num_warps'))
 def gradients(q, k, v, beta, G, count, X, cotangents, *, chunk: int, scale: float, precision: str = 'tf32',
-              interpret: bool = False, num_warps: int = 8):
+              interpret: bool = False, num_warps: tuple[int, int] = (4, 8)):
   """The vector-Jacobian product of `prepare`: from its inputs, the stored X and the cotangents of (q̃, k̃, ũ, p,
-  w), returns (dq, dk, dv in the inputs' layout and dtype, dβ and dG [B·H, T] fp32)."""
+  w), returns (dq, dk, dv in the inputs' layout and dtype, dβ and dG [B·H, T] fp32). Two kernels (`num_warps`
+  each): the inverse's part, then the rest."""
   _check(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   segments = count is not None
   in_specs, heads_first, tokens, gates = _specs(b, t, h, chunk, dk, dv, segments)
-  in_specs = in_specs + [heads_first(d) for d in (chunk, dk, dk, dv, chunk, dk)]
-  out_shape = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
-               + [jax.ShapeDtypeStruct((b * h, t), jnp.float32)] * 2)
-  kernel = functools.partial(_grad_kernel, scale=scale, segments=segments, precision=precision)
-  return _call(kernel, (b * h, t // chunk), in_specs, [tokens(dk), tokens(dk), tokens(dv), gates, gates], out_shape,
-               interpret, num_warps, 'delta_rule_prep_grad')(*_inputs(q, k, v, beta, G, count), X, *cotangents)
+  grid = (b * h, t // chunk)
+  args = _inputs(q, k, v, beta, G, count)
+  dqt, dkt, du, dp, dw = cotangents
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  first = functools.partial(_inverse_grad_kernel, segments=segments, precision=precision)
+  dv_, ydv, dA = _call(
+      first, grid, in_specs[1:] + [heads_first(d) for d in (chunk, dv, dk)],
+      [tokens(dv), gates, heads_first(chunk)], [jax.ShapeDtypeStruct(v.shape, v.dtype), f32(b * h, t),
+                                                f32(b * h, t, chunk)],
+      interpret, num_warps[0], 'delta_rule_prep_grad_inverse')(*args[1:], X, du, dw)
+  second = functools.partial(_grad_kernel, scale=scale, segments=segments, precision=precision)
+  in_specs = ([in_specs[0], in_specs[1]] + in_specs[3:] + [heads_first(chunk), heads_first(chunk), gates]
+              + [heads_first(d) for d in (dk, dk, chunk, dk)])
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k)] + [f32(b * h, t)] * 2
+  dq, dk_, dbeta, dG = _call(second, grid, in_specs, [tokens(dk), tokens(dk), gates, gates], out_shape, interpret,
+                             num_warps[1], 'delta_rule_prep_grad')(args[0], args[1], *args[3:], X, dA, ydv, dqt,
+                                                                   dkt, dp, dw)
+  return dq, dk_, dv_, dbeta, dG

@@ -61,13 +61,16 @@ def _fwd_kernel(*refs, chunk, n_chunks, delta, store_states, precision):
 
   def body(n, S):
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+    w = None if w_ref is None else w_ref[rows, :]
     if store_states:
+      # The backward pass's sweep: it needs the states and U, not the output (left unwritten).
       h_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = S
-    o, U = steps.output(S, q_ref[rows, :], u_ref[rows, :], p_ref[rows, :],
-                        None if w_ref is None else w_ref[rows, :], precision)
-    if store_states and delta:
-      U_ref[rows, :] = U
-    o_ref[rows, :] = o
+      U = steps.corrected(S, u_ref[rows, :], w, precision)
+      if delta:
+        U_ref[rows, :] = U
+    else:
+      o, U = steps.output(S, q_ref[rows, :], u_ref[rows, :], p_ref[rows, :], w, precision)
+      o_ref[rows, :] = o
     return steps.advance(S, k_ref[rows, :], U, a_ref[:, pl.ds(n, 1)], precision)
 
   hT_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
@@ -108,8 +111,9 @@ def _call(kernel, opts, grid, in_specs, out_specs, out_shape, name):
 
 
 def _forward(q, k, u, p, a, h0, w, opts, store_states):
-  """(O, final S) and with `store_states` also the state entering each chunk [BH, N·Dk, Dv] and, for the delta
-  rule, the corrected values U [BH, T, Dv]."""
+  """(O, final S), or with `store_states` (the backward pass's sweep) also the state entering each chunk
+  [BH, N·Dk, Dv] and, for the delta rule, the corrected values U [BH, T, Dv], with O then left uncomputed on the
+  GPU."""
   if opts.backend == 'tpu':
     return tpu.forward(q, k, u, p, a, h0, w, opts, store_states)
   bh, t, dk = q.shape

@@ -20,12 +20,16 @@ def dot(x, y, precision='tf32', trans_x=False, trans_y=False):
                              preferred_element_type=jnp.float32)
 
 
+def corrected(S, u, w, precision):
+  """U = u − w S [C, BV]: the chunk's values corrected by the state entering it (the delta rule; u itself without w)."""
+  U = u.astype(jnp.float32)
+  return U if w is None else U - dot(w, S, precision)
+
+
 def output(S, q, u, p, w, precision):
   """S [Dk, BV] entering the chunk; q, w [C, Dk], u [C, BV], p [C, C]. Returns (O, U): the chunk's output and its
   corrected values."""
-  U = u.astype(jnp.float32)
-  if w is not None:
-    U = U - dot(w, S, precision)
+  U = corrected(S, u, w, precision)
   return dot(q, S, precision) + dot(p, U, precision), U
 
 
