@@ -139,6 +139,12 @@ def test_a_halt_found_late_keeps_the_state_before_the_failed_step_and_a_replayab
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_replay_halt_without_a_halted_step_says_so(tmp_path):
+  result = run_script(['scripts/train.py', '--config', 'configs/default.py', '--workdir', str(tmp_path),
+                       '--replay_halt'])
+  assert result.returncode == 2 and 'no halted step saved' in result.stderr, result.stderr[-2000:]
+
+
 def test_resume_with_an_incompatible_optimizer_state_is_refused_and_keeps_the_checkpoint(tmp_path):
   workdir = str(tmp_path)
   train(small_config(**{'train.num_steps': 5}), workdir)
