@@ -214,3 +214,9 @@ def test_checkpoints_keep_the_newest_k_and_every_mth(tmp_path):
   train(small_config(**{'train.num_steps': 40, 'train.keep': 2, 'train.keep_every': 20}), str(tmp_path))
   steps = sorted(int(n) for n in os.listdir(tmp_path / 'checkpoints') if n.isdigit())
   assert steps == [20, 30, 40]
+
+
+def test_bench_case_times_the_train_step_of_a_config():
+  from longctx.cli.bench import bench_case
+  row = bench_case('tiny', small_config(), steps=2, warmup=1)
+  assert row['step_ms'] > 0 and np.isfinite(row['loss']) and row['tokens_per_s'] > 0

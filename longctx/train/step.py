@@ -72,7 +72,25 @@ class TrainStep:
     return self.jitted(state, batch, healthy)
 
   def lower(self, state, batch):
-    return self.jitted.lower(state, batch, True)
+    """The lowered step; its `.compile()` is called the same way as the step."""
+    return _Staged(self.jitted.lower(state, batch, True))
+
+
+class _Staged:
+  """A lowered or compiled TrainStep: what jax's stage has (as_text, memory_analysis, ...), and a call that
+  takes `healthy` as optional."""
+
+  def __init__(self, stage):
+    self.stage = stage
+
+  def compile(self):
+    return _Staged(self.stage.compile())
+
+  def __call__(self, state, batch, healthy=True):
+    return self.stage(state, batch, healthy)
+
+  def __getattr__(self, name):
+    return getattr(self.stage, name)
 
 
 def make_train_step(setup) -> TrainStep:
