@@ -64,10 +64,10 @@ def _fwd_kernel(*refs, chunk, n_chunks, delta, store_states, precision):
     w = None if w_ref is None else w_ref[rows, :]
     if store_states:
       # The backward pass's sweep: it needs the states and U, not the output (left unwritten).
-      h_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = S
+      h_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = S.astype(h_ref.dtype)
       U = steps.corrected(S, u_ref[rows, :], w, precision)
       if delta:
-        U_ref[rows, :] = U
+        U_ref[rows, :] = U.astype(U_ref.dtype)
     else:
       o, U = steps.output(S, q_ref[rows, :], u_ref[rows, :], p_ref[rows, :], w, precision)
       o_ref[rows, :] = o
@@ -83,14 +83,20 @@ def _bwd_kernel(*refs, chunk, n_chunks, delta, precision):
   def body(i, dS):
     n = n_chunks - 1 - i
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
-    dS_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = dS
+    dS_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = dS.astype(dS_ref.dtype)
     do = do_ref[rows, :].astype(jnp.float32)
     dU = steps.value_grad(dS, k_ref[rows, :], p_ref[rows, :], do, precision)
-    dU_ref[rows, :] = dU
+    dU_ref[rows, :] = dU.astype(dU_ref.dtype)
     return steps.retreat(dS, q_ref[rows, :], a_ref[:, pl.ds(n, 1)], do,
                          None if w_ref is None else w_ref[rows, :], dU, precision)
 
   dh0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dhT_ref[...].astype(jnp.float32))
+
+
+def _kept_dtype(opts):
+  """The dtype of what the sweeps keep for the backward pass's batched matmuls (states, U, dS, dU): bf16 when the
+  kernels multiply in bf16, as the sweeps themselves round these operands to bf16 for their matmuls."""
+  return jnp.bfloat16 if opts.precision == 'bf16' else jnp.float32
 
 
 def _compiler_params(opts):
@@ -125,10 +131,11 @@ def _forward(q, k, u, p, a, h0, w, opts, store_states):
   out_shape = [f32(bh, t, dv), f32(bh, dk, dv)]
   out_specs = [vcols(t), vcols(dk)]
   if store_states:
-    out_shape.append(f32(bh, n * dk, dv))
+    kept = lambda *shape: jax.ShapeDtypeStruct(shape, _kept_dtype(opts))
+    out_shape.append(kept(bh, n * dk, dv))
     out_specs.append(vcols(n * dk))
     if w is not None:
-      out_shape.append(f32(bh, t, dv))
+      out_shape.append(kept(bh, t, dv))
       out_specs.append(vcols(t))
   kernel = functools.partial(_fwd_kernel, chunk=opts.chunk, n_chunks=n, delta=w is not None,
                              store_states=store_states, precision=opts.precision)
@@ -146,10 +153,11 @@ def _reverse(q, k, p, a, do, dhT, w, opts):
   whole, vcols, decay, nv = _specs(opts, t, dk, dv)
   in_specs = [whole(dk), whole(dk), whole(opts.chunk), decay, vcols(t), vcols(dk)] + [whole(dk)] * (w is not None)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  kept = lambda *shape: jax.ShapeDtypeStruct(shape, _kept_dtype(opts))
   kernel = functools.partial(_bwd_kernel, chunk=opts.chunk, n_chunks=n, delta=w is not None, precision=opts.precision)
   args = [q, k, p, a, do, dhT] + ([w] if w is not None else [])
   return _call(kernel, opts, (bh, nv), in_specs, [vcols(n * dk), vcols(t), vcols(dk)],
-               [f32(bh, n * dk, dv), f32(bh, t, dv), f32(bh, dk, dv)], 'linear_state_pass_bwd')(*args)
+               [kept(bh, n * dk, dv), kept(bh, t, dv), f32(bh, dk, dv)], 'linear_state_pass_bwd')(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -168,16 +176,17 @@ def _state_pass_bwd(opts, res, grads):
   n, c, dv = t // opts.chunk, opts.chunk, u.shape[-1]
   states = _forward(q, k, u, p, a, h0, w, opts, store_states=True)
   h = states[2].reshape(bh, n, dk, dv)
-  U = (states[3] if w is not None else u.astype(jnp.float32)).reshape(bh, n, c, dv)
+  U = (states[3] if w is not None else u).reshape(bh, n, c, dv)
   dS, dU, dh0 = _reverse(q, k, p, a, do, dhT, w, opts)
   dS = dS.reshape(bh, n, dk, dv)
   # What needs no carried gradient is computed for all chunks at once.
-  dO = do.reshape(bh, n, c, dv)
-  ein = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).reshape(bh, t, -1)
+  dO = do.astype(_kept_dtype(opts)).reshape(bh, n, c, dv)
+  f32_ein = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  ein = lambda spec, x, y: f32_ein(spec, x, y).reshape(bh, t, -1)
   dq = ein('bncv,bndv->bncd', dO, h)
   dk_ = ein('bncv,bndv->bncd', U, dS)
   dp = ein('bncv,bnjv->bncj', dO, U)
-  da = jnp.einsum('bndv,bndv->bdn', h, dS)
+  da = f32_ein('bndv,bndv->bdn', h, dS)
   dw = None if w is None else -ein('bncv,bndv->bncd', dU.reshape(bh, n, c, dv), h)
   cast = lambda g, x: None if x is None else g.astype(x.dtype)
   return (cast(dq, q), cast(dk_, k), cast(dU, u), cast(dp, p), cast(da, a), cast(dh0, h0), cast(dw, w))
