@@ -149,15 +149,28 @@ def test_delta_prep_kernels_equal_the_jax_operands_forward_and_backward(segments
     assert rel(a, b) < 1e-5, name
 
 
-def test_delta_rule_bf16_through_the_kernels_matches_the_recurrence():
-  # bf16 inputs: the prep kernel and the state pass multiply in bf16 (fp32 accumulation, fp32 state) and the
-  # operands between them are bf16; still within SPEC.md's tolerances of the fp32 recurrence on the same inputs.
-  x = inputs(31, 2, 150, 2, 64, 64, strength=1.0, zero_gates=0.2, segments=True)
-  bf = {n: (x[n].astype(jnp.bfloat16) if n in ('q', 'k', 'v', 'beta') else x[n]) for n in x}
-  exact = {n: (bf[n].astype(jnp.float32) if n in ('q', 'k', 'v', 'beta') else x[n]) for n in x}
-  names = ('q', 'k', 'v', 'beta', 'g')
-  o_ref, s_ref, g_ref = outputs_and_grads(naive_delta_rule, exact, names)
-  o, s, g = outputs_and_grads(chunked_with_kernel(chunk_delta_rule, chunk_size=32), bf, names)
+def bf16_case(family):
+  """(naive form, chunked form through the kernels, inputs, differentiated inputs) of one family."""
+  if family == 'delta_rule':
+    return (naive_delta_rule, chunked_with_kernel(chunk_delta_rule, chunk_size=32),
+            inputs(31, 2, 150, 2, 64, 64, strength=1.0, zero_gates=0.2, segments=True), ('q', 'k', 'v', 'beta', 'g'))
+  if family == 'scalar_decay':
+    return (naive_scalar_decay, chunked_with_kernel(chunk_scalar_decay, chunk_size=32),
+            inputs(32, 2, 150, 2, 32, 32, strength=0.5, zero_gates=0.2, segments=True), ('q', 'k', 'v', 'g'))
+  return (naive_channel_decay, chunked_with_kernel(chunk_channel_decay, chunk_size=32, sub_chunk=16),
+          inputs(33, 1, 150, 2, 32, 32, strength=0.3, channel_gates=True), ('q', 'k', 'v', 'g'))
+
+
+@pytest.mark.parametrize('family', ['delta_rule', 'scalar_decay', 'channel_decay'])
+def test_bf16_through_the_kernels_matches_the_recurrence(family):
+  # bf16 inputs: the kernels multiply in bf16 (fp32 accumulation, fp32 state), the operands between them and what
+  # the backward sweeps keep are bf16; still within SPEC.md's tolerances of the fp32 recurrence on the same inputs.
+  naive, chunked, x, names = bf16_case(family)
+  low = ('q', 'k', 'v', 'beta')
+  bf = {n: (x[n].astype(jnp.bfloat16) if n in low else x[n]) for n in x}
+  exact = {n: (bf[n].astype(jnp.float32) if n in low else x[n]) for n in x}
+  o_ref, s_ref, g_ref = outputs_and_grads(naive, exact, names)
+  o, s, g = outputs_and_grads(chunked, bf, names)
   assert o.dtype == jnp.bfloat16
   assert rel(o, o_ref) < OUT_TOL and rel(s, s_ref) < STATE_TOL
   for name, a, b in zip(names + ('initial_state',), g, g_ref):
