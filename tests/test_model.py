@@ -77,22 +77,26 @@ def test_spread_placement_gives_the_hybrid_studys_24_layer_grid(ratio, attention
   assert [i for i, n in enumerate(names) if n == 'attention'] == attention_layers
 
 
-def _one_step(cfg, seed=0, healthy=True):
+def _setup_and_batch(cfg, seed=0):
   mesh = make_mesh(cfg.parallel, jax.devices()[:1])
   setup = TrainSetup(cfg, mesh)
-  state = setup.init(cfg.seed)
   rng = np.random.default_rng(seed)
   b, t = cfg.train.batch_size, cfg.data.seq_len
   batch = {'tokens': jnp.asarray(rng.integers(0, 256, (b, t)), jnp.int32),
            'segment_ids': jnp.asarray(np.repeat([[1] * (t // 2) + [2] * (t - t // 2)], b, 0), jnp.int32),
            'positions': jnp.asarray(np.repeat([list(range(t // 2)) + list(range(t - t // 2))], b, 0), jnp.int32)}
-  before = jax.tree.map(np.asarray, state)
-  new_state, metrics = make_train_step(setup)(state, batch, healthy)
-  return new_state, metrics, before
+  return setup, setup.init(cfg.seed), batch
+
+
+def _one_step(cfg, seed=0):
+  setup, state, batch = _setup_and_batch(cfg, seed)
+  return make_train_step(setup)(state, batch)
 
 
 def test_a_step_after_a_failed_one_changes_only_the_counter():
-  state, metrics, before = _one_step(small_config(), healthy=False)
+  setup, state, batch = _setup_and_batch(small_config())
+  before = jax.tree.map(np.asarray, state)      # the step donates its input state
+  state, metrics = make_train_step(setup)(state, batch, False)
   assert bool(metrics['finite']) and not bool(metrics['healthy'])
   assert int(state['step']) == int(before['step']) + 1
   for x, y in zip(jax.tree.leaves((state['params'], state['opt_state'])),
@@ -107,15 +111,15 @@ def rel(a, b):
 
 @pytest.mark.parametrize('remat', ['full', 'dots_saveable', 'offload_dots'])
 def test_remat_policies_do_not_change_the_step(remat):
-  ref, m_ref, _ = _one_step(small_config())
-  out, m, _ = _one_step(small_config(**{'model.remat': remat}))
+  ref, m_ref = _one_step(small_config())
+  out, m = _one_step(small_config(**{'model.remat': remat}))
   assert rel(out['params'], ref['params']) < 1e-6
   assert abs(float(m['loss']) - float(m_ref['loss'])) < 1e-6
 
 
 def test_gradient_accumulation_equals_the_whole_batch():
-  ref, m_ref, _ = _one_step(small_config())
-  out, m, _ = _one_step(small_config(**{'train.grad_accum': 2}))
+  ref, m_ref = _one_step(small_config())
+  out, m = _one_step(small_config(**{'train.grad_accum': 2}))
   assert abs(float(m['grad_norm']) - float(m_ref['grad_norm'])) < 1e-5 * float(m_ref['grad_norm'])
   assert rel(out['params'], ref['params']) < 1e-6
 
