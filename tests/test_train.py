@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,8 +101,8 @@ def test_non_finite_step_halts_keeping_the_checkpoints_and_the_state_before_it_w
   exploding = {'train.checkpoint_every': 0, 'train.log_every': 10, 'train.learning_rate': 1e30,
                'train.schedule': 'constant', 'train.warmup_steps': 0}
   workdir, replica = str(tmp_path / 'run'), str(tmp_path / 'replica')
-  for w in (workdir, replica):
-    train(small_config(**{'train.num_steps': 10, **steady}), w)
+  train(small_config(**{'train.num_steps': 10, **steady}), workdir)
+  shutil.copytree(workdir, replica)
   cfg = small_config(**{'train.num_steps': 20, **exploding})
   with pytest.raises(TrainingHalted, match=r'not finite at step (1[1-9]|20).*gradient report') as err:
     train(cfg, workdir)
