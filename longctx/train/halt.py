@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from longctx.train import checkpoint as ckpt_lib
 from longctx.train.step import mean_gradients
@@ -25,16 +26,22 @@ def directory(workdir: str) -> str:
 
 
 def gradient_report(setup, state, batch) -> dict:
-  """Loss, gradient norm and the parameters whose gradients are not finite, for one batch at one state."""
-  run = jax.jit(lambda p, b, buf: mean_gradients(setup, p, b, buf)[:2])
-  grads, (loss, count, _) = run(state['params'], batch, state.get('buffers'))
+  """Loss, gradient norm and the parameters whose gradients are not finite, for one batch at one state. Each
+  gradient is reduced on its devices (a norm and a count of non-finite entries), so sharded runs report too."""
+
+  def summarize(params, batch, buffers):
+    grads, (loss, count, _) = mean_gradients(setup, params, batch, buffers)
+    per_leaf = lambda g: (jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))), jnp.sum(~jnp.isfinite(g)))
+    return jax.tree.map(per_leaf, grads), loss, count
+
+  summary, loss, count = jax.device_get(jax.jit(summarize)(state['params'], batch, state.get('buffers')))
   bad, norms = [], {}
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+  pairs = jax.tree.leaves(summary, is_leaf=lambda x: isinstance(x, tuple))
+  for (path, leaf), (norm, non_finite) in zip(jax.tree_util.tree_leaves_with_path(state['params']), pairs):
     name = jax.tree_util.keystr(path)
-    g = np.asarray(jax.device_get(g), np.float64)
-    if not np.isfinite(g).all():
-      bad.append(f'{name} ({int(np.sum(~np.isfinite(g)))} of {g.size})')
-    norms[name] = float(np.sqrt(np.sum(np.square(g))))
+    if non_finite:
+      bad.append(f'{name} ({int(non_finite)} of {leaf.size})')
+    norms[name] = float(norm)
   total = float(np.sqrt(sum(v * v for v in norms.values())))
   return {'loss': float(loss), 'tokens': float(count), 'grad_norm': total, 'non_finite_gradients': bad,
           'gradient_norms': norms, 'backend': jax.default_backend()}
@@ -45,14 +52,14 @@ def save(setup, state, batch, step: int, workdir: str, config: dict) -> dict:
   report = {'step': step, **gradient_report(setup, state, batch)}
   path = directory(workdir)
   manager = ckpt_lib.Checkpoints(path, keep=1, async_save=False)
-  before = {**state, 'step': jnp.asarray(step - 1, state['step'].dtype)}   # later steps moved only the counter
+  # The steps queued after the failed one moved only the counter (keeping its placement on the devices).
+  before = {**state, 'step': state['step'] - (int(state['step']) - (step - 1))}
   manager.save(step - 1, before, config=config)
   manager.close()
+  # Every process takes part in gathering a batch sharded over processes; the first one writes it.
+  arrays = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True) if not v.is_fully_addressable
+                          else jax.device_get(v)) for k, v in batch.items()}
   if jax.process_index() == 0:
-    arrays = {}
-    for key, value in batch.items():
-      if getattr(value, 'is_fully_addressable', True):
-        arrays[key] = np.asarray(jax.device_get(value))
     np.savez(os.path.join(path, 'batch.npz'), **arrays)
     with open(os.path.join(path, 'report.json'), 'w') as f:
       json.dump(report, f, indent=1)
