@@ -7,7 +7,8 @@ matmuls, [C, Dk] × [Dk, BV] and [C, C] × [C, BV] and their transposes.
 
 Backward (`custom_vjp`), as SPEC.md asks, recomputes the states rather than storing them in the forward pass: a
 forward sweep writes the state S entering each chunk (and the delta rule's U), then a reverse sweep carries the
-gradient dS of the state leaving each chunk, writing it and dU:
+gradient dS of the state leaving each chunk, writing it and dU (all four in bf16 when the kernels multiply in bf16;
+the carried states stay fp32):
     dU = pᵀ dO + k̃ dS,    dS ← a ⊙ dS + q̃ᵀ dO − wᵀ dU
 The rest needs nothing carried and runs as batched matmuls over all chunks at once:
     dq̃ = dO Sᵀ,   dp = dO Uᵀ,   dk̃ = U dSᵀ,   dw = −dU Sᵀ,   da = rowsum(S ⊙ dS)
