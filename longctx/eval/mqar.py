@@ -27,7 +27,8 @@ def sweep_settings(variant) -> tuple[dict, list[str]]:
   Every layer of every model gets a short convolution in front of its mixer, softmax attention included
   (`model.attention.conv_size` 4): Zoology's MQAR models have one, and without it attention must first learn to
   attend to the previous token, which takes it many epochs at these widths while the linear mixers (whose short
-  convolution is part of their design) bind keys to values at once."""
+  convolution is part of their design) bind keys to values at once. Runs save every 500 steps, so a sweep that is
+  stopped resumes each unfinished run from its last save."""
   if variant.scale not in SWEEP_SCALES:
     raise ConfigError('--sweep variant scale', variant.scale, f'one of {", ".join(SWEEP_SCALES)}')
   vocab, seq_len, pairs, d_model, heads, steps, batch, lr, grid = SWEEP_SCALES[variant.scale]
@@ -36,7 +37,7 @@ def sweep_settings(variant) -> tuple[dict, list[str]]:
       'data.mqar.num_pairs': pairs, 'model.d_model': d_model, 'model.num_heads': heads, 'model.num_kv_heads': heads,
       'model.mlp_dim': 2 * d_model, 'train.num_steps': variant.steps or steps,
       'train.batch_size': variant.batch or batch, 'train.learning_rate': variant.lr or lr,
-      'train.warmup_steps': 100, 'train.eval_every': 0, 'train.checkpoint_every': 0, 'train.progress_bar': False,
+      'train.warmup_steps': 100, 'train.eval_every': 0, 'train.checkpoint_every': 500, 'train.progress_bar': False,
       'model.linear.chunk_size': min(64, seq_len), 'model.attention.conv_size': 4,
   }
   return fixed, [f'mqar --grid {grid} --batches 8']
