@@ -48,6 +48,12 @@ def supported(chunk: int, dk: int, dv: int) -> tuple[bool, str]:
   return True, ''
 
 
+def _fp32(precision):
+  """The precision of the products that stay in fp32 whatever the inputs (the inverse and the gradients through
+  it): full fp32 products under ieee, the platform's default (TF32) otherwise."""
+  return 'ieee' if precision == 'ieee' else 'tf32'
+
+
 class _Gates:
   """The gates of one chunk read from G (and the reset counts): Γ blocks and the per-position factors."""
 
@@ -97,7 +103,6 @@ def _kernel(*refs, scale, segments, precision, store_inverse):
   x_ref = refs[10 + segments] if store_inverse else None
   c = G_ref.shape[0]
   f32 = jnp.float32
-  inverse_precision = 'ieee' if precision == 'ieee' else 'tf32'
   gates = _Gates(G_ref, count_ref)
   whole = gates.whole
   q = q_ref[...]
@@ -111,7 +116,7 @@ def _kernel(*refs, scale, segments, precision, store_inverse):
     return beta_ref[block_rows(i)].astype(f32)[:, None] * gates.decay(block_rows(i), block_rows(j), i == j) * kk
 
   nb = c // BLOCK
-  x = block_inverse(a_block, nb, inverse_precision)
+  x = block_inverse(a_block, nb, _fp32(precision))
   beta = [beta_ref[block_rows(j)].astype(f32) for j in range(nb)]
   keys = [((beta[j] * gates.start(block_rows(j)))[:, None] * k_ref[block_rows(j), :].astype(f32)) for j in range(nb)]
   values = [beta[j][:, None] * v_ref[block_rows(j), :].astype(f32) for j in range(nb)]
@@ -128,7 +133,7 @@ def _inverse_grad_kernel(*refs, segments, precision):
   count_ref = refs[4] if segments else None
   x_ref, du_ref, dw_ref, dv_ref, dbeta_ref, dA_ref = refs[4 + segments:]
   f32 = jnp.float32
-  exact = 'ieee' if precision == 'ieee' else 'tf32'
+  exact = _fp32(precision)
   gates = _Gates(G_ref, count_ref)
   c = G_ref.shape[0]
   beta = beta_ref[...].astype(f32)
@@ -159,7 +164,7 @@ def _grad_kernel(*refs, scale, segments, precision):
   dq_ref, dk_ref, dbeta_ref, dG_ref = refs[11 + segments:]
   # Ordered so that few [C, C] and [C, D] values are live at once (they are held in registers).
   f32 = jnp.float32
-  exact = 'ieee' if precision == 'ieee' else 'tf32'
+  exact = _fp32(precision)
   gates = _Gates(G_ref, count_ref)
   whole = gates.whole
   rowsum = lambda a: jnp.sum(a, axis=1)

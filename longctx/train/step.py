@@ -63,31 +63,20 @@ class TrainStep:
   """The jitted step: (state, batch[, healthy]) -> (state, metrics). A step whose loss or gradients are not finite
   changes nothing but the step counter, and so does every step after it while `healthy` is passed back from the
   previous step's metrics (train.nan_policy = halt: the host sees the failure some steps later, and the state is
-  still the one the failed step started from)."""
-
-  def __init__(self, jitted):
-    self.jitted = jitted
-
-  def __call__(self, state, batch, healthy=True):
-    return self.jitted(state, batch, healthy)
-
-  def lower(self, state, batch):
-    """The lowered step; its `.compile()` is called the same way as the step."""
-    return _Staged(self.jitted.lower(state, batch, True))
-
-
-class _Staged:
-  """A lowered or compiled TrainStep: what jax's stage has (as_text, memory_analysis, ...), and a call that
-  takes `healthy` as optional."""
+  still the one the failed step started from). Its lowered and compiled forms (`lower`, then `compile`) are
+  TrainSteps too, called the same way, with the rest of jax's stage (as_text, memory_analysis, ...) passed through."""
 
   def __init__(self, stage):
     self.stage = stage
 
-  def compile(self):
-    return _Staged(self.stage.compile())
-
   def __call__(self, state, batch, healthy=True):
     return self.stage(state, batch, healthy)
+
+  def lower(self, state, batch):
+    return TrainStep(self.stage.lower(state, batch, True))
+
+  def compile(self):
+    return TrainStep(self.stage.compile())
 
   def __getattr__(self, name):
     return getattr(self.stage, name)
