@@ -1,7 +1,10 @@
 """flash-linear-attention 0.6.0's chunked kernels at the shape of `scripts/bench.py --suite linear`, for a same-run
 comparison (needs torch, triton and the fla wheels; run in its own process beside the jax suite).
 
-  python scripts/peers/fla_linear.py [--out DIR]
+  python scripts/peers/fla_linear.py [--out DIR] [--cases delta_rule,gla]
+
+Each case autotunes its Triton kernels on first use (one to two minutes a case on an H100), so the results file is
+rewritten after every case: a run stopped by a time limit keeps the cases it finished.
 """
 import argparse
 import json
@@ -11,10 +14,15 @@ import torch
 import torch.nn.functional as F
 import triton
 
+# fla's kernel name -> the case name in the results (the longctx family it is compared with).
+CASES = {'gated_delta_rule': 'gated_delta_rule', 'delta_rule': 'delta_rule',
+         'simple_gla': 'scalar_decay (simple_gla)', 'gla': 'channel_decay (gla)', 'hgrn': 'vector_decay (hgrn)'}
+
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default='benchmarks')
+  parser.add_argument('--cases', default='', help='comma-separated subset of: ' + ', '.join(CASES))
   args = parser.parse_args()
   from fla.ops.delta_rule import chunk_delta_rule
   from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -32,12 +40,20 @@ def main():
   cases = {
       'gated_delta_rule': lambda q, k, v: chunk_gated_delta_rule(q, k, v, g, beta)[0],
       'delta_rule': lambda q, k, v: chunk_delta_rule(q, k, v, beta)[0],
-      'scalar_decay (simple_gla)': lambda q, k, v: chunk_simple_gla(q, k, v, g)[0],
-      'channel_decay (gla)': lambda q, k, v: chunk_gla(q, k, v, gk)[0],
-      'vector_decay (hgrn)': lambda q, k, v: chunk_hgrn(v.reshape(b, t, h * d), gk.reshape(b, t, h * d))[0],
+      'simple_gla': lambda q, k, v: chunk_simple_gla(q, k, v, g)[0],
+      'gla': lambda q, k, v: chunk_gla(q, k, v, gk)[0],
+      'hgrn': lambda q, k, v: chunk_hgrn(v.reshape(b, t, h * d), gk.reshape(b, t, h * d))[0].reshape(b, t, h, d),
   }
+  wanted = [c for c in args.cases.split(',') if c]
+  unknown = sorted(set(wanted) - set(CASES))
+  if unknown:
+    parser.error(f'--cases: unknown {unknown}; allowed: {", ".join(CASES)}')
   rows = []
-  for name, fn in cases.items():
+  os.makedirs(args.out, exist_ok=True)
+  for key, name in CASES.items():
+    if wanted and key not in wanted:
+      continue
+    fn = cases[key]
     row = {'case': f'fla_{name}', 'shape': f'B{b} T{t} H{h} D{d} bf16'}
     try:
       row['fwd_ms'] = triton.testing.do_bench(lambda: fn(q, k, v), return_mode='median')
@@ -53,9 +69,8 @@ def main():
       row['fwd_bwd_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
     rows.append(row)
     print(json.dumps(row), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'fla_linear.json'), 'w') as f:
-    json.dump({'torch': torch.__version__, 'device': torch.cuda.get_device_name(), 'results': rows}, f, indent=2)
+    with open(os.path.join(args.out, 'fla_linear.json'), 'w') as f:
+      json.dump({'torch': torch.__version__, 'device': torch.cuda.get_device_name(), 'results': rows}, f, indent=2)
 
 
 if __name__ == '__main__':
