@@ -126,25 +126,34 @@ def test_unit_lower_inverse_dispatch():
     triangular.unit_lower_inverse(jnp.zeros((16, 16)), 'triton')
 
 
-@pytest.mark.parametrize('segments,dk,dv,strength', [(False, 64, 32, 1.0), (True, 16, 128, 10.0)])
-def test_delta_prep_kernels_equal_the_jax_operands_forward_and_backward(segments, dk, dv, strength):
-  # The prep kernel and its gradient kernel against the jax form, on odd lengths padded to whole chunks,
+@pytest.mark.parametrize('family,segments,dk,dv,strength', [
+    ('delta_rule', False, 64, 32, 1.0), ('delta_rule', True, 16, 128, 10.0),
+    ('scalar_decay', False, 32, 64, 1.0), ('scalar_decay', True, 128, 16, 10.0)])
+def test_prep_kernels_equal_the_jax_operands_forward_and_backward(family, segments, dk, dv, strength):
+  # The prep kernel and its gradient kernels against the jax form, on odd lengths padded to whole chunks,
   # documents, random zeroed gates and strong ones; gradients reach g through the cumulative sum and the padding.
+  from longctx.ops import kernel_operands
   from longctx.ops.delta_rule import chunk as dr
+  from longctx.ops.scalar_decay import chunk as sd
+  delta = family == 'delta_rule'
   c = 32
-  x = inputs(21 + segments, 2, 77, 3, dk, dv, strength=strength, zero_gates=0.3, segments=segments)
-  names = ('q', 'k', 'v', 'beta', 'g')
-  cot = [jax.random.normal(jax.random.PRNGKey(i), (6, 96, d)) for i, d in enumerate((dk, dk, dv, c, dk))]
+  x = inputs(21 + segments + 2 * delta, 2, 77, 3, dk, dv, strength=strength, zero_gates=0.3, segments=segments)
+  names = ('q', 'k', 'v') + (('beta',) if delta else ()) + ('g',)
+  operand_names = ('q', 'k', 'u', 'p') + (('w',) if delta else ())
+  dims = (dk, dk, dv, c, dk)[:len(operand_names)]
+  cot = [jax.random.normal(jax.random.PRNGKey(i), (6, 96, d)) for i, d in enumerate(dims)]
 
   def run(form):
     def f(*a):
-      args = dr._prep_kernel_inputs(*a, x['segment_ids'], c)
-      return form(*args, dr._Prep(c, 0.3, 'ieee', True))
+      beta = a[3] if delta else None
+      args = kernel_operands.prep_inputs(a[0], a[1], a[2], beta, a[-1], x['segment_ids'], c)
+      return form(*args, kernel_operands.Options(c, 0.3, 'ieee', True))
     out, vjp = jax.vjp(f, *(x[n] for n in names))
     return out, vjp(tuple(y.astype(o.dtype) for y, o in zip(cot, out)))
 
-  (got, dgot), (want, dwant) = run(dr._kernel_operands), run(dr._jax_operands)
-  for name, a, b in zip(('q', 'k', 'u', 'p', 'w') + tuple('d' + n for n in names), got + dgot, want + dwant):
+  (got, dgot), (want, dwant) = run(kernel_operands.operands), run((dr if delta else sd)._jax_operands)
+  assert len(got) == len(operand_names)
+  for name, a, b in zip(operand_names + tuple('d' + n for n in names), got + dgot, want + dwant):
     assert np.isfinite(np.asarray(a)).all(), name
     assert rel(a, b) < 1e-5, name
 
@@ -178,11 +187,11 @@ def test_bf16_through_the_kernels_matches_the_recurrence(family):
     assert rel(a, b) < (GATE_TOL if name in ('beta', 'g') else QKV_TOL), name
 
 
-def test_delta_prep_kernel_sizes():
-  from kernels_pallas.linear import delta_prep
-  assert delta_prep.supported(64, 128, 128) == (True, '')
-  assert 'chunk size 256' in delta_prep.supported(256, 128, 128)[1]     # the state pass takes it; the prep does not
-  assert 'value head dim 96' in delta_prep.supported(64, 128, 96)[1]
+def test_prep_kernel_sizes():
+  from kernels_pallas.linear import prep
+  assert prep.supported(64, 128, 128) == (True, '')
+  assert 'chunk size 256' in prep.supported(256, 128, 128)[1]     # the state pass takes it; the prep does not
+  assert 'value head dim 96' in prep.supported(64, 128, 96)[1]
   with pytest.raises(ValueError, match='not a multiple of the chunk'):
-    delta_prep.prepare(*(jnp.ones((1, 40, 1, 16)),) * 3, jnp.ones((1, 40)), jnp.ones((1, 40)), chunk=16, scale=1.0,
-                       interpret=True)
+    prep.prepare(*(jnp.ones((1, 40, 1, 16)),) * 3, jnp.ones((1, 40)), jnp.ones((1, 40)), chunk=16, scale=1.0,
+                 interpret=True)

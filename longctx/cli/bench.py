@@ -28,7 +28,7 @@ from longctx.cli.bench_layers import error_text
 
 common.define_config_flag(required=False)
 _SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, hybrid340m, attention, linear, '
-                             'state_pass, titans, routing, context')
+                             'state_pass, prep, titans, routing, context')
 _NAME = flags.DEFINE_string('name', 'custom', 'case name when --config is given')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps per case')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')

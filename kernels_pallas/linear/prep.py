@@ -1,28 +1,30 @@
-"""A Pallas kernel for everything the chunked (gated) delta rule computes before its state pass, all chunks at once.
+"""Pallas kernels for everything a chunked linear-attention form computes before its state pass, all chunks at once:
+the (gated) delta rule and scalar decay (RetNet, Lightning, Mamba2).
 
-For one chunk of C tokens of one (batch, head), with G the log-gates' cumulative sums within the chunk, β, and the
+For one chunk of C tokens of one (batch, head), with G the log-gates' cumulative sums within the chunk and the
 document masks (two positions interact only within one document; the incoming state reaches position i only
 before the chunk's first document start; position j's update reaches the chunk's end only after its last):
     Γ_ij = e^{G_i − G_j} (j ≤ i, one document),   γ_i = e^{G_i} (where the incoming state reaches i, else 0)
-    A = strictLower(diag(β) (Γ ⊙ K Kᵀ)),   X = (I + A)⁻¹
-    w = X (βγ ⊙ K),   ũ = X (β ⊙ V),   p = scale · (Q Kᵀ) ⊙ Γ,   q̃ = scale · γ ⊙ Q,   k̃ = e^{G_C − G} ⊙ K (0 where
-    the update does not reach the end)
-which are the operands of `reference.state_pass` (longctx.ops.delta_rule.chunk has the same in plain jax, the
-reference this kernel must equal).
+    p = scale · (Q Kᵀ) ⊙ Γ,   q̃ = scale · γ ⊙ Q,   k̃ = e^{G_C − G} ⊙ K (0 where the update does not reach the end)
+and for the delta rule, with β,
+    A = strictLower(diag(β) (Γ ⊙ K Kᵀ)),   X = (I + A)⁻¹,   w = X (βγ ⊙ K),   ũ = X (β ⊙ V)
+(scalar decay passes V itself as ũ and has no w). These are the operands of `reference.state_pass`
+(longctx.ops.delta_rule.chunk and longctx.ops.scalar_decay.chunk have the same in plain jax, the references these
+kernels must equal).
 
 One program per (batch·head, chunk). It reads Q, K and V in their [B, T, H, D] layout, so no heads-first fp32 copy
-of the inputs is made; builds A and X in 16×16 blocks (`inverse.block_inverse`: rows inside the diagonal blocks,
-block forward substitution below them) without leaving the chip; and writes the five operands heads-first
-[B·H, T, ·] in the input dtype, which the state pass reads directly. bf16 inputs multiply in bf16 with fp32
-accumulation (`steps.dot` precision bf16) except inside the inverse, which stays in fp32.
+of the inputs is made; builds the delta rule's A and X in 16×16 blocks (`inverse.block_inverse`: rows inside the
+diagonal blocks, block forward substitution below them) without leaving the chip; and writes the operands
+heads-first [B·H, T, ·] in the input dtype, which the state pass reads directly. bf16 inputs multiply in bf16 with
+fp32 accumulation (`steps.dot` precision bf16) except inside the inverse, which stays in fp32.
 
 Portable Pallas (refs, static slices, dots, a loop), lowered through the Triton lowering on GPU; the tests run it on
-CPU in interpret mode. `gradients` is the vector-Jacobian product, one program per chunk as well, from X stored by
-the forward pass (`store_inverse`), so the backward pass neither inverts again nor goes through the jax form.
-Launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.09 ms at 2 warps (1.30
-at 4, 1.95 at 8); `gradients` 2.43 ms at 4 + 8 warps (2.62 at 8 + 8, 2.86 at 4 + 4, 3.85 at 4 + 16, 14.9 at 2 + 8;
-3.02 as one kernel at 8 warps): together its two kernels hold more [C, C] and [C, D] fp32 values than one program's
-registers, and fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims
+CPU in interpret mode. `gradients` is the vector-Jacobian product, one program per chunk as well, for the delta rule
+from X stored by the forward pass (`store_inverse`), so the backward pass neither inverts again nor goes through the
+jax form. Delta-rule launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.09 ms
+at 2 warps (1.30 at 4, 1.95 at 8); `gradients` 2.43 ms at 4 + 8 warps (2.62 at 8 + 8, 2.86 at 4 + 4, 3.85 at
+4 + 16, 14.9 at 2 + 8; 3.02 as one kernel at 8 warps): together its two kernels hold more [C, C] and [C, D] fp32
+values than one program's registers, and fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims
 powers of two ≥ 16 (callers pad), T a multiple of C.
 """
 from __future__ import annotations
@@ -96,11 +98,15 @@ class _Gates:
     return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
-def _kernel(*refs, scale, segments, precision, store_inverse):
-  q_ref, k_ref, v_ref, beta_ref, G_ref = refs[:5]
-  count_ref = refs[5] if segments else None
-  qt_ref, kt_ref, u_ref, p_ref, w_ref = refs[5 + segments:10 + segments]
-  x_ref = refs[10 + segments] if store_inverse else None
+def _kernel(*refs, scale, segments, delta, precision, store_inverse):
+  refs = iter(refs)
+  q_ref, k_ref, v_ref = next(refs), next(refs), next(refs)
+  beta_ref = next(refs) if delta else None
+  G_ref = next(refs)
+  count_ref = next(refs) if segments else None
+  qt_ref, kt_ref, u_ref, p_ref = next(refs), next(refs), next(refs), next(refs)
+  w_ref = next(refs) if delta else None
+  x_ref = next(refs) if store_inverse else None
   c = G_ref.shape[0]
   f32 = jnp.float32
   gates = _Gates(G_ref, count_ref)
@@ -110,6 +116,9 @@ def _kernel(*refs, scale, segments, precision, store_inverse):
   p_ref[...] = (scale * dot(q, k, precision, trans_y=True) * gates.decay(whole, whole, True)).astype(p_ref.dtype)
   qt_ref[...] = ((scale * gates.start(whole))[:, None] * q.astype(f32)).astype(qt_ref.dtype)
   kt_ref[...] = (gates.end(whole)[:, None] * k.astype(f32)).astype(kt_ref.dtype)
+  if not delta:
+    u_ref[...] = v_ref[...].astype(u_ref.dtype)
+    return
 
   def a_block(i, j):
     kk = dot(k_ref[block_rows(i), :], k_ref[block_rows(j), :], precision, trans_y=True)
@@ -149,58 +158,78 @@ def _inverse_grad_kernel(*refs, segments, precision):
   dA_ref[...] = jnp.where(strict, -dot(dot(X, dX, exact, trans_x=True), X, exact, trans_y=True), 0.0)
 
 
-def _grad_kernel(*refs, scale, segments, precision):
-  """The gradient of one chunk's operands with respect to Q, K, β and G, given dA and rowsum(Y ⊙ V) from
-  `_inverse_grad_kernel` (see the module docstring for the forward formulas):
+def _grad_kernel(*refs, scale, segments, delta, precision):
+  """The gradient of one chunk's operands with respect to Q, K, G (and the delta rule's β, given dA and
+  rowsum(Y ⊙ V) from `_inverse_grad_kernel`; scalar decay's dV is dũ itself, moved back to the tokens' layout). With
+  the forward formulas of the module docstring:
       dX = dw (βγK)ᵀ + dũ (βV)ᵀ,   Z = Xᵀ dw,   Y = Xᵀ dũ,   dA = strictLower(−Xᵀ dX Xᵀ)
       dK = (dA' + dA'ᵀ) K + s (dp ⊙ Γ)ᵀ Q + βγ Z + e dk̃,   dA' = β ⊙ Γ ⊙ dA
       dQ = s (dp ⊙ Γ) K + s γ dq̃,   dV = β Y,   dβ = rowsum(dA ⊙ Γ ⊙ KKᵀ) + γ rowsum(Z ⊙ K) + rowsum(Y ⊙ V)
       dG = rowsum(M) − colsum(M) + γ (s rowsum(dq̃ ⊙ Q) + β rowsum(Z ⊙ K)) − e ⊙ de + [i = C] Σ e ⊙ de,
-  with M = Γ ⊙ (β ⊙ dA ⊙ KKᵀ + s dp ⊙ QKᵀ) and de = rowsum(dk̃ ⊙ K). Two kernels rather than one: together they
-  hold more [C, C] and [C, D] fp32 values than a program's registers."""
-  q_ref, k_ref, beta_ref, G_ref = refs[:4]
-  count_ref = refs[4] if segments else None
-  x_ref, dA_ref, ydv_ref, dqt_ref, dkt_ref, dp_ref, dw_ref = refs[4 + segments:11 + segments]
-  dq_ref, dk_ref, dbeta_ref, dG_ref = refs[11 + segments:]
+  with M = Γ ⊙ (β ⊙ dA ⊙ KKᵀ + s dp ⊙ QKᵀ) and de = rowsum(dk̃ ⊙ K); scalar decay drops every term with β, A or w.
+  The delta rule's two kernels rather than one: together they hold more [C, C] and [C, D] fp32 values than a
+  program's registers."""
+  refs = iter(refs)
+  q_ref, k_ref = next(refs), next(refs)
+  beta_ref = next(refs) if delta else None
+  G_ref = next(refs)
+  count_ref = next(refs) if segments else None
+  if delta:
+    x_ref, dA_ref, ydv_ref = next(refs), next(refs), next(refs)
+  dqt_ref, dkt_ref, dp_ref = next(refs), next(refs), next(refs)
+  dw_ref = next(refs) if delta else None
+  du_ref = None if delta else next(refs)
+  dq_ref, dk_ref = next(refs), next(refs)
+  dbeta_ref = next(refs) if delta else None
+  dv_ref = None if delta else next(refs)
+  dG_ref = next(refs)
   # Ordered so that few [C, C] and [C, D] values are live at once (they are held in registers).
   f32 = jnp.float32
   exact = _fp32(precision)
   gates = _Gates(G_ref, count_ref)
   whole = gates.whole
   rowsum = lambda a: jnp.sum(a, axis=1)
-  beta = beta_ref[...].astype(f32)
   gamma = gates.start(whole)
   kf = k_ref[...].astype(f32)
-  Z = dot(x_ref[...], dw_ref[...], exact, trans_x=True)
-  ZK = rowsum(Z * kf)
-  dk = (beta * gamma)[:, None] * Z
+  if delta:
+    beta = beta_ref[...].astype(f32)
+    Z = dot(x_ref[...], dw_ref[...], exact, trans_x=True)
+    ZK = rowsum(Z * kf)
+    dk = (beta * gamma)[:, None] * Z
   # Through A = β Γ K Kᵀ and P = s (Q Kᵀ) Γ.
   Gamma = gates.decay(whole, whole, True)
   k = k_ref[...]
-  KK = dot(k, k, precision, trans_y=True)
-  dA_gamma = dA_ref[...] * Gamma
-  dbeta_ref[...] = ydv_ref[...] + rowsum(dA_gamma * KK) + gamma * ZK
-  M = beta[:, None] * dA_gamma * KK
-  dKK = beta[:, None] * dA_gamma
-  dk = dk + dot(dKK, k, exact) + dot(dKK, k, exact, trans_x=True)
+  if delta:
+    KK = dot(k, k, precision, trans_y=True)
+    dA_gamma = dA_ref[...] * Gamma
+    dbeta_ref[...] = ydv_ref[...] + rowsum(dA_gamma * KK) + gamma * ZK
+    M = beta[:, None] * dA_gamma * KK
+    dKK = beta[:, None] * dA_gamma
+    dk = dk + dot(dKK, k, exact) + dot(dKK, k, exact, trans_x=True)
+  else:
+    dv_ref[...] = du_ref[...].astype(dv_ref.dtype)
   q = q_ref[...]
   dP = dp_ref[...].astype(f32) * Gamma * scale
-  M = M + dP * dot(q, k, precision, trans_y=True)
-  dk = dk + dot(dP, q, exact, trans_x=True)
+  M_qk = dP * dot(q, k, precision, trans_y=True)
+  dk_qk = dot(dP, q, exact, trans_x=True)
+  M = M + M_qk if delta else M_qk
+  dk = dk + dk_qk if delta else dk_qk
   dqt = dqt_ref[...].astype(f32)
   dq_ref[...] = (dot(dP, k, exact) + (scale * gamma)[:, None] * dqt).astype(dq_ref.dtype)
   e = gates.end(whole)
   dkt = dkt_ref[...].astype(f32)
   dk_ref[...] = (dk + e[:, None] * dkt).astype(dk_ref.dtype)
   de = rowsum(dkt * kf) * e
-  dG = rowsum(M) - jnp.sum(M, axis=0) + gamma * (scale * rowsum(dqt * q.astype(f32)) + beta * ZK) - de
+  from_start = scale * rowsum(dqt * q.astype(f32)) + (beta * ZK if delta else 0.0)
+  dG = rowsum(M) - jnp.sum(M, axis=0) + gamma * from_start - de
   dG_ref[...] = dG + jnp.where(gates.is_last, jnp.sum(de), 0.0)
 
 
-def _specs(b, t, h, chunk, dk, dv, segments):
+def _specs(h, chunk, dk, dv, delta, segments):
+  """(input specs of `prepare`, and the spec makers: heads-first [B·H, T, d], tokens [B, T, H, d], gates [B·H, T])."""
   tokens = lambda d: pl.BlockSpec((None, chunk, None, d), lambda i, n: (i // h, n, i % h, 0))
   gates = pl.BlockSpec((None, chunk), lambda i, n: (i, n))
-  inputs = [tokens(dk), tokens(dk), tokens(dv), gates, gates]
+  inputs = [tokens(dk), tokens(dk), tokens(dv)] + [gates] * (1 + delta)
   if segments:
     inputs.append(pl.BlockSpec((None, chunk), lambda i, n: (i // h, n)))
   heads_first = lambda d: pl.BlockSpec((None, chunk, d), lambda i, n: (i, n, 0))
@@ -211,7 +240,7 @@ def _check(q, v, chunk):
   t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
   ok, why = supported(chunk, dk, dv)
   if not ok or t % chunk:
-    raise ValueError(f'delta-rule prep kernel: {why or f"length {t} is not a multiple of the chunk {chunk}"}')
+    raise ValueError(f'linear prep kernel: {why or f"length {t} is not a multiple of the chunk {chunk}"}')
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, num_warps, name):
@@ -221,7 +250,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, num_warps, na
 
 
 def _inputs(q, k, v, beta, G, count):
-  args = [q, k, v, beta.astype(jnp.float32), G.astype(jnp.float32)]
+  args = [q, k, v] + ([] if beta is None else [beta.astype(jnp.float32)]) + [G.astype(jnp.float32)]
   return args + ([] if count is None else [count.astype(jnp.int32)])
 
 
@@ -229,52 +258,62 @@ def _inputs(q, k, v, beta, G, count):
                                              'num_warps'))
 def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision: str = 'tf32',
             store_inverse: bool = False, interpret: bool = False, num_warps: int = 2):
-  """q, k [B, T, H, Dk], v [B, T, H, Dv] (one dtype; T a multiple of `chunk`), beta and G [B·H, T] fp32 (G: the
-  log-gates' cumulative sums within each chunk), count [B, T] int32 (documents started since the chunk's first
-  position; None: one document). Returns (q̃, k̃, ũ, p, w) in the order `reference.state_pass` takes them,
-  heads-first [B·H, T, Dk | Dv | C] in the input dtype,
-  and with `store_inverse` also X [B·H, T, C] fp32 (each chunk's (I + A)⁻¹, for `gradients`)."""
+  """q, k [B, T, H, Dk], v [B, T, H, Dv] (one dtype; T a multiple of `chunk`), beta [B·H, T] fp32 for the delta
+  rule (None: scalar decay), G [B·H, T] fp32 (the log-gates' cumulative sums within each chunk), count [B, T] int32
+  (documents started since the chunk's first position; None: one document). Returns the operands in the order
+  `reference.state_pass` takes them, heads-first [B·H, T, ·] in the input dtype: (q̃, k̃, ũ, p, w) for the delta rule,
+  (q̃, k̃, v, p) for scalar decay; with `store_inverse` (delta rule) also X [B·H, T, C] fp32 (each chunk's
+  (I + A)⁻¹, for `gradients`)."""
   _check(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  in_specs, heads_first, _, _ = _specs(b, t, h, chunk, dk, dv, count is not None)
-  dims = (dk, dk, dv, chunk, dk)
+  delta = beta is not None
+  in_specs, heads_first, _, _ = _specs(h, chunk, dk, dv, delta, count is not None)
+  dims = (dk, dk, dv, chunk) + ((dk,) if delta else ())
   out_shape = [jax.ShapeDtypeStruct((b * h, t, d), q.dtype) for d in dims]
-  if store_inverse:
+  if store_inverse and delta:
     dims += (chunk,)
     out_shape.append(jax.ShapeDtypeStruct((b * h, t, chunk), jnp.float32))
-  kernel = functools.partial(_kernel, scale=scale, segments=count is not None, precision=precision,
-                             store_inverse=store_inverse)
+  kernel = functools.partial(_kernel, scale=scale, segments=count is not None, delta=delta, precision=precision,
+                             store_inverse=store_inverse and delta)
   return _call(kernel, (b * h, t // chunk), in_specs, [heads_first(d) for d in dims], out_shape, interpret,
-               num_warps, 'delta_rule_prep')(*_inputs(q, k, v, beta, G, count))
+               num_warps, 'delta_rule_prep' if delta else 'decay_prep')(*_inputs(q, k, v, beta, G, count))
 
 
 @functools.partial(jax.jit, static_argnames=('chunk', 'scale', 'precision', 'interpret', 'num_warps'))
 def gradients(q, k, v, beta, G, count, X, cotangents, *, chunk: int, scale: float, precision: str = 'tf32',
               interpret: bool = False, num_warps: tuple[int, int] = (4, 8)):
-  """The vector-Jacobian product of `prepare`: from its inputs, the stored X and the cotangents of (q̃, k̃, ũ, p,
-  w), returns (dq, dk, dv in the inputs' layout and dtype, dβ and dG [B·H, T] fp32). Two kernels (`num_warps`
-  each): the inverse's part, then the rest."""
+  """The vector-Jacobian product of `prepare`: from its inputs, the stored X (None for scalar decay) and the
+  cotangents of its operands, returns (dq, dk, dv in the inputs' layout and dtype, dβ (None for scalar decay) and
+  dG [B·H, T] fp32). The delta rule runs two kernels (`num_warps` each): the inverse's part, then the rest;
+  scalar decay only the second."""
   _check(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
+  delta = beta is not None
   segments = count is not None
-  in_specs, heads_first, tokens, gates = _specs(b, t, h, chunk, dk, dv, segments)
+  in_specs, heads_first, tokens, gates = _specs(h, chunk, dk, dv, delta, segments)
   grid = (b * h, t // chunk)
   args = _inputs(q, k, v, beta, G, count)
-  dqt, dkt, du, dp, dw = cotangents
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  second = functools.partial(_grad_kernel, scale=scale, segments=segments, delta=delta, precision=precision)
+  if not delta:
+    dqt, dkt, du, dp = cotangents
+    dq, dk_, dv_, dG = _call(
+        second, grid, in_specs[:2] + in_specs[3:] + [heads_first(d) for d in (dk, dk, chunk, dv)],
+        [tokens(dk), tokens(dk), tokens(dv), gates], [like(q), like(k), like(v), f32(b * h, t)], interpret,
+        num_warps[1], 'decay_prep_grad')(args[0], args[1], *args[3:], dqt, dkt, dp, du)
+    return dq, dk_, dv_, None, dG
+  dqt, dkt, du, dp, dw = cotangents
   first = functools.partial(_inverse_grad_kernel, segments=segments, precision=precision)
   dv_, ydv, dA = _call(
       first, grid, in_specs[1:] + [heads_first(d) for d in (chunk, dv, dk)],
-      [tokens(dv), gates, heads_first(chunk)], [jax.ShapeDtypeStruct(v.shape, v.dtype), f32(b * h, t),
-                                                f32(b * h, t, chunk)],
+      [tokens(dv), gates, heads_first(chunk)], [like(v), f32(b * h, t), f32(b * h, t, chunk)],
       interpret, num_warps[0], 'delta_rule_prep_grad_inverse')(*args[1:], X, du, dw)
-  second = functools.partial(_grad_kernel, scale=scale, segments=segments, precision=precision)
   in_specs = ([in_specs[0], in_specs[1]] + in_specs[3:] + [heads_first(chunk), heads_first(chunk), gates]
               + [heads_first(d) for d in (dk, dk, chunk, dk)])
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k)] + [f32(b * h, t)] * 2
-  dq, dk_, dbeta, dG = _call(second, grid, in_specs, [tokens(dk), tokens(dk), gates, gates], out_shape, interpret,
-                             num_warps[1], 'delta_rule_prep_grad')(args[0], args[1], *args[3:], X, dA, ydv, dqt,
-                                                                   dkt, dp, dw)
+  dq, dk_, dbeta, dG = _call(second, grid, in_specs, [tokens(dk), tokens(dk), gates, gates],
+                             [like(q), like(k), f32(b * h, t), f32(b * h, t)], interpret, num_warps[1],
+                             'delta_rule_prep_grad')(args[0], args[1], *args[3:], X, dA, ydv, dqt, dkt, dp, dw)
   return dq, dk_, dv_, dbeta, dG

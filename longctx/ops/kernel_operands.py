@@ -1,0 +1,89 @@
+"""The state pass's operands from the prep kernels (kernels_pallas.linear.prep), for the chunked forms that have one:
+the (gated) delta rule and scalar decay. The chunk forms call `use_prep_kernel` where the state pass runs the GPU
+kernel; if it says yes they hand their raw inputs to `prep_inputs` and `operands` instead of building the operands in
+jax, which stays their reference (the tests hold the two to 1e-5)."""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from kernels_pallas.linear import prep
+from longctx.ops import state_pass as state_pass_paths
+from longctx.ops.chunking import pad_to_multiple, reset_counts
+
+
+class Options(NamedTuple):
+  chunk: int
+  scale: float
+  precision: str
+  interpret: bool
+
+
+def options(chunk: int, scale: float, dtype, path: str) -> Options:
+  return Options(chunk, float(scale), 'bf16' if dtype == jnp.bfloat16 else 'tf32', path == 'pallas_interpret')
+
+
+def layout(x, heads, chunk):
+  """[B·H, T] -> [B, H, N, C]."""
+  return x.reshape(-1, heads, x.shape[-1] // chunk, chunk)
+
+
+_logged: set[tuple] = set()
+
+
+def use_prep_kernel(family: str, path: str, c: int, dk: int, dv: int, platform: str) -> bool:
+  """Whether the operands come from the prep kernel: where the state pass runs the GPU kernel (or interprets it)
+  and the kernel takes the (padded) sizes. The choice is logged once per family and sizes."""
+  use = path == 'pallas_interpret' or (path == 'pallas' and platform == 'gpu')
+  ok, why = prep.supported(c, dk, dv)
+  key = (family, path, platform, c, dk, dv)
+  if use and key not in _logged:
+    _logged.add(key)
+    logging.info('%s operands: %s (chunk %d, padded head dims %d/%d)', family,
+                 'prep kernel' if ok else f'jax form; prep kernel refused: {why}', c, dk, dv)
+  return use and ok
+
+
+def prep_inputs(q, k, v, beta, g, segment_ids, c):
+  """q, k, v in one dtype padded to whole chunks and power-of-two head dims; beta (None for scalar decay) and G
+  (the log-gates' cumulative sums within each chunk) heads-first [B·H, T'] fp32; the reset counts [B, T'] (None
+  for one document)."""
+  b, t, h, _ = q.shape
+  dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else jnp.float32
+  pad_dim = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, state_pass_paths.padded(x.shape[-1]) - x.shape[-1])])
+  q, k, v = (pad_dim(pad_to_multiple(x.astype(dtype), c)) for x in (q, k, v))
+  heads_first = lambda x: jnp.swapaxes(pad_to_multiple(x.astype(jnp.float32), c), 1, 2).reshape(b * h, -1)
+  G = jnp.cumsum(layout(heads_first(g), h, c), axis=-1).reshape(b * h, -1)
+  return q, k, v, None if beta is None else heads_first(beta), G, reset_counts(segment_ids, c)
+
+
+def _prepare(q, k, v, beta, G, count, opts, store_inverse):
+  return prep.prepare(q, k, v, beta, G, count, chunk=opts.chunk, scale=opts.scale, precision=opts.precision,
+                      store_inverse=store_inverse, interpret=opts.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def operands(q, k, v, beta, G, count, opts):
+  """The prep kernel's operands, heads-first [B·H, T, ·]: (Q_start, K_end, U_tilde, P, W) for the delta rule,
+  (Q_start, K_end, V, P) for scalar decay (beta None); the gradient through the prep gradient kernels."""
+  return _prepare(q, k, v, beta, G, count, opts, False)
+
+
+def _operands_fwd(q, k, v, beta, G, count, opts):
+  out = _prepare(q, k, v, beta, G, count, opts, True)
+  X = out[5] if beta is not None else None
+  return tuple(out[:5] if beta is not None else out), (q, k, v, beta, G, count, X)
+
+
+def _operands_bwd(opts, res, grads):
+  *inputs, X = res
+  grads = prep.gradients(*inputs, X, grads, chunk=opts.chunk, scale=opts.scale, precision=opts.precision,
+                         interpret=opts.interpret)
+  return tuple(grads) + (None,)
+
+
+operands.defvjp(_operands_fwd, _operands_bwd)
