@@ -32,6 +32,26 @@ def test_deltanet_is_the_ungated_case():
   check(x, chunk_size=16)
 
 
+@pytest.mark.parametrize('kernel', ['jax', 'pallas_interpret'])
+def test_no_gate_is_the_zero_gate(kernel):
+  # g=None (DeltaNet) takes its own path (zero cumulative gates, no cumulative sum of zeros): same outputs and
+  # gradients as zero gates, on documents and an odd length.
+  import jax
+  x = inputs(4, 1, 45, 2, 16, 24, strength=0.0, segments=True)
+
+  def run(g):
+    def loss(q, k, v, beta):
+      o, s = chunk_delta_rule(q, k, v, beta, g, initial_state=x['initial_state'], segment_ids=x['segment_ids'],
+                              chunk_size=16, kernel=kernel)
+      return jnp.sum(o * x['cotangent']) + jnp.sum(s), o
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(x['q'], x['k'], x['v'], x['beta'])
+
+  (grads, o), (grads_ref, o_ref) = run(None), run(x['g'])
+  assert rel(o, o_ref) < 1e-6
+  for a, b in zip(grads, grads_ref):
+    assert np.isfinite(np.asarray(a)).all() and rel(a, b) < 1e-6
+
+
 def test_state_restarts_at_document_boundaries():
   x = inputs(2, 2, 150, 2, 16, 16, strength=0.5, segments=True)
   check(x, chunk_size=32)

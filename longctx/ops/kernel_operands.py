@@ -50,14 +50,17 @@ def use_prep_kernel(family: str, path: str, c: int, dk: int, dv: int, platform: 
 
 def prep_inputs(q, k, v, beta, g, segment_ids, c):
   """q, k, v in one dtype padded to whole chunks and power-of-two head dims; beta (None for scalar decay) and G
-  (the log-gates' cumulative sums within each chunk) heads-first [B·H, T'] fp32; the reset counts [B, T'] (None
-  for one document)."""
+  (the log-gates' cumulative sums within each chunk; zeros for g None) heads-first [B·H, T'] fp32; the reset counts
+  [B, T'] (None for one document)."""
   b, t, h, _ = q.shape
   dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in (q, k, v)) else jnp.float32
   pad_dim = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, state_pass_paths.padded(x.shape[-1]) - x.shape[-1])])
   q, k, v = (pad_dim(pad_to_multiple(x.astype(dtype), c)) for x in (q, k, v))
   heads_first = lambda x: jnp.swapaxes(pad_to_multiple(x.astype(jnp.float32), c), 1, 2).reshape(b * h, -1)
-  G = jnp.cumsum(layout(heads_first(g), h, c), axis=-1).reshape(b * h, -1)
+  if g is None:   # no gate (DeltaNet): zeros, not a cumulative sum of zeros the compiler would fold at every length
+    G = jnp.zeros((b * h, q.shape[1]), jnp.float32)
+  else:
+    G = jnp.cumsum(layout(heads_first(g), h, c), axis=-1).reshape(b * h, -1)
   return q, k, v, None if beta is None else heads_first(beta), G, reset_counts(segment_ids, c)
 
 

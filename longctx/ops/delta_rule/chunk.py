@@ -61,7 +61,6 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   out_dtype = v.dtype
-  g = jnp.zeros((b, t, h), jnp.float32) if g is None else g
   platform = jax.default_backend()
   pk, pv = state_pass_paths.padded(dk), state_pass_paths.padded(dv)
   path = state_pass_paths.choose(kernel, platform=platform, chunk=c, dk=dk, dv=dv)
@@ -73,8 +72,9 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
     G = layout(G, h, c)
     from_start = chunk_masks(count, c)[1]
   else:
-    (q, k, v, beta, g), (same, from_start, to_end) = chunked_inputs((q, k, v, beta, g), segment_ids, c)
-    G = jnp.cumsum(g, axis=-1)
+    gates = (beta,) if g is None else (beta, g)
+    (q, k, v, beta, *g), (same, from_start, to_end) = chunked_inputs((q, k, v) + gates, segment_ids, c)
+    G = jnp.zeros_like(beta) if not g else jnp.cumsum(g[0], axis=-1)
     operands = _operands(q, k, v, beta, G, (same, from_start, to_end), scale, triangular.choose(kernel, c, platform))
   state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
   o, state = state_pass(*operands[:4], state_decay, initial_state, operands[4], kernel_name=kernel)
