@@ -1,7 +1,7 @@
 """The state pass's operands from the prep kernels (kernels_pallas.linear.prep), for the chunked forms that have one:
-the (gated) delta rule and scalar decay. The chunk forms call `use_prep_kernel` where the state pass runs the GPU
-kernel; if it says yes they hand their raw inputs to `prep_inputs` and `operands` instead of building the operands in
-jax, which stays their reference (the tests hold the two to 1e-5)."""
+the (gated) delta rule and scalar decay. The chunk forms call `from_prep_kernel`, which returns the operands where
+the state pass runs the GPU kernel (or interprets it) and the prep kernel takes the sizes, and None elsewhere: the
+chunk form then builds them in jax, which stays the kernels' reference (the tests hold the two to 1e-5)."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +13,7 @@ from absl import logging
 
 from kernels_pallas.linear import prep
 from longctx.ops import state_pass as state_pass_paths
-from longctx.ops.chunking import pad_to_multiple, reset_counts
+from longctx.ops.chunking import chunk_masks, pad_to_multiple, reset_counts
 
 
 class Options(NamedTuple):
@@ -90,3 +90,19 @@ def _operands_bwd(opts, res, grads):
 
 
 operands.defvjp(_operands_fwd, _operands_bwd)
+
+
+def from_prep_kernel(family: str, q, k, v, beta, g, segment_ids, *, chunk: int, scale: float, kernel: str):
+  """For q, k, v [B, T, H, ·], beta (None for scalar decay), g [B, T, H] (None: no gate) and segment ids [B, T]:
+  (the state pass's operands [B, H, N, C, ·] at power-of-two head dims, the cumulative gates G [B, H, N, C], where
+  the incoming state reaches [B or 1, 1, N or 1, C]) from the prep kernel, or None where it does not apply."""
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  platform = jax.default_backend()
+  path = state_pass_paths.choose(kernel, platform=platform, chunk=chunk, dk=dk, dv=dv)
+  if not use_prep_kernel(family, path, chunk, state_pass_paths.padded(dk), state_pass_paths.padded(dv), platform):
+    return None
+  q, k, v, beta, G, count = prep_inputs(q, k, v, beta, g, segment_ids, chunk)
+  opts = options(chunk, scale, q.dtype, path)
+  out = tuple(x.reshape(b, h, -1, chunk, x.shape[-1]) for x in operands(q, k, v, beta, G, count, opts))
+  return out, layout(G, h, chunk), chunk_masks(count, chunk)[1]

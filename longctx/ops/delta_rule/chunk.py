@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from longctx.ops import kernel_operands
-from longctx.ops import state_pass as state_pass_paths
 from longctx.ops import triangular
 from longctx.ops.chunking import chunk_masks, chunked_inputs, unchunk
 from longctx.ops.kernel_operands import layout
@@ -56,26 +55,20 @@ def _jax_operands(q, k, v, beta, G, count, opts):
 
 def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
                kernel='auto'):
-  b, t, h, dk = q.shape
-  dv = v.shape[-1]
+  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   out_dtype = v.dtype
-  platform = jax.default_backend()
-  pk, pv = state_pass_paths.padded(dk), state_pass_paths.padded(dv)
-  path = state_pass_paths.choose(kernel, platform=platform, chunk=c, dk=dk, dv=dv)
-  if kernel_operands.use_prep_kernel('delta-rule', path, c, pk, pv, platform):
-    q, k, v, beta, G, count = kernel_operands.prep_inputs(q, k, v, beta, g, segment_ids, c)
-    opts = kernel_operands.options(c, scale, q.dtype, path)
-    operands = tuple(x.reshape(b, h, -1, c, x.shape[-1])
-                     for x in kernel_operands.operands(q, k, v, beta, G, count, opts))
-    G = layout(G, h, c)
-    from_start = chunk_masks(count, c)[1]
+  prepared = kernel_operands.from_prep_kernel('delta-rule', q, k, v, beta, g, segment_ids, chunk=c, scale=scale,
+                                              kernel=kernel)
+  if prepared:
+    operands, G, from_start = prepared
   else:
     gates = (beta,) if g is None else (beta, g)
     (q, k, v, beta, *g), (same, from_start, to_end) = chunked_inputs((q, k, v) + gates, segment_ids, c)
     G = jnp.zeros_like(beta) if not g else jnp.cumsum(g[0], axis=-1)
-    operands = _operands(q, k, v, beta, G, (same, from_start, to_end), scale, triangular.choose(kernel, c, platform))
+    inverse = triangular.choose(kernel, c, jax.default_backend())
+    operands = _operands(q, k, v, beta, G, (same, from_start, to_end), scale, inverse)
   state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
   o, state = state_pass(*operands[:4], state_decay, initial_state, operands[4], kernel_name=kernel)
   return unchunk(o[..., :dv], t).astype(out_dtype), state[..., :dk, :dv]

@@ -10,11 +10,9 @@ its own), reading Q, K, V in place and writing the state pass's operands in the 
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from longctx.ops import kernel_operands
-from longctx.ops import state_pass as state_pass_paths
 from longctx.ops.chunking import chunk_masks, chunked_inputs, unchunk
 from longctx.ops.kernel_operands import layout
 from longctx.ops.state_pass import state_pass
@@ -45,21 +43,14 @@ def _jax_operands(q, k, v, beta, G, count, opts):
 
 def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
                  kernel='auto'):
-  b, t, h, dk = q.shape
-  dv = v.shape[-1]
+  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   out_dtype = v.dtype
-  platform = jax.default_backend()
-  pk, pv = state_pass_paths.padded(dk), state_pass_paths.padded(dv)
-  path = state_pass_paths.choose(kernel, platform=platform, chunk=c, dk=dk, dv=dv)
-  if kernel_operands.use_prep_kernel('scalar-decay', path, c, pk, pv, platform):
-    q, k, v, _, G, count = kernel_operands.prep_inputs(q, k, v, None, g, segment_ids, c)
-    opts = kernel_operands.options(c, scale, q.dtype, path)
-    operands = tuple(x.reshape(b, h, -1, c, x.shape[-1])
-                     for x in kernel_operands.operands(q, k, v, None, G, count, opts))
-    G = layout(G, h, c)
-    from_start = chunk_masks(count, c)[1]
+  prepared = kernel_operands.from_prep_kernel('scalar-decay', q, k, v, None, g, segment_ids, chunk=c, scale=scale,
+                                              kernel=kernel)
+  if prepared:
+    operands, G, from_start = prepared
   else:
     (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
     G = jnp.cumsum(g, axis=-1)
