@@ -192,6 +192,7 @@ def _grad_kernel(*refs, scale, segments, delta, precision):
   rowsum = lambda a: jnp.sum(a, axis=1)
   gamma = gates.start(whole)
   kf = k_ref[...].astype(f32)
+  M = dk = 0.0    # what flows through A and w: none for scalar decay
   if delta:
     beta = beta_ref[...].astype(f32)
     Z = dot(x_ref[...], dw_ref[...], exact, trans_x=True)
@@ -211,10 +212,8 @@ def _grad_kernel(*refs, scale, segments, delta, precision):
     dv_ref[...] = du_ref[...].astype(dv_ref.dtype)
   q = q_ref[...]
   dP = dp_ref[...].astype(f32) * Gamma * scale
-  M_qk = dP * dot(q, k, precision, trans_y=True)
-  dk_qk = dot(dP, q, exact, trans_x=True)
-  M = M + M_qk if delta else M_qk
-  dk = dk + dk_qk if delta else dk_qk
+  M = M + dP * dot(q, k, precision, trans_y=True)
+  dk = dk + dot(dP, q, exact, trans_x=True)
   dqt = dqt_ref[...].astype(f32)
   dq_ref[...] = (dot(dP, k, exact) + (scale * gamma)[:, None] * dqt).astype(dq_ref.dtype)
   e = gates.end(whole)

@@ -305,7 +305,7 @@ def bench_prep(steps: int) -> list[dict]:
   g = -jax.nn.softplus(jax.random.normal(ks[4], (b, t, h))) * 0.1
   interpret = jax.default_backend() != 'gpu'
   opts = kernel_operands.Options(c, d ** -0.5, 'bf16', interpret)
-  kw = dict(chunk=c, scale=opts.scale, precision='bf16', interpret=interpret)
+  kw = dict(chunk=c, scale=opts.scale, precision=opts.precision, interpret=interpret)
   shape = f'B{b} T{t} H{h} D{d} bf16, chunk {c}'
   results = []
   for family, jax_form, beta_in in (('delta_rule', delta_chunk._jax_operands, beta),
@@ -313,10 +313,8 @@ def bench_prep(steps: int) -> list[dict]:
     args = kernel_operands.prep_inputs(q, k, v, beta_in, g, None, c)
     jax_fwd = jax.jit(jax_form, static_argnums=6)
     want = jax_fwd(*args, opts)
-    row = {'case': f'prep_{family}_jax_operands', 'shape': shape}
-    timed(row, 'fwd', jax_fwd, *args, opts, steps=steps)
-    results.append(row)
-    print(json.dumps(row), flush=True)
+    with recorded({'case': f'prep_{family}_jax_operands', 'shape': shape}, results) as row:
+      timed(row, 'fwd', jax_fwd, *args, opts, steps=steps)
     delta = beta_in is not None
     stored = prep.prepare(*args, **kw, store_inverse=delta)
     X = stored[5] if delta else None

@@ -23,7 +23,7 @@ class Options(NamedTuple):
   interpret: bool
 
 
-def options(chunk: int, scale: float, dtype, path: str) -> Options:
+def _options(chunk: int, scale: float, dtype, path: str) -> Options:
   return Options(chunk, float(scale), 'bf16' if dtype == jnp.bfloat16 else 'tf32', path == 'pallas_interpret')
 
 
@@ -35,7 +35,7 @@ def layout(x, heads, chunk):
 _logged: set[tuple] = set()
 
 
-def use_prep_kernel(family: str, path: str, c: int, dk: int, dv: int, platform: str) -> bool:
+def _use_prep_kernel(family: str, path: str, c: int, dk: int, dv: int, platform: str) -> bool:
   """Whether the operands come from the prep kernel: where the state pass runs the GPU kernel (or interprets it)
   and the kernel takes the (padded) sizes. The choice is logged once per family and sizes."""
   use = path == 'pallas_interpret' or (path == 'pallas' and platform == 'gpu')
@@ -78,8 +78,8 @@ def operands(q, k, v, beta, G, count, opts):
 
 def _operands_fwd(q, k, v, beta, G, count, opts):
   out = _prepare(q, k, v, beta, G, count, opts, True)
-  X = out[5] if beta is not None else None
-  return tuple(out[:5] if beta is not None else out), (q, k, v, beta, G, count, X)
+  *out, X = out if beta is not None else (*out, None)     # the delta rule's forward also stores (I + A)⁻¹
+  return tuple(out), (q, k, v, beta, G, count, X)
 
 
 def _operands_bwd(opts, res, grads):
@@ -100,9 +100,9 @@ def from_prep_kernel(family: str, q, k, v, beta, g, segment_ids, *, chunk: int, 
   dv = v.shape[-1]
   platform = jax.default_backend()
   path = state_pass_paths.choose(kernel, platform=platform, chunk=chunk, dk=dk, dv=dv)
-  if not use_prep_kernel(family, path, chunk, state_pass_paths.padded(dk), state_pass_paths.padded(dv), platform):
+  if not _use_prep_kernel(family, path, chunk, state_pass_paths.padded(dk), state_pass_paths.padded(dv), platform):
     return None
   q, k, v, beta, G, count = prep_inputs(q, k, v, beta, g, segment_ids, chunk)
-  opts = options(chunk, scale, q.dtype, path)
+  opts = _options(chunk, scale, q.dtype, path)
   out = tuple(x.reshape(b, h, -1, chunk, x.shape[-1]) for x in operands(q, k, v, beta, G, count, opts))
   return out, layout(G, h, chunk), chunk_masks(count, chunk)[1]

@@ -64,9 +64,10 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   if prepared:
     operands, G, from_start = prepared
   else:
-    gates = (beta,) if g is None else (beta, g)
-    (q, k, v, beta, *g), (same, from_start, to_end) = chunked_inputs((q, k, v) + gates, segment_ids, c)
-    G = jnp.zeros_like(beta) if not g else jnp.cumsum(g[0], axis=-1)
+    chunked, (same, from_start, to_end) = chunked_inputs((q, k, v, beta) + (() if g is None else (g,)),
+                                                         segment_ids, c)
+    q, k, v, beta = chunked[:4]
+    G = jnp.zeros_like(beta) if g is None else jnp.cumsum(chunked[4], axis=-1)   # no gate: no sum of zeros to fold
     inverse = triangular.choose(kernel, c, jax.default_backend())
     operands = _operands(q, k, v, beta, G, (same, from_start, to_end), scale, inverse)
   state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
