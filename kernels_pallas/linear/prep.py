@@ -236,14 +236,14 @@ def _specs(h, chunk, dk, dv, delta, segments):
   return inputs, heads_first, tokens, gates
 
 
-def _check(q, v, chunk):
+def check_sizes(q, v, chunk):
   t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
   ok, why = supported(chunk, dk, dv)
   if not ok or t % chunk:
     raise ValueError(f'linear prep kernel: {why or f"length {t} is not a multiple of the chunk {chunk}"}')
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, num_warps, name):
+def launch(kernel, grid, in_specs, out_specs, out_shape, interpret, num_warps, name):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret,
       compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1), name=name)
@@ -264,7 +264,7 @@ def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision
   `reference.state_pass` takes them, heads-first [B·H, T, ·] in the input dtype: (q̃, k̃, ũ, p, w) for the delta rule,
   (q̃, k̃, v, p) for scalar decay; with `store_inverse` (delta rule) also X [B·H, T, C] fp32 (each chunk's
   (I + A)⁻¹, for `gradients`). `num_warps` None: 2 for the delta rule, 4 for scalar decay (the H100's best)."""
-  _check(q, v, chunk)
+  check_sizes(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   delta = beta is not None
@@ -277,7 +277,7 @@ def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision
   kernel = functools.partial(_kernel, scale=scale, segments=count is not None, delta=delta, precision=precision,
                              store_inverse=store_inverse and delta)
   num_warps = num_warps or (2 if delta else 4)
-  return _call(kernel, (b * h, t // chunk), in_specs, [heads_first(d) for d in dims], out_shape, interpret,
+  return launch(kernel, (b * h, t // chunk), in_specs, [heads_first(d) for d in dims], out_shape, interpret,
                num_warps, 'delta_rule_prep' if delta else 'decay_prep')(*_inputs(q, k, v, beta, G, count))
 
 
@@ -288,7 +288,7 @@ def gradients(q, k, v, beta, G, count, X, cotangents, *, chunk: int, scale: floa
   cotangents of its operands, returns (dq, dk, dv in the inputs' layout and dtype, dβ (None for scalar decay) and
   dG [B·H, T] fp32). The delta rule runs two kernels (`num_warps` each): the inverse's part, then the rest;
   scalar decay only the second."""
-  _check(q, v, chunk)
+  check_sizes(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   delta = beta is not None
@@ -301,20 +301,20 @@ def gradients(q, k, v, beta, G, count, X, cotangents, *, chunk: int, scale: floa
   second = functools.partial(_grad_kernel, scale=scale, segments=segments, delta=delta, precision=precision)
   if not delta:
     dqt, dkt, du, dp = cotangents
-    dq, dk_, dv_, dG = _call(
+    dq, dk_, dv_, dG = launch(
         second, grid, in_specs[:2] + in_specs[3:] + [heads_first(d) for d in (dk, dk, chunk, dv)],
         [tokens(dk), tokens(dk), tokens(dv), gates], [like(q), like(k), like(v), f32(b * h, t)], interpret,
         num_warps[1], 'decay_prep_grad')(args[0], args[1], *args[3:], dqt, dkt, dp, du)
     return dq, dk_, dv_, None, dG
   dqt, dkt, du, dp, dw = cotangents
   first = functools.partial(_inverse_grad_kernel, segments=segments, precision=precision)
-  dv_, ydv, dA = _call(
+  dv_, ydv, dA = launch(
       first, grid, in_specs[1:] + [heads_first(d) for d in (chunk, dv, dk)],
       [tokens(dv), gates, heads_first(chunk)], [like(v), f32(b * h, t), f32(b * h, t, chunk)],
       interpret, num_warps[0], 'delta_rule_prep_grad_inverse')(*args[1:], X, du, dw)
   in_specs = ([in_specs[0], in_specs[1]] + in_specs[3:] + [heads_first(chunk), heads_first(chunk), gates]
               + [heads_first(d) for d in (dk, dk, chunk, dk)])
-  dq, dk_, dbeta, dG = _call(second, grid, in_specs, [tokens(dk), tokens(dk), gates, gates],
+  dq, dk_, dbeta, dG = launch(second, grid, in_specs, [tokens(dk), tokens(dk), gates, gates],
                              [like(q), like(k), f32(b * h, t), f32(b * h, t)], interpret, num_warps[1],
                              'delta_rule_prep_grad')(args[0], args[1], *args[3:], X, dA, ydv, dqt, dkt, dp, dw)
   return dq, dk_, dv_, dbeta, dG

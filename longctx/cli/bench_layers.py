@@ -287,51 +287,71 @@ def state_pass_markdown(env: dict, results: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def bench_prep(steps: int) -> list[dict]:
-  """The prep kernels alone (kernels_pallas.linear.prep) over their launch options, next to the jax form of the same
-  operands: delta rule and scalar decay, B4 T8192 H16 D128 bf16, chunk 64. `prepare` (forward; the delta rule's also
-  storing X, as the training forward does) and `gradients` timed separately; error of the operands against the jax
-  form's."""
-  from kernels_pallas.linear import prep
+def bench_prep(steps: int, cases=()) -> list[dict]:
+  """The prep kernels alone (kernels_pallas.linear.prep and .channel_prep) over their launch options, next to the
+  jax form of the same operands: delta rule, scalar decay and per-channel decay (GLA's gate range), B4 T8192 H16 D128
+  bf16, chunk 64. `prepare` (forward; the delta rule's also storing X, as the training forward does) and
+  `gradients` timed separately; error of the operands against the jax form's."""
+  from kernels_pallas.linear import channel_prep, prep
   from longctx.ops import kernel_operands
+  from longctx.ops.channel_decay import chunk as channel_chunk
   from longctx.ops.delta_rule import chunk as delta_chunk
   from longctx.ops.scalar_decay import chunk as scalar_chunk
 
   b, t, h, d, c = (4, 8192, 16, 128, 64) if jax.default_backend() == 'gpu' else (1, 128, 2, 32, 32)
-  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  ks = jax.random.split(jax.random.PRNGKey(0), 6)
   q, k, v = (jax.random.normal(key, (b, t, h, d), jnp.bfloat16) for key in ks[:3])
   k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(jnp.bfloat16)
   beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
   g = -jax.nn.softplus(jax.random.normal(ks[4], (b, t, h))) * 0.1
+  gk = jax.nn.log_sigmoid(jax.random.normal(ks[5], (b, t, h, d))) / 16
   interpret = jax.default_backend() != 'gpu'
   opts = kernel_operands.Options(c, d ** -0.5, 'bf16', interpret)
   kw = dict(chunk=c, scale=opts.scale, precision=opts.precision, interpret=interpret)
   shape = f'B{b} T{t} H{h} D{d} bf16, chunk {c}'
+
+  def channel_prepare(q, k, v, beta, g, count, **kw):
+    return channel_prep.prepare(q, k, v, g, count, **kw)
+
+  def channel_gradients(q, k, v, beta, g, count, X, cots, **kw):
+    return channel_prep.gradients(q, k, v, g, count, cots, **kw)
+
+  # family: (jax form, beta, gates, prepare, gradients, prepare's warps, gradients' warps)
+  families = {
+      'delta_rule': (delta_chunk._jax_operands, beta, g, prep.prepare, prep.gradients, (2, 4, 8),
+                     ((4, 8), (8, 8), (4, 4), (2, 8))),
+      'scalar_decay': (scalar_chunk._jax_operands, None, g, prep.prepare, prep.gradients, (2, 4, 8),
+                       ((4, 2), (4, 4), (4, 8))),
+      'channel_decay': (channel_chunk._jax_operands, None, gk, channel_prepare, channel_gradients, (2, 4, 8),
+                        (4, 8, 16)),
+  }
   results = []
-  for family, jax_form, beta_in in (('delta_rule', delta_chunk._jax_operands, beta),
-                                    ('scalar_decay', scalar_chunk._jax_operands, None)):
-    args = kernel_operands.prep_inputs(q, k, v, beta_in, g, None, c)
+  for family, (jax_form, beta_in, gates, prepare, gradients, fwd_warps, bwd_warps) in families.items():
+    if cases and family not in cases:
+      continue
+    args = kernel_operands.prep_inputs(q, k, v, beta_in, gates, None, c)
     jax_fwd = jax.jit(jax_form, static_argnums=6)
     want = jax_fwd(*args, opts)
     with recorded({'case': f'prep_{family}_jax_operands', 'shape': shape}, results) as row:
       timed(row, 'fwd', jax_fwd, *args, opts, steps=steps)
     delta = beta_in is not None
-    stored = prep.prepare(*args, **kw, store_inverse=delta)
+    stored = prepare(*args, **kw, **({'store_inverse': True} if delta else {}))
     X = stored[5] if delta else None
     cots = tuple(jax.random.normal(jax.random.PRNGKey(i), o.shape, o.dtype) for i, o in enumerate(stored[:len(want)]))
-    for warps in (2, 4, 8):
+    for warps in fwd_warps:
       with recorded({'case': f'prep_{family}', 'shape': shape, 'kernel': 'prepare', 'num_warps': warps},
                     results) as row:
-        fwd = jax.jit(functools.partial(prep.prepare, **kw, num_warps=warps))
+        fwd = jax.jit(functools.partial(prepare, **kw, num_warps=warps))
         row['error_vs_jax'] = max(rel_error(a, b.astype(jnp.float32)) for a, b in zip(fwd(*args), want))
         timed(row, 'fwd', fwd, *args, steps=steps)
         if delta:
           timed(row, 'fwd_storing_inverse', jax.jit(functools.partial(prep.prepare, **kw, num_warps=warps,
                                                                       store_inverse=True)), *args, steps=steps)
-    for warps in ((4, 8), (8, 8), (4, 4), (2, 8)) if delta else ((4, 2), (4, 4), (4, 8)):
+    for warps in bwd_warps:
       with recorded({'case': f'prep_{family}', 'shape': shape, 'kernel': 'gradients',
-                     'num_warps': list(warps) if delta else warps[1]}, results) as row:
-        grad = jax.jit(functools.partial(prep.gradients, **kw, num_warps=warps))
+                     'num_warps': list(warps) if delta else warps if isinstance(warps, int) else warps[1]},
+                    results) as row:
+        grad = jax.jit(functools.partial(gradients, **kw, num_warps=warps))
         timed(row, 'bwd', grad, *args, X, cots, steps=steps)
   return results
 
@@ -568,7 +588,7 @@ SUITES = {
     'attention': (lambda steps, profile, out, cases: bench_attention(steps), attention_markdown),
     'linear': (bench_linear, linear_markdown),
     'state_pass': (lambda steps, profile, out, cases: bench_state_pass(steps), state_pass_markdown),
-    'prep': (lambda steps, profile, out, cases: bench_prep(steps), prep_markdown),
+    'prep': (lambda steps, profile, out, cases: bench_prep(steps, cases), prep_markdown),
     'titans': (bench_titans, titans_markdown),
     'routing': (lambda steps, profile, out, cases: bench_routing(steps, cases), routing_markdown),
     'context': (lambda steps, profile, out, cases: bench_context(steps), context_markdown),

@@ -9,7 +9,9 @@ sub-chunks of `sub_chunk` tokens:
   * keys in the query's own sub-chunk: e^{G_i − G_j} element by element, j ≤ i only, on [s, s, Dk] blocks.
 Across chunks, as for the scalar decay:  O += (scale · Q ⊙ e^G) S,   S ← e^{G_C} ⊙ S + (K ⊙ e^{G_C − G})ᵀ V.
 The intra-chunk scores are recomputed in the backward pass (`jax.checkpoint`); the pass over chunks is
-`longctx.ops.state_pass` (a Pallas kernel where it applies).
+`longctx.ops.state_pass` (a Pallas kernel where it applies). Where the state pass runs the GPU kernel, the scores and
+the gated Q and K come from one Pallas kernel too (kernels_pallas.linear.channel_prep, sub-chunks of 16, with a
+gradient kernel of its own), which reads the inputs in place and sums the gates itself.
 
 `vector_decay` (HGRN): h_t = e^{g_t} h_{t−1} + x_t is an associative recurrence over pairs (a, b) ∘ (a', b') =
 (a a', a' b + b'); `lax.associative_scan` evaluates it in log depth with exact gradients by autodiff.
@@ -22,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx.ops.chunking import chunked_inputs, resets, unchunk
+from kernels_pallas.linear import channel_prep
+from longctx.ops import kernel_operands
+from longctx.ops.chunking import chunk_masks, chunked_inputs, resets, unchunk
 from longctx.ops.state_pass import state_pass
 
 
@@ -52,24 +56,46 @@ def _intra_scores(q, k, G, sub):
   return off + diag
 
 
+def _operands(q, k, v, G, masks, scale, sub):
+  """The state pass's operands from heads-first [B, H, N, C, ·] inputs and chunk-local cumulative log-gates G
+  [B, H, N, C, Dk]: (Q_start, K_end, V, P)."""
+  same, from_start, to_end = masks
+  qs = q * scale
+  P = jnp.where(same, _intra_scores(qs, k, G, sub), 0.0)
+  Q_start = qs * jnp.where(from_start[..., None], jnp.exp(G), 0.0)
+  K_end = k * _masked_exp(to_end[..., None], G[..., -1:, :] - G)
+  return Q_start, K_end, v, P
+
+
+def _jax_operands(q, k, v, beta, g, count, opts):
+  """`kernel_operands.operands` in plain jax (the reference the kernel is tested against); beta is None, g the
+  per-channel log-gates in the tokens' layout."""
+  b, t, h, _ = q.shape
+  c = opts.chunk
+  (q, k, v, g), _ = chunked_inputs((q, k, v, g), None, c)
+  out = _operands(q, k, v, jnp.cumsum(g, axis=-2), chunk_masks(count, c), opts.scale, min(channel_prep.SUB, c))
+  return tuple(x.reshape(b * h, t, x.shape[-1]).astype(q.dtype) for x in out)
+
+
 def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64, sub_chunk=16,
                   kernel='auto'):
-  b, t, h, dk = q.shape
+  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   c = min(chunk_size, t)
   sub = min(sub_chunk, c)
   c = -(-c // sub) * sub
   out_dtype = v.dtype
-  (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
-
-  G = jnp.cumsum(g, axis=-2)                                            # [B, H, N, C, Dk]
-  qs = q * scale
-  P = jnp.where(same, _intra_scores(qs, k, G, sub), 0.0)
-  Q_start = qs * jnp.where(from_start[..., None], jnp.exp(G), 0.0)
-  K_end = k * _masked_exp(to_end[..., None], G[..., -1:, :] - G)
-  state_decay = jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
-  o, state = state_pass(Q_start, K_end, v, P, state_decay, initial_state, kernel_name=kernel)
-  return unchunk(o, t).astype(out_dtype), state
+  prepared = kernel_operands.from_prep_kernel('channel-decay', q, k, v, None, g, segment_ids, chunk=c, scale=scale,
+                                              kernel=kernel)
+  if prepared:
+    operands, state_decay = prepared
+  else:
+    (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
+    G = jnp.cumsum(g, axis=-2)                                            # [B, H, N, C, Dk]
+    operands = _operands(q, k, v, G, (same, from_start, to_end), scale, sub)
+    state_decay = jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
+  o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel)
+  return unchunk(o[..., :dv], t).astype(out_dtype), state[..., :dk, :dv]
 
 
 def vector_decay(x, g, *, initial_state=None, segment_ids=None):

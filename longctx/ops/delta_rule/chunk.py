@@ -62,7 +62,7 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
   prepared = kernel_operands.from_prep_kernel('delta-rule', q, k, v, beta, g, segment_ids, chunk=c, scale=scale,
                                               kernel=kernel)
   if prepared:
-    operands, G, from_start = prepared
+    operands, state_decay = prepared
   else:
     chunked, (same, from_start, to_end) = chunked_inputs((q, k, v, beta) + (() if g is None else (g,)),
                                                          segment_ids, c)
@@ -70,6 +70,6 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
     G = jnp.zeros_like(beta) if g is None else jnp.cumsum(chunked[4], axis=-1)   # no gate: no sum of zeros to fold
     inverse = triangular.choose(kernel, c, jax.default_backend())
     operands = _operands(q, k, v, beta, G, (same, from_start, to_end), scale, inverse)
-  state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
+    state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
   o, state = state_pass(*operands[:4], state_decay, initial_state, operands[4], kernel_name=kernel)
   return unchunk(o[..., :dv], t).astype(out_dtype), state[..., :dk, :dv]

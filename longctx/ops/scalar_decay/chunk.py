@@ -50,11 +50,11 @@ def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None
   prepared = kernel_operands.from_prep_kernel('scalar-decay', q, k, v, None, g, segment_ids, chunk=c, scale=scale,
                                               kernel=kernel)
   if prepared:
-    operands, G, from_start = prepared
+    operands, state_decay = prepared
   else:
     (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
     G = jnp.cumsum(g, axis=-1)
     operands = _operands(q, k, v, G, (same, from_start, to_end), scale)
-  state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
+    state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
   o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel)
   return unchunk(o[..., :dv], t).astype(out_dtype), state[..., :dk, :dv]
