@@ -22,6 +22,8 @@ One program per (batch·head, chunk); Q, K, V and the gates are read in the toke
 cumulative sums are taken in the program, so nothing heads-first or fp32 is written for the inputs. Portable Pallas
 (refs, static slices, dots, loops) through the Triton lowering on GPU; the tests run it on CPU in interpret mode
 against longctx.ops.channel_decay.chunk. Shapes: C a power of two from 16 to 128, head dims powers of two ≥ 16.
+Launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.37 ms at 4 warps (2.29 at
+2, 1.49 at 8), `gradients` 3.26 ms at 8 (4.71 at 4).
 """
 from __future__ import annotations
 
