@@ -32,13 +32,15 @@ def operands(seed, bh, n, c, dk, dv, delta):
 
 
 @pytest.mark.parametrize('backend', ['gpu', 'tpu'])
-@pytest.mark.parametrize('delta', [False, True])
-def test_kernel_equals_reference_forward_and_backward(delta, backend):
-  # Three chunks; on the GPU kernel two value blocks.
-  x, cot = operands(int(delta), bh=3, n=3, c=16, dk=32, dv=64, delta=delta)
+@pytest.mark.parametrize('delta,heads', [(False, 0), (True, 0), (True, 3)])
+def test_kernel_equals_reference_forward_and_backward(delta, heads, backend):
+  # Three chunks; on the GPU kernel two value blocks. With heads, O (and its gradient) in the tokens' layout.
+  x, cot = operands(int(delta) + heads, bh=6, n=3, c=16, dk=32, dv=64, delta=delta)
   names = tuple(x)
-  kern = lambda *a: state_pass(*a, chunk=16, block_v=32, interpret=True, backend=backend)
-  ref = lambda *a: reference_state_pass(*a, chunk=16)
+  tokens = lambda o: jnp.swapaxes(o.reshape(6 // heads, heads, 48, 64), 1, 2) if heads else o
+  kern = lambda *a: state_pass(*a, chunk=16, block_v=32, interpret=True, backend=backend, heads=heads)
+  ref = lambda *a: (lambda o, s: (tokens(o), s))(*reference_state_pass(*a, chunk=16))
+  cot = (tokens(cot[0]), cot[1])
 
   def run(fn):
     loss = lambda *a: sum(jnp.sum(o * c) for o, c in zip(fn(*a), cot))
@@ -46,6 +48,7 @@ def test_kernel_equals_reference_forward_and_backward(delta, backend):
 
   (o, s), grads = run(kern)
   (o_ref, s_ref), grads_ref = run(ref)
+  assert o.shape == o_ref.shape
   for arr in (o, s, *grads):
     assert np.isfinite(np.asarray(arr)).all()
   assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5

@@ -39,6 +39,8 @@ class Options(NamedTuple):
   num_stages: int = 1
   precision: str = 'tf32'   # the matmuls: tf32 (fp32 operands, the platform default) | ieee | bf16 (see steps.dot)
   backend: str = 'gpu'      # gpu: the Triton-lowered kernels here; tpu: kernels_pallas.linear.tpu (Mosaic TPU)
+  heads: int = 0            # > 0: O in the tokens' layout [B, T, H, Dv] (B·H = the operands' first axis)
+  out_dtype: str = 'float32'
 
 
 def _pow2(n):
@@ -71,7 +73,7 @@ def _fwd_kernel(*refs, chunk, n_chunks, delta, store_states, precision):
         U_ref[rows, :] = U.astype(U_ref.dtype)
     else:
       o, U = steps.output(S, q_ref[rows, :], u_ref[rows, :], p_ref[rows, :], w, precision)
-      o_ref[rows, :] = o
+      o_ref[rows, :] = o.astype(o_ref.dtype)
     return steps.advance(S, k_ref[rows, :], U, a_ref[:, pl.ds(n, 1)], precision)
 
   hT_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
@@ -112,6 +114,16 @@ def _specs(opts, t, dk, dv):
   return whole, vcols, decay, dv // bv
 
 
+def _output_spec(opts, bh, t, dv):
+  """(spec, shape) of O and its gradient: heads-first [BH, T, Dv] fp32, or the tokens' layout [B, T, H, Dv] in
+  `out_dtype` when `heads` is set."""
+  if not opts.heads:
+    return _specs(opts, t, dv, dv)[1](t), jax.ShapeDtypeStruct((bh, t, dv), jnp.float32)
+  h, bv = opts.heads, min(opts.block_v, dv)
+  return (pl.BlockSpec((None, t, None, bv), lambda i, j: (i // h, 0, i % h, j)),
+          jax.ShapeDtypeStruct((bh // h, t, h, dv), jnp.dtype(opts.out_dtype)))
+
+
 def _call(kernel, opts, grid, in_specs, out_specs, out_shape, name):
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                         interpret=opts.interpret, compiler_params=_compiler_params(opts), name=name)
@@ -129,8 +141,9 @@ def _forward(q, k, u, p, a, h0, w, opts, store_states):
   whole, vcols, decay, nv = _specs(opts, t, dk, dv)
   in_specs = [whole(dk), whole(dk), vcols(t), whole(opts.chunk), decay, vcols(dk)] + [whole(dk)] * (w is not None)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_shape = [f32(bh, t, dv), f32(bh, dk, dv)]
-  out_specs = [vcols(t), vcols(dk)]
+  o_spec, o_shape = _output_spec(opts, bh, t, dv)
+  out_shape = [o_shape, f32(bh, dk, dv)]
+  out_specs = [o_spec, vcols(dk)]
   if store_states:
     kept = lambda *shape: jax.ShapeDtypeStruct(shape, _kept_dtype(opts))
     out_shape.append(kept(bh, n * dk, dv))
@@ -152,7 +165,8 @@ def _reverse(q, k, p, a, do, dhT, w, opts):
   dv = do.shape[-1]
   n = t // opts.chunk
   whole, vcols, decay, nv = _specs(opts, t, dk, dv)
-  in_specs = [whole(dk), whole(dk), whole(opts.chunk), decay, vcols(t), vcols(dk)] + [whole(dk)] * (w is not None)
+  in_specs = ([whole(dk), whole(dk), whole(opts.chunk), decay, _output_spec(opts, bh, t, dv)[0], vcols(dk)]
+              + [whole(dk)] * (w is not None))
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   kept = lambda *shape: jax.ShapeDtypeStruct(shape, _kept_dtype(opts))
   kernel = functools.partial(_bwd_kernel, chunk=opts.chunk, n_chunks=n, delta=w is not None, precision=opts.precision)
@@ -181,6 +195,8 @@ def _state_pass_bwd(opts, res, grads):
   dS, dU, dh0 = _reverse(q, k, p, a, do, dhT, w, opts)
   dS = dS.reshape(bh, n, dk, dv)
   # What needs no carried gradient is computed for all chunks at once.
+  if opts.heads:
+    do = jnp.swapaxes(do, 1, 2)
   dO = do.astype(_kept_dtype(opts)).reshape(bh, n, c, dv)
   f32_ein = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
   ein = lambda spec, x, y: f32_ein(spec, x, y).reshape(bh, t, -1)
@@ -197,13 +213,25 @@ _state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
 
 
 def state_pass(q, k, u, p, a, h0, w=None, *, chunk: int, block_v: int = 32, interpret: bool = False,
-               num_warps: int = 4, num_stages: int = 1, precision: str = 'tf32', backend: str = 'gpu'):
-  """The kernel form of `reference.state_pass`: same operands, layout and returns (O fp32, final S fp32).
+               num_warps: int = 4, num_stages: int = 1, precision: str = 'tf32', backend: str = 'gpu',
+               heads: int = 0, out_dtype=jnp.float32):
+  """The kernel form of `reference.state_pass`: same operands, layout and returns (O fp32, final S fp32); with
+  `heads`, O comes in the tokens' layout [B, T, H, Dv] (B·H the operands' first axis) and in `out_dtype`, written
+  so by the GPU kernel (and its gradient read so), which spares a transpose of O and of its gradient.
   `backend` gpu or tpu; `interpret` runs either on any platform (the TPU one through TPU interpret mode)."""
   ok, why = supported(chunk, q.shape[-1], u.shape[-1], block_v)
   if not ok:
     raise ValueError(f'linear state-pass kernel: {why}')
   if backend not in ('gpu', 'tpu'):
     raise ValueError(f'linear state-pass kernel: backend {backend!r}, expected gpu or tpu')
-  opts = Options(chunk, min(block_v, u.shape[-1]), interpret, num_warps, num_stages, precision, backend)
-  return _state_pass(q, k, u, p, a, h0.astype(jnp.float32), w, opts)
+  if heads and q.shape[0] % heads:
+    raise ValueError(f'linear state-pass kernel: heads {heads} does not divide the operands\' first axis '
+                     f'{q.shape[0]}')
+  gpu_layout = heads if backend == 'gpu' else 0
+  opts = Options(chunk, min(block_v, u.shape[-1]), interpret, num_warps, num_stages, precision, backend, gpu_layout,
+                 jnp.dtype(out_dtype).name)
+  o, state = _state_pass(q, k, u, p, a, h0.astype(jnp.float32), w, opts)
+  if heads and not gpu_layout:   # the TPU kernels write heads-first
+    bh, t, dv = o.shape
+    o = jnp.swapaxes(o.reshape(bh // heads, heads, t, dv), 1, 2).astype(out_dtype)
+  return o, state

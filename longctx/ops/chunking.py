@@ -63,9 +63,3 @@ def chunked_inputs(arrays, segment_ids, chunk: int):
   zero log-gates, zero β)."""
   heads_first = lambda x: jnp.moveaxis(to_chunks(pad_to_multiple(x.astype(jnp.float32), chunk), chunk), 3, 1)
   return tuple(heads_first(x) for x in arrays), chunk_masks(reset_counts(segment_ids, chunk), chunk)
-
-
-def unchunk(o, length: int):
-  """[B, H, N, C, D] -> [B, length, H, D]."""
-  b, h = o.shape[:2]
-  return jnp.moveaxis(o, 1, 3).reshape(b, -1, h, o.shape[-1])[:, :length]

@@ -49,11 +49,12 @@ def _pad(x, axis: int, to: int):
   return x if not extra else jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
 
 
-def state_pass(q, k, u, p, a, h0=None, w=None, *, kernel_name: str = 'auto'):
+def state_pass(q, k, u, p, a, h0=None, w=None, *, kernel_name: str = 'auto', out_dtype=jnp.float32):
   """q, k, w [B, H, N, C, Dk], u [B, H, N, C, Dv], p [B, H, N, C, C], a [B, H, N] (one decay per state) or
   [B, H, N, Dk] (one per key row), h0 [B, H, Dk, Dv] (None: zeros; it may have fewer rows and columns than the
-  operands' head dims, which callers may have zero-padded). Returns (O [B, H, N, C, Dv] fp32, final state fp32).
-  bf16 operands run the kernel's matmuls in bf16 (the state rounded to bf16 for them, kept in fp32)."""
+  operands' head dims, which callers may have zero-padded). Returns (O in the tokens' layout [B, N·C, H, Dv] and
+  `out_dtype`, final state fp32). bf16 operands run the kernel's matmuls in bf16 (the state rounded to bf16 for
+  them, kept in fp32). The GPU kernel writes O in that layout itself."""
   b, h, n, c, dk = q.shape
   dv = u.shape[-1]
   platform = jax.default_backend()
@@ -74,6 +75,7 @@ def state_pass(q, k, u, p, a, h0=None, w=None, *, kernel_name: str = 'auto'):
   w = None if w is None else rows(w)
   if choice == 'jax':
     o, state = reference.state_pass(q, k, u, p, a, h0, w, chunk=c)
+    o = jnp.swapaxes(o.reshape(b, h, n * c, dv), 1, 2).astype(out_dtype)
   else:
     pk, pv = padded(dk), padded(dv)
     q, k = _pad(q, 2, pk), _pad(k, 2, pk)
@@ -81,9 +83,10 @@ def state_pass(q, k, u, p, a, h0=None, w=None, *, kernel_name: str = 'auto'):
     o, state = kernel.state_pass(q, k, _pad(u, 2, pv), p, _pad(a, 1, pk), _pad(_pad(h0, 1, pk), 2, pv), w, chunk=c,
                                  interpret=choice == 'pallas_interpret',
                                  precision='bf16' if q.dtype == jnp.bfloat16 else 'tf32',
-                                 backend='tpu' if platform == 'tpu' and choice == 'pallas' else 'gpu')
+                                 backend='tpu' if platform == 'tpu' and choice == 'pallas' else 'gpu', heads=h,
+                                 out_dtype=out_dtype)
     o, state = o[..., :dv], state[:, :dk, :dv]
-  return o.reshape(b, h, n, c, dv), state.reshape(b, h, dk, dv)
+  return o, state.reshape(b, h, dk, dv)
 
 
 def chosen_paths() -> list[str]:

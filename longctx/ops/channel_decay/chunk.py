@@ -26,7 +26,7 @@ import numpy as np
 
 from kernels_pallas.linear import channel_prep
 from longctx.ops import kernel_operands
-from longctx.ops.chunking import chunk_masks, chunked_inputs, resets, unchunk
+from longctx.ops.chunking import chunk_masks, chunked_inputs, resets
 from longctx.ops.state_pass import state_pass
 
 
@@ -94,8 +94,8 @@ def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=Non
     G = jnp.cumsum(g, axis=-2)                                            # [B, H, N, C, Dk]
     operands = _operands(q, k, v, G, (same, from_start, to_end), scale, sub)
     state_decay = jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
-  o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel)
-  return unchunk(o[..., :dv], t).astype(out_dtype), state[..., :dk, :dv]
+  o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel, out_dtype=out_dtype)
+  return o[:, :t, :, :dv], state[..., :dk, :dv]
 
 
 def vector_decay(x, g, *, initial_state=None, segment_ids=None):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from longctx.ops import kernel_operands
 from longctx.ops import triangular
-from longctx.ops.chunking import chunk_masks, chunked_inputs, unchunk
+from longctx.ops.chunking import chunk_masks, chunked_inputs
 from longctx.ops.kernel_operands import layout
 from longctx.ops.state_pass import state_pass
 
@@ -71,5 +71,6 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, s
     inverse = triangular.choose(kernel, c, jax.default_backend())
     operands = _operands(q, k, v, beta, G, (same, from_start, to_end), scale, inverse)
     state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-  o, state = state_pass(*operands[:4], state_decay, initial_state, operands[4], kernel_name=kernel)
-  return unchunk(o[..., :dv], t).astype(out_dtype), state[..., :dk, :dv]
+  o, state = state_pass(*operands[:4], state_decay, initial_state, operands[4], kernel_name=kernel,
+                        out_dtype=out_dtype)
+  return o[:, :t, :, :dv], state[..., :dk, :dv]

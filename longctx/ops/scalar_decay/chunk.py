@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from longctx.ops import kernel_operands
-from longctx.ops.chunking import chunk_masks, chunked_inputs, unchunk
+from longctx.ops.chunking import chunk_masks, chunked_inputs
 from longctx.ops.kernel_operands import layout
 from longctx.ops.state_pass import state_pass
 
@@ -56,5 +56,5 @@ def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None
     G = jnp.cumsum(g, axis=-1)
     operands = _operands(q, k, v, G, (same, from_start, to_end), scale)
     state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-  o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel)
-  return unchunk(o[..., :dv], t).astype(out_dtype), state[..., :dk, :dv]
+  o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel, out_dtype=out_dtype)
+  return o[:, :t, :, :dv], state[..., :dk, :dv]
