@@ -22,8 +22,8 @@ One program per (batch·head, chunk); Q, K, V and the gates are read in the toke
 cumulative sums are taken in the program, so nothing heads-first or fp32 is written for the inputs. Portable Pallas
 (refs, static slices, dots, loops) through the Triton lowering on GPU; the tests run it on CPU in interpret mode
 against longctx.ops.channel_decay.chunk. Shapes: C a power of two from 16 to 128, head dims powers of two ≥ 16.
-Launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.37 ms at 4 warps (2.29 at
-2, 1.49 at 8), `gradients` 3.26 ms at 8 (4.71 at 4).
+Launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.23 ms at 4 warps (2.23 at
+2, 1.34 at 8), `gradients` 2.89 ms at 16 (3.08 at 8, 4.52 at 4).
 """
 from __future__ import annotations
 
@@ -46,20 +46,19 @@ def _rows(a):
 
 class _Chunk:
   """The gates of one chunk in sub-chunks of 16 rows: the sums within each sub-chunk L_a (G − r_a, short sums,
-  so differences of them stay exact), G, the reference r_a (G before sub-chunk a), G at the chunk's end and the
-  document masks."""
+  so differences of them stay exact), the reference r_a (G before sub-chunk a), G at the chunk's end and the
+  document masks. G itself is formed where needed, not kept (the program holds these values in registers)."""
 
   def __init__(self, g_ref, count_ref):
     c, dk = g_ref.shape
     self.n = c // SUB
     self.g_ref, self.count_ref = g_ref, count_ref
-    self.G, self.ref, self.L = [], [], []
+    self.ref, self.L = [], []
     r = jnp.zeros((1, dk), jnp.float32)
     for a in range(self.n):
       g = g_ref[_rows(a), :].astype(jnp.float32)
       self.ref.append(r)
       self.L.append(jnp.cumsum(g, axis=0))
-      self.G.append(r + self.L[a])
       r = r + jnp.sum(g, axis=0, keepdims=True)
     self.end_G = r
     self.last = None if count_ref is None else jnp.max(count_ref[...])
@@ -79,11 +78,15 @@ class _Chunk:
 
   def factors(self, a):
     """The q̃ and k̃ factors of sub-chunk a (without the scale): e^{G} and e^{G_C − G}, masked."""
-    gamma, end = jnp.exp(self.G[a]), jnp.exp(self.end_G - self.G[a])
+    gamma, end = jnp.exp(self.ref[a] + self.L[a]), jnp.exp((self.end_G - self.ref[a]) - self.L[a])
     if self.count_ref is not None:
       count = self.count_ref[_rows(a)][:, None]
       gamma, end = jnp.where(count == 0, gamma, 0.0), jnp.where(count == self.last, end, 0.0)
     return gamma, end
+
+  def carried(self, a, b):
+    """e^{r_a − G_b} [16, Dk]: the decay from the rows of an earlier sub-chunk b to the start of sub-chunk a."""
+    return jnp.exp((self.ref[a] - self.ref[b]) - self.L[b])
 
   def rows(self, a, body, init):
     """Runs body(j, L_j [1, Dk], carry) -> carry over the rows j of sub-chunk a, L_j summed along the way."""
@@ -105,7 +108,7 @@ def _kernel(*refs, scale, segments, precision):
     q_hat = qa * jnp.exp(ch.L[a])
     for b in range(ch.n):
       if b < a:
-        k_hat = k_ref[_rows(b), :].astype(f32) * jnp.exp(ch.ref[a] - ch.G[b])
+        k_hat = k_ref[_rows(b), :].astype(f32) * ch.carried(a, b)
         p_ref[_rows(a), _rows(b)] = ch.same(a, b, scale * dot(q_hat, k_hat, precision, trans_y=True)).astype(
             p_ref.dtype)
       elif b > a:
@@ -156,10 +159,10 @@ def _grad_kernel(*refs, scale, segments, precision):
     qa, ka = load(q_ref, a), load(k_ref, a)
     dq_hat = jnp.zeros_like(qa)
     for b in range(a):
-      dq_hat += dot(dA(a, b), load(k_ref, b) * jnp.exp(ch.ref[a] - ch.G[b]), exact)
+      dq_hat += dot(dA(a, b), load(k_ref, b) * ch.carried(a, b), exact)
     dk = jnp.zeros_like(ka)
     for b in range(a + 1, n):
-      dk += dot(dA(b, a), load(q_ref, b) * inner(b), exact, trans_x=True) * jnp.exp(ch.ref[b] - ch.G[a])
+      dk += dot(dA(b, a), load(q_ref, b) * inner(b), exact, trans_x=True) * ch.carried(b, a)
 
     dA_aa = jnp.where(ch.causal, dA(a, a), 0.0)
 
@@ -225,7 +228,7 @@ def prepare(q, k, v, g, count=None, *, chunk: int, scale: float, precision: str 
 
 @functools.partial(jax.jit, static_argnames=('chunk', 'scale', 'precision', 'interpret', 'num_warps'))
 def gradients(q, k, v, g, count, cotangents, *, chunk: int, scale: float, precision: str = 'tf32',
-              interpret: bool = False, num_warps: int = 8):
+              interpret: bool = False, num_warps: int = 16):
   """The vector-Jacobian product of `prepare`: from its inputs and the cotangents of (q̃, k̃, v, P), returns
   (dq, dk, dv in the inputs' layout and dtype, dg in g's layout and dtype)."""
   check_sizes(q, v, chunk)
