@@ -55,20 +55,21 @@ class _Chunk:
     self.g_ref, self.count_ref = g_ref, count_ref
     self.ref, self.L = [], []
     r = jnp.zeros((1, dk), jnp.float32)
+    fall = jnp.float32(0.0)   # the largest fall of a gate within one sub-chunk (−L at its last row), any channel
     for a in range(self.n):
       g = g_ref[_rows(a), :].astype(jnp.float32)
       self.ref.append(r)
       self.L.append(jnp.cumsum(g, axis=0))
-      r = r + jnp.sum(g, axis=0, keepdims=True)
+      total = jnp.sum(g, axis=0, keepdims=True)
+      fall = jnp.maximum(fall, -jnp.min(total))
+      r = r + total
     self.end_G = r
+    self.moderate = fall <= MODERATE
     self.last = None if count_ref is None else jnp.max(count_ref[...])
     self.row = jax.lax.broadcasted_iota(jnp.int32, (SUB, 1), 0)
     self.col = jax.lax.broadcasted_iota(jnp.int32, (1, SUB), 1)
     self.causal = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1) <= jax.lax.broadcasted_iota(
         jnp.int32, (SUB, SUB), 0)
-    # Every sub-chunk's fall (−L at its last row, the largest) within MODERATE, in every channel.
-    fall = [-jnp.min(jnp.sum(g_ref[_rows(a), :].astype(jnp.float32), axis=0)) for a in range(self.n)]
-    self.moderate = functools.reduce(jnp.maximum, fall) <= MODERATE
 
   def same(self, a, b, x):
     """x [16, 16] zeroed where rows of sub-chunk a and columns of sub-chunk b lie in different documents."""
@@ -76,13 +77,15 @@ class _Chunk:
       return x
     return jnp.where(self.count_ref[_rows(a)][:, None] == self.count_ref[_rows(b)][None, :], x, 0.0)
 
-  def factors(self, a):
-    """The q̃ and k̃ factors of sub-chunk a (without the scale): e^{G} and e^{G_C − G}, masked."""
-    gamma, end = jnp.exp(self.ref[a] + self.L[a]), jnp.exp((self.end_G - self.ref[a]) - self.L[a])
-    if self.count_ref is not None:
-      count = self.count_ref[_rows(a)][:, None]
-      gamma, end = jnp.where(count == 0, gamma, 0.0), jnp.where(count == self.last, end, 0.0)
-    return gamma, end
+  def start(self, a):
+    """q̃'s factor for the rows of sub-chunk a (without the scale): e^{G} where the incoming state reaches them."""
+    gamma = jnp.exp(self.ref[a] + self.L[a])
+    return gamma if self.count_ref is None else jnp.where(self.count_ref[_rows(a)][:, None] == 0, gamma, 0.0)
+
+  def end(self, a):
+    """k̃'s factor for the rows of sub-chunk a: e^{G_C − G} where their updates reach the chunk's last state."""
+    end = jnp.exp((self.end_G - self.ref[a]) - self.L[a])
+    return end if self.count_ref is None else jnp.where(self.count_ref[_rows(a)][:, None] == self.last, end, 0.0)
 
   def carried(self, a, b):
     """e^{r_a − G_b} [16, Dk]: the decay from the rows of an earlier sub-chunk b to the start of sub-chunk a."""
@@ -128,9 +131,8 @@ def _kernel(*refs, scale, segments, precision):
 
     block = jax.lax.cond(ch.moderate, as_matmul, by_column)
     p_ref[_rows(a), _rows(a)] = ch.same(a, a, scale * block).astype(p_ref.dtype)
-    gamma, end = ch.factors(a)
-    qt_ref[_rows(a), :] = (scale * gamma * qa).astype(qt_ref.dtype)
-    kt_ref[_rows(a), :] = (end * k_ref[_rows(a), :].astype(f32)).astype(kt_ref.dtype)
+    qt_ref[_rows(a), :] = (scale * ch.start(a) * qa).astype(qt_ref.dtype)
+    kt_ref[_rows(a), :] = (ch.end(a) * k_ref[_rows(a), :].astype(f32)).astype(kt_ref.dtype)
   u_ref[...] = v_ref[...].astype(u_ref.dtype)
 
 
@@ -154,7 +156,7 @@ def _grad_kernel(*refs, scale, segments, precision):
   dA = lambda a, b: ch.same(a, b, scale * dp_ref[_rows(a), _rows(b)].astype(f32))
   later = jnp.zeros_like(ch.end_G)                           # Σ k̃ ⊙ dk̃: G_C sums every gate of the chunk
   for a in range(n):
-    later += jnp.sum(ch.factors(a)[1] * load(dkt_ref, a) * load(k_ref, a), axis=0, keepdims=True)
+    later += jnp.sum(ch.end(a) * load(dkt_ref, a) * load(k_ref, a), axis=0, keepdims=True)
   for a in reversed(range(n)):
     qa, ka = load(q_ref, a), load(k_ref, a)
     dq_hat = jnp.zeros_like(qa)
@@ -187,9 +189,8 @@ def _grad_kernel(*refs, scale, segments, precision):
       return ch.rows(a, by_column, zeros), ch.rows(a, by_row, zeros)
 
     dq_diag, dk_diag = jax.lax.cond(ch.moderate, as_matmul, by_element)
-    gamma, end = ch.factors(a)
-    dq = dq_hat * inner(a) + dq_diag + scale * gamma * load(dqt_ref, a)
-    dk = dk + dk_diag + end * load(dkt_ref, a)
+    dq = dq_hat * inner(a) + dq_diag + scale * ch.start(a) * load(dqt_ref, a)
+    dk = dk + dk_diag + ch.end(a) * load(dkt_ref, a)
     dq_ref[_rows(a), :] = dq.astype(dq_ref.dtype)
     dk_ref[_rows(a), :] = dk.astype(dk_ref.dtype)
     dG = qa * dq - ka * dk

@@ -68,8 +68,13 @@ def prep_inputs(q, k, v, beta, g, segment_ids, c):
   return q, k, v, None if beta is None else heads_first(beta), G, reset_counts(segment_ids, c)
 
 
+def _per_channel(G) -> bool:
+  """Whether `prep_inputs` gave per-channel log-gates [B, T', H, Dk'] (else cumulative gates [B·H, T'])."""
+  return G.ndim == 4
+
+
 def _prepare(q, k, v, beta, G, count, opts, store_inverse):
-  if G.ndim == 4:
+  if _per_channel(G):
     return channel_prep.prepare(q, k, v, G, count, chunk=opts.chunk, scale=opts.scale, precision=opts.precision,
                                  interpret=opts.interpret)
   return prep.prepare(q, k, v, beta, G, count, chunk=opts.chunk, scale=opts.scale, precision=opts.precision,
@@ -92,7 +97,7 @@ def _operands_fwd(q, k, v, beta, G, count, opts):
 
 def _operands_bwd(opts, res, grads):
   *inputs, X = res
-  if inputs[4].ndim == 4:
+  if _per_channel(inputs[4]):
     q, k, v, _, g, count = inputs
     dq, dk, dv, dg = channel_prep.gradients(q, k, v, g, count, grads, chunk=opts.chunk, scale=opts.scale,
                                             precision=opts.precision, interpret=opts.interpret)
@@ -120,7 +125,7 @@ def from_prep_kernel(family: str, q, k, v, beta, g, segment_ids, *, chunk: int, 
   opts = _options(chunk, scale, q.dtype, path)
   out = tuple(x.reshape(b, h, -1, chunk, x.shape[-1]) for x in operands(q, k, v, beta, G, count, opts))
   reaches_end = chunk_masks(count, chunk)[1][..., -1]          # the incoming state reaches the chunk's end
-  if G.ndim == 4:   # per channel: e^{G_C}, the chunk's gates summed
+  if _per_channel(G):   # e^{G_C}, the chunk's gates summed
     G_end = jnp.moveaxis(G.reshape(b, -1, chunk, h, G.shape[-1]).sum(axis=2), 2, 1)
     return out, jnp.where(reaches_end[..., None], jnp.exp(G_end), 0.0)
   return out, jnp.where(reaches_end, jnp.exp(layout(G, h, chunk)[..., -1]), 0.0)
