@@ -1,12 +1,12 @@
 """A Pallas kernel for (I + A)⁻¹ of strictly lower-triangular chunk matrices A [M, C, C] (the delta rule's UT
 transform; `longctx.ops.triangular` is its reference and its fallback).
 
-One program per matrix holds it on chip: forward substitution by rows inside each 16×16 diagonal block, then the
-blocks below the diagonal by block forward substitution with matmuls, X_ij = −X_ii Σ_{j≤k<i} A_ik X_kj, written
-once. The jax form runs the row loop as 15 steps over the whole [M, C/16, 16, 16] tensor in device memory, each a
-kernel launch; on the H100 that loop was the largest single kernel of a Gated DeltaNet hybrid's training step.
+One program per matrix holds it on chip: the 16×16 diagonal blocks by doubling (products of 16×16 blocks at the
+kernel's fp32 precision, no serial row loop), then the blocks below the diagonal by block forward substitution
+with matmuls, X_ij = −X_ii Σ_{j≤k<i} A_ik X_kj, written once. The jax form does the same with batched matmuls
+through device memory.
 
-Portable Pallas (refs, static slices, dots, a loop), lowered through the Triton lowering; the tests run it on CPU in
+Portable Pallas (refs, static slices, dots), lowered through the Triton lowering; the tests run it on CPU in
 interpret mode. C must be a multiple of 16 (at most 128: the program keeps C²/16 blocks in registers).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.linear.steps import dot
+from longctx.ops.triangular import doubling_inverse
 
 BLOCK = 16
 MAX_CHUNK = 128
@@ -31,32 +32,20 @@ def supported(c: int) -> tuple[bool, str]:
   return True, ''
 
 
-def _diagonal_inverse(a):
-  """(I + a)⁻¹ of one [16, 16] block by rows: row i of X = (I + a)⁻¹ − I is −a_i − a_i X, and a_i only reaches
-  rows above i, which are final."""
-  row = jax.lax.broadcasted_iota(jnp.int32, a.shape, 0)
-  col = jax.lax.broadcasted_iota(jnp.int32, a.shape, 1)
-  x = jnp.where(col < row, -a, 0.0)
-
-  def step(i, x):
-    r = jnp.sum(jnp.where(row == i, x, 0.0), axis=0)                 # row i, still −a_i
-    r = r + jnp.sum(r[:, None] * x, axis=0)                          # −a_i − a_i X (exact fp32)
-    return jnp.where(row == i, r[None, :], x)
-
-  x = jax.lax.fori_loop(1, a.shape[0], step, x)
-  return x + jnp.where(row == col, 1.0, 0.0)
-
-
 def block_inverse(a_block, nb: int, precision: str):
   """X = (I + A)⁻¹ of a strictly lower-triangular [nb·16, nb·16] matrix given by its blocks (`a_block(i, k)`: the
   [16, 16] block A_ik, k ≤ i, in fp32; the diagonal blocks' upper triangles are ignored), as a dict of the nonzero
-  blocks X_ij, j ≤ i: the diagonal blocks by rows, the rest by block forward substitution."""
+  blocks X_ij, j ≤ i: the diagonal blocks by doubling (`triangular.doubling_inverse`), the rest by block forward
+  substitution. Each block of A is formed once."""
+  a = {}
+  block = lambda i, k: a[i, k] if (i, k) in a else a.setdefault((i, k), a_block(i, k))
+  mm = lambda x, y: dot(x, y, precision)
   x = {}
   for i in range(nb):
-    x[i, i] = _diagonal_inverse(a_block(i, i))
+    x[i, i] = doubling_inverse(block(i, i), mm)
     for j in range(i):
-      acc = sum(dot(a_block(i, k), x[k, j], precision) for k in range(j, i))
-      x[i, j] = -dot(x[i, i], acc, precision)
+      acc = sum(mm(block(i, k), x[k, j]) for k in range(j, i))
+      x[i, j] = -mm(x[i, i], acc)
   return x
 
 

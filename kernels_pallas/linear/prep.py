@@ -13,19 +13,21 @@ and for the delta rule, with β,
 kernels must equal).
 
 One program per (batch·head, chunk). It reads Q, K and V in their [B, T, H, D] layout, so no heads-first fp32 copy
-of the inputs is made; builds the delta rule's A and X in 16×16 blocks (`inverse.block_inverse`: rows inside the
+of the inputs is made; builds the delta rule's A and X in 16×16 blocks (`inverse.block_inverse`: doubling inside the
 diagonal blocks, block forward substitution below them) without leaving the chip; and writes the operands
 heads-first [B·H, T, ·] in the input dtype, which the state pass reads directly. bf16 inputs multiply in bf16 with
-fp32 accumulation (`steps.dot` precision bf16) except inside the inverse, which stays in fp32.
+fp32 accumulation (`steps.dot` precision bf16) except inside the inverse, which stays in fp32 (TF32 products on
+the GPU, full fp32 under precision ieee).
 
-Portable Pallas (refs, static slices, dots, a loop), lowered through the Triton lowering on GPU; the tests run it on
-CPU in interpret mode. `gradients` is the vector-Jacobian product, one program per chunk as well, for the delta rule
-from X stored by the forward pass (`store_inverse`), so the backward pass neither inverts again nor goes through the
-jax form. Delta-rule launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 1.09 ms
-at 2 warps (1.30 at 4, 1.95 at 8); `gradients` 2.43 ms at 4 + 8 warps (2.62 at 8 + 8, 2.86 at 4 + 4, 3.85 at
-4 + 16, 14.9 at 2 + 8; 3.02 as one kernel at 8 warps): together its two kernels hold more [C, C] and [C, D] fp32
-values than one program's registers, and fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims
-powers of two ≥ 16 (callers pad), T a multiple of C. Scalar decay, same shape: `prepare` 0.54 ms at 4 warps (0.65 at
+Portable Pallas (refs, static slices, dots), lowered through the Triton lowering on GPU; the tests run it on CPU in
+interpret mode. `gradients` is the vector-Jacobian product, one program per chunk as well, for the delta rule from X
+stored by the forward pass (`store_inverse`), so the backward pass neither inverts again nor goes through the jax
+form. Delta-rule launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64, 2026-11-24): `prepare` 0.94 ms at
+4 warps (1.04 at 2, 1.51 at 8; with a row loop for the diagonal inverses it was 1.09 at 2, 1.30 at 4);
+`gradients` 2.43 ms at 4 + 8 warps (2.62 at 8 + 8, 2.86 at 4 + 4, 3.85 at 4 + 16, 14.9 at 2 + 8; 3.02 as one kernel
+at 8 warps): together its two kernels hold more [C, C] and [C, D] fp32 values than one program's registers, and
+fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims powers of two ≥ 16 (callers pad), T a
+multiple of C. Scalar decay, same shape: `prepare` 0.54 ms at 4 warps (0.65 at
 2, 0.57 at 8), `gradients` 1.19 ms at 8 (1.49 at 4, 3.20 at 2); `scripts/bench.py --suite prep` measures both.
 """
 from __future__ import annotations
@@ -263,7 +265,7 @@ def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision
   (documents started since the chunk's first position; None: one document). Returns the operands in the order
   `reference.state_pass` takes them, heads-first [B·H, T, ·] in the input dtype: (q̃, k̃, ũ, p, w) for the delta rule,
   (q̃, k̃, v, p) for scalar decay; with `store_inverse` (delta rule) also X [B·H, T, C] fp32 (each chunk's
-  (I + A)⁻¹, for `gradients`). `num_warps` None: 2 for the delta rule, 4 for scalar decay (the H100's best)."""
+  (I + A)⁻¹, for `gradients`). `num_warps` None: 4 (the H100's best for both)."""
   check_sizes(q, v, chunk)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
@@ -276,7 +278,7 @@ def prepare(q, k, v, beta, G, count=None, *, chunk: int, scale: float, precision
     out_shape.append(jax.ShapeDtypeStruct((b * h, t, chunk), jnp.float32))
   kernel = functools.partial(_kernel, scale=scale, segments=count is not None, delta=delta, precision=precision,
                              store_inverse=store_inverse and delta)
-  num_warps = num_warps or (2 if delta else 4)
+  num_warps = num_warps or 4
   return launch(kernel, (b * h, t // chunk), in_specs, [heads_first(d) for d in dims], out_shape, interpret,
                num_warps, 'delta_rule_prep' if delta else 'decay_prep')(*_inputs(q, k, v, beta, G, count))
 
