@@ -105,13 +105,25 @@ def linear_results():
   return script_json(['tests/helpers/sharded_step.py', 'linear'], timeout=600)
 
 
+@pytest.fixture(scope='module')
+def titans_results():
+  return script_json(['tests/helpers/sharded_step.py', 'titans'], timeout=600)
+
+
+# Each stack: two steps, with a document starting inside a shard and one starting exactly at a shard boundary;
+# sharded at once over the sequence, fsdp (parameters and batch) and tensor (heads of every mixer split over the
+# tensor axis), against one device. Attention (with persistent tokens and a short convolution) joins both.
 @pytest.mark.xdist_group('context_linear')
 def test_every_linear_mixer_sharded_trains_as_on_one_device(linear_results):
-  # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2, titans, titans_mag and attention (with
-  # persistent tokens and a short convolution) in one stack, two steps, with a document starting inside a shard and
-  # one starting exactly at a shard boundary; sharded at once over the sequence, fsdp (parameters and batch) and
-  # tensor (heads of every mixer split over the tensor axis).
+  # hgrn, retnet, gla, hgrn2, deltanet, gated_deltanet, lightning, mamba2 and attention in one stack.
   r = linear_results['fsdp2_tensor2_sequence2']
+  assert r['loss_diff'] < 1e-5 and r['param_rel'] < 1e-5, r
+
+
+@pytest.mark.xdist_group('context_titans')
+def test_every_titans_wiring_sharded_trains_as_on_one_device(titans_results):
+  # titans (LMM), titans_mag, titans_mac and attention in one stack.
+  r = titans_results['fsdp2_tensor2_sequence2']
   assert r['loss_diff'] < 1e-5 and r['param_rel'] < 1e-5, r
 
 

@@ -1,7 +1,7 @@
 """Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
 
-With the argument `linear`: a stack of every linear mixer, Titans (LMM, MAG, MAC) and attention with persistent
-tokens and a short convolution, on one fsdp × tensor × sequence mesh against one device. With the argument
+With the argument `linear` (or `titans`): a stack of every linear mixer (or of Titans' LMM, MAG and MAC) and
+attention with persistent tokens and a short convolution, on one fsdp × tensor × sequence mesh against one device. With the argument
 `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by the EMA, on a
 data × tensor × sequence mesh against one device with the whole batch, with balanced and with prefix-only
 membership."""
@@ -27,11 +27,11 @@ ROUTING = {'model.pattern': 'local,routing', 'model.routing.num_clusters': 4, 'm
            'model.routing.ema_decay': 0.9, 'model.routing.commitment': 0.1}
 
 
-LINEAR = {'model.pattern': ('hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,titans,titans_mag,'
-                           'titans_mac,attention'),
-          'model.num_layers': 12, 'model.linear.chunk_size': 8, 'model.titans.chunk_size': 4,
-          'model.titans.segment_size': 8, 'model.attention.persistent_tokens': 4, 'model.attention.swa_window': 24,
-          'model.attention.conv_size': 3}
+MIXERS = {'model.linear.chunk_size': 8, 'model.titans.chunk_size': 4, 'model.titans.segment_size': 8,
+          'model.attention.persistent_tokens': 4, 'model.attention.swa_window': 24, 'model.attention.conv_size': 3}
+# Two stacks, each compiled on its own (two subprocesses that can run side by side).
+STACKS = {'linear': 'hgrn,retnet,gla,hgrn2,deltanet,gated_deltanet,lightning,mamba2,attention',
+          'titans': 'titans,titans_mag,titans_mac,attention'}
 
 
 def run(parallel, devices, overrides=None):
@@ -118,9 +118,10 @@ def main():
   if mode == 'routing':
     cases = {'data2_tensor2_sequence2_balanced': (cp, devices, ROUTING),
              'data2_tensor2_sequence2_causal': (cp, devices, {**ROUTING, 'model.routing.causal': True})}
-  elif mode == 'linear':
+  elif mode in STACKS:
+    stack = {**MIXERS, 'model.pattern': STACKS[mode], 'model.num_layers': len(STACKS[mode].split(','))}
     cases = {'fsdp2_tensor2_sequence2': ({'fsdp': 2, 'tensor': 2, 'sequence': 2, 'load_balance': 'none'}, devices,
-                                         LINEAR)}
+                                         stack)}
   else:
     cases = {'data2_fsdp4': ({'data': 2, 'fsdp': 4}, devices, None),
              'data2_fsdp2_tensor2': ({'data': 2, 'fsdp': 2, 'tensor': 2}, devices, None),
