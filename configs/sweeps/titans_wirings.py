@@ -8,27 +8,31 @@ training length and beyond it.
 Variants: size (configs/titans.py's sizes), steps, batch (0: the size's), niah (data.niah_fraction: that share of
 the training rows carry a needle and its question, so that a small model learns the retrieval format it is then
 scored on at the training length, 2× and 4×; 0 scores it zero-shot). Each run is configs/titans.py at that size with
-the layer pattern and persistent tokens of one wiring (`model.pattern + model.attention.persistent_tokens` vary
-together); MAL alternates memory and sliding-window layers.
+what distinguishes one wiring there — its layer pattern, persistent tokens and inner learning-rate bound, taken from
+that file's variant (`model.pattern + model.attention.persistent_tokens + model.titans.max_lr` vary together) — and
+the dense baseline is the same stack with attention layers; MAL alternates memory and sliding-window layers.
 """
+import os
+
 import ml_collections
 
-from longctx.config import parse_variant
+from longctx.config import load_file, parse_variant
 
-PERSISTENT = {'tiny': 4}
+TITANS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'titans.py')
+WIRINGS = ('lmm', 'mac', 'mag', 'mal')
 
 
 def get_config(arg=None):
   variant = parse_variant(arg, size='tiny', steps=300, batch=0, niah=0.0)
-  layers = {'tiny': 4, '170m': 12}.get(variant.size, 24)
-  persistent = PERSISTENT.get(variant.size, 128)
-  seq_len = 256 if variant.size == 'tiny' else 4096
+  configs = {w: load_file(f'{TITANS}:variant={w},size={variant.size}') for w in WIRINGS}
+  seq_len = configs['lmm'].data.seq_len
+  wiring = lambda m: (m.pattern, m.attention.persistent_tokens, m.titans.max_lr)
+  dense = ('attention', 0, configs['lmm'].model.titans.max_lr)
   c = ml_collections.ConfigDict()
   c.base = f'configs/titans.py:size={variant.size}'
   c.grid = ml_collections.ConfigDict({
-      'model.pattern+model.attention.persistent_tokens': [
-          ('attention', 0), ('titans', 0), ('titans_mac', persistent), ('titans_mag', persistent),
-          (','.join(['titans', 'swa'] * (layers // 2)), persistent)],
+      'model.pattern+model.attention.persistent_tokens+model.titans.max_lr': [
+          dense] + [wiring(configs[w].model) for w in WIRINGS],
   }, allow_dotted_keys=True)
   c.fixed = ml_collections.ConfigDict({
       'data.source': 'stdlib', 'train.num_steps': variant.steps, 'train.eval_every': 0,
