@@ -228,9 +228,10 @@ def linear_markdown(env: dict, results: list[dict]) -> str:
           '(device time with launch gaps, as triton.testing.do_bench times fla).\n' + profile_tables(results))
 
 
-def bench_state_pass(steps: int) -> list[dict]:
+def bench_state_pass(steps: int, cases=()) -> list[dict]:
   """The chunk state pass alone (kernels_pallas.linear) over its GPU launch options, next to the jax scan: delta
-  rule operands, B·H 64, T 8192, chunk 64, D 128, fp32; forward and forward+backward, error against the scan."""
+  rule operands, B·H 64, T 8192, chunk 64, D 128, fp32; forward and forward+backward, error against the scan.
+  `cases`: the precisions to run (tf32, bf16; all if empty)."""
   import itertools
 
   from kernels_pallas.linear import kernel, reference
@@ -258,8 +259,11 @@ def bench_state_pass(steps: int) -> list[dict]:
   gpu = jax.default_backend() == 'gpu'
   # fp32 operands (TF32 products), then bf16 operands and products as the delta rule's prep kernel feeds them.
   options = [(o, 'tf32') for o in itertools.product((32, 64), (4, 8), (1, 2))] if gpu else []
-  options += [(o, p) for p in ('bf16',) for o in ((32, 4, 1), (64, 4, 1), (64, 8, 1))] if gpu else []
+  options += [(o, 'bf16') for o in ((16, 2, 1), (16, 4, 1), (32, 2, 1), (32, 4, 1), (32, 4, 2), (64, 4, 1),
+                                     (64, 8, 1))] if gpu else []
   for (block_v, warps, stages), precision in options:
+    if cases and precision not in cases:
+      continue
     fwd, both = timed(functools.partial(kernel.state_pass, chunk=c, block_v=block_v, num_warps=warps,
                                         num_stages=stages, precision=precision))
     args = [a.astype(jnp.bfloat16) if precision != 'tf32' and i in (0, 1, 2, 3, 6) else a for i, a in enumerate(x)]
@@ -587,7 +591,7 @@ def context_markdown(env: dict, results: list[dict]) -> str:
 SUITES = {
     'attention': (lambda steps, profile, out, cases: bench_attention(steps), attention_markdown),
     'linear': (bench_linear, linear_markdown),
-    'state_pass': (lambda steps, profile, out, cases: bench_state_pass(steps), state_pass_markdown),
+    'state_pass': (lambda steps, profile, out, cases: bench_state_pass(steps, cases), state_pass_markdown),
     'prep': (lambda steps, profile, out, cases: bench_prep(steps, cases), prep_markdown),
     'titans': (bench_titans, titans_markdown),
     'routing': (lambda steps, profile, out, cases: bench_routing(steps, cases), routing_markdown),
