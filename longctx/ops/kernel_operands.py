@@ -129,3 +129,16 @@ def from_prep_kernel(family: str, q, k, v, beta, g, segment_ids, *, chunk: int, 
     G_end = jnp.moveaxis(G.reshape(b, -1, chunk, h, G.shape[-1]).sum(axis=2), 2, 1)
     return out, jnp.where(reaches_end[..., None], jnp.exp(G_end), 0.0)
   return out, jnp.where(reaches_end, jnp.exp(layout(G, h, chunk)[..., -1]), 0.0)
+
+
+def chunked_form(family: str, q, k, v, beta, g, segment_ids, initial_state, *, chunk: int, scale: float, kernel: str,
+                 jax_operands):
+  """One family's chunked form from its operands to its output: the operands from the prep kernel where it applies
+  (`from_prep_kernel`), else `jax_operands()` -> (operands, state decay) in the same layout; then the state pass.
+  Returns (o [B, T, H, Dv] in v's dtype, final state [B, H, Dk, Dv] fp32)."""
+  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+  operands, state_decay = (from_prep_kernel(family, q, k, v, beta, g, segment_ids, chunk=chunk, scale=scale,
+                                            kernel=kernel) or jax_operands())
+  o, state = state_pass_paths.state_pass(*operands[:4], state_decay, initial_state, *operands[4:],
+                                         kernel_name=kernel, out_dtype=v.dtype)
+  return o[:, :t, :, :dv], state[..., :dk, :dv]

@@ -27,7 +27,6 @@ import numpy as np
 from kernels_pallas.linear import channel_prep
 from longctx.ops import kernel_operands
 from longctx.ops.chunking import chunk_masks, chunked_inputs, resets
-from longctx.ops.state_pass import state_pass
 
 
 def _masked_exp(mask, exponent):
@@ -79,23 +78,19 @@ def _jax_operands(q, k, v, beta, g, count, opts):
 
 def channel_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64, sub_chunk=16,
                   kernel='auto'):
-  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
-  scale = dk ** -0.5 if scale is None else scale
-  c = min(chunk_size, t)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  c = min(chunk_size, q.shape[1])
   sub = min(sub_chunk, c)
   c = -(-c // sub) * sub
-  out_dtype = v.dtype
-  prepared = kernel_operands.from_prep_kernel('channel-decay', q, k, v, None, g, segment_ids, chunk=c, scale=scale,
-                                              kernel=kernel)
-  if prepared:
-    operands, state_decay = prepared
-  else:
-    (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
-    G = jnp.cumsum(g, axis=-2)                                            # [B, H, N, C, Dk]
-    operands = _operands(q, k, v, G, (same, from_start, to_end), scale, sub)
-    state_decay = jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
-  o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel, out_dtype=out_dtype)
-  return o[:, :t, :, :dv], state[..., :dk, :dv]
+
+  def jax_operands():
+    (qc, kc, vc, gc), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
+    G = jnp.cumsum(gc, axis=-2)                                                       # [B, H, N, C, Dk]
+    operands = _operands(qc, kc, vc, G, (same, from_start, to_end), scale, sub)
+    return operands, jnp.where(from_start[..., -1, None], jnp.exp(G[..., -1, :]), 0.0)   # [B, H, N, Dk]
+
+  return kernel_operands.chunked_form('channel-decay', q, k, v, None, g, segment_ids, initial_state, chunk=c,
+                                      scale=scale, kernel=kernel, jax_operands=jax_operands)
 
 
 def vector_decay(x, g, *, initial_state=None, segment_ids=None):

@@ -22,7 +22,6 @@ from longctx.ops import kernel_operands
 from longctx.ops import triangular
 from longctx.ops.chunking import chunk_masks, chunked_inputs
 from longctx.ops.kernel_operands import layout
-from longctx.ops.state_pass import state_pass
 
 
 def _operands(q, k, v, beta, G, masks, scale, inverse):
@@ -55,22 +54,16 @@ def _jax_operands(q, k, v, beta, G, count, opts):
 
 def delta_rule(q, k, v, beta, g=None, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
                kernel='auto'):
-  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
-  scale = dk ** -0.5 if scale is None else scale
-  c = min(chunk_size, t)
-  out_dtype = v.dtype
-  prepared = kernel_operands.from_prep_kernel('delta-rule', q, k, v, beta, g, segment_ids, chunk=c, scale=scale,
-                                              kernel=kernel)
-  if prepared:
-    operands, state_decay = prepared
-  else:
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  c = min(chunk_size, q.shape[1])
+
+  def jax_operands():
     chunked, (same, from_start, to_end) = chunked_inputs((q, k, v, beta) + (() if g is None else (g,)),
                                                          segment_ids, c)
-    q, k, v, beta = chunked[:4]
-    G = jnp.zeros_like(beta) if g is None else jnp.cumsum(chunked[4], axis=-1)   # no gate: no sum of zeros to fold
+    G = jnp.zeros_like(chunked[3]) if g is None else jnp.cumsum(chunked[4], axis=-1)   # no gate: no sum to fold
     inverse = triangular.choose(kernel, c, jax.default_backend())
-    operands = _operands(q, k, v, beta, G, (same, from_start, to_end), scale, inverse)
-    state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-  o, state = state_pass(*operands[:4], state_decay, initial_state, operands[4], kernel_name=kernel,
-                        out_dtype=out_dtype)
-  return o[:, :t, :, :dv], state[..., :dk, :dv]
+    operands = _operands(*chunked[:4], G, (same, from_start, to_end), scale, inverse)
+    return operands, jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)         # state decay [B, H, N]
+
+  return kernel_operands.chunked_form('delta-rule', q, k, v, beta, g, segment_ids, initial_state, chunk=c,
+                                      scale=scale, kernel=kernel, jax_operands=jax_operands)

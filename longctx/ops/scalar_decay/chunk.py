@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from longctx.ops import kernel_operands
 from longctx.ops.chunking import chunk_masks, chunked_inputs
 from longctx.ops.kernel_operands import layout
-from longctx.ops.state_pass import state_pass
 
 
 def _operands(q, k, v, G, masks, scale):
@@ -43,18 +42,14 @@ def _jax_operands(q, k, v, beta, G, count, opts):
 
 def scalar_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=None, chunk_size=64,
                  kernel='auto'):
-  t, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
-  scale = dk ** -0.5 if scale is None else scale
-  c = min(chunk_size, t)
-  out_dtype = v.dtype
-  prepared = kernel_operands.from_prep_kernel('scalar-decay', q, k, v, None, g, segment_ids, chunk=c, scale=scale,
-                                              kernel=kernel)
-  if prepared:
-    operands, state_decay = prepared
-  else:
-    (q, k, v, g), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
-    G = jnp.cumsum(g, axis=-1)
-    operands = _operands(q, k, v, G, (same, from_start, to_end), scale)
-    state_decay = jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)   # [B, H, N]
-  o, state = state_pass(*operands, state_decay, initial_state, kernel_name=kernel, out_dtype=out_dtype)
-  return o[:, :t, :, :dv], state[..., :dk, :dv]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  c = min(chunk_size, q.shape[1])
+
+  def jax_operands():
+    (qc, kc, vc, gc), (same, from_start, to_end) = chunked_inputs((q, k, v, g), segment_ids, c)
+    G = jnp.cumsum(gc, axis=-1)
+    operands = _operands(qc, kc, vc, G, (same, from_start, to_end), scale)
+    return operands, jnp.where(from_start[..., -1], jnp.exp(G[..., -1]), 0.0)          # state decay [B, H, N]
+
+  return kernel_operands.chunked_form('scalar-decay', q, k, v, None, g, segment_ids, initial_state, chunk=c,
+                                      scale=scale, kernel=kernel, jax_operands=jax_operands)
