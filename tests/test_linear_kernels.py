@@ -164,8 +164,8 @@ def test_prep_kernels_equal_the_jax_operands_forward_and_backward(family, segmen
   (got, dgot), (want, dwant) = run(kernel_operands.operands), run(reference)
   assert len(got) == len(operand_names)
   # Per-channel decay: strength 1 keeps every sub-chunk's gate fall under channel_prep.MODERATE (diagonal blocks as
-  # matmuls), strength 10 does not (element by element). The kernel forms the gates' gradient as Q ⊙ dQ − K ⊙ dK, a difference of larger terms: fp32
-  # rounding there reaches ~1e-5.
+  # matmuls), strength 10 does not (element by element). The kernel forms the gates' gradient as Q ⊙ dQ − K ⊙ dK,
+  # a difference of larger terms: fp32 rounding there reaches ~1e-5.
   tol = lambda name: 5e-5 if family == 'channel_decay' and name == 'dg' else 1e-5
   for name, a, b in zip(operand_names + tuple('d' + n for n in names), got + dgot, want + dwant):
     assert np.isfinite(np.asarray(a)).all(), name

@@ -138,7 +138,8 @@ def _kernel(*refs, scale, segments, precision):
 
 def _grad_kernel(*refs, scale, segments, precision):
   """dQ, dK, dV and the gates' gradient of one chunk from the cotangents of (q̃, k̃, v, P):
-      dQ_i = s Σ_j dP_ij K_j ⊙ e^{G_i − G_j} + s e^{G_i} ⊙ dq̃_i,   dK_j = s Σ_i dP_ij Q_i ⊙ e^{G_i − G_j} + e^{G_C − G_j} ⊙ dk̃_j
+      dQ_i = s Σ_j dP_ij K_j ⊙ e^{G_i − G_j} + s e^{G_i} ⊙ dq̃_i,
+      dK_j = s Σ_i dP_ij Q_i ⊙ e^{G_i − G_j} + e^{G_C − G_j} ⊙ dk̃_j
       dG = Q ⊙ dQ − K ⊙ dK (+ Σ k̃ ⊙ dk̃ at the last row),   dg_j = Σ_{i ≥ j} dG_i,
   the sums over j ≤ i in one document. Sub-chunks from the last: each one's dQ and dK are complete when it is
   reached (a block between two sub-chunks is formed once for each side), so only the running sum of dG is

@@ -37,8 +37,7 @@ def block_inverse(a_block, nb: int, precision: str):
   [16, 16] block A_ik, k ≤ i, in fp32; the diagonal blocks' upper triangles are ignored), as a dict of the nonzero
   blocks X_ij, j ≤ i: the diagonal blocks by doubling (`triangular.doubling_inverse`), the rest by block forward
   substitution. Each block of A is formed once."""
-  a = {}
-  block = lambda i, k: a[i, k] if (i, k) in a else a.setdefault((i, k), a_block(i, k))
+  block = functools.cache(a_block)
   mm = lambda x, y: dot(x, y, precision)
   x = {}
   for i in range(nb):

@@ -27,8 +27,8 @@ form. Delta-rule launch defaults from the H100 (B4 T8192 H16 D128 bf16, chunk 64
 `gradients` 2.43 ms at 4 + 8 warps (2.62 at 8 + 8, 2.86 at 4 + 4, 3.85 at 4 + 16, 14.9 at 2 + 8; 3.02 as one kernel
 at 8 warps): together its two kernels hold more [C, C] and [C, D] fp32 values than one program's registers, and
 fewer warps spill them. Shapes: C a power of two from 16 to 128, head dims powers of two ≥ 16 (callers pad), T a
-multiple of C. Scalar decay, same shape: `prepare` 0.54 ms at 4 warps (0.65 at
-2, 0.57 at 8), `gradients` 1.19 ms at 8 (1.49 at 4, 3.20 at 2); `scripts/bench.py --suite prep` measures both.
+multiple of C. Scalar decay, same shape: `prepare` 0.54 ms at 4 warps (0.65 at 2, 0.57 at 8), `gradients` 1.19 ms
+at 8 (1.49 at 4, 3.20 at 2); `scripts/bench.py --suite prep` measures both.
 """
 from __future__ import annotations
 

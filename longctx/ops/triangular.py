@@ -1,13 +1,13 @@
 """(I + A)⁻¹ for strictly lower-triangular A [..., C, C] from matmuls, with a closed-form backward pass. Used by
 the chunked delta rule for its UT transform.
 
-Built from matmuls rather than a triangular-solve call: XLA's CPU runtime can stall on batched
-LAPACK triangular solves under differentiation, and on accelerators the explicit inverse is the form the fast
-kernels use (the inverse is then applied with matmuls). On GPU the forward pass is a Pallas kernel
-(kernels_pallas.linear.inverse: the same arithmetic, one program per matrix, no loop through device memory).
+Built from matmuls rather than a triangular-solve call: XLA's CPU runtime can stall on batched LAPACK triangular
+solves under differentiation, and on accelerators the explicit inverse is the form the fast kernels use (the inverse
+is then applied with matmuls). On GPU the forward pass is a Pallas kernel (kernels_pallas.linear.inverse: the same
+arithmetic, one program per matrix, no loop through device memory).
 
-The 16×16 diagonal blocks are inverted by doubling (`doubling_inverse`: log₂ 16 = 4 levels of products instead
-of a 15-step row loop), then joined by block forward substitution. Backward: dX = −X̃ dA X̃ with X̃ = (I + A)⁻¹,
+The 16×16 diagonal blocks are inverted by doubling (`doubling_inverse`: three levels of two products instead of a
+15-step row loop), then joined by block forward substitution. Backward: dX = −X̃ dA X̃ with X̃ = (I + A)⁻¹,
 so Ā = strictLower(−X̃ᵀ X̄ X̃ᵀ).
 """
 from __future__ import annotations
@@ -22,9 +22,10 @@ from absl import logging
 def doubling_inverse(a, matmul):
   """(I + A)⁻¹ of strictly lower-triangular A [..., C, C] (entries on and above the diagonal ignored) by doubling:
   with D the inverses of the diagonal blocks of size s (the index's low bits), the inverse for blocks of size 2s is
-  D − D A' D, A' the lower-left s-blocks of A inside each 2s-block (A' D A' vanishes). ⌈log₂ C⌉ levels of two
-  products each (`matmul`, batched over the leading axes) and no serial loop; every intermediate is a true
-  sub-inverse, so nothing grows beyond the inverse itself (powers of A, which a Neumann product would form, do)."""
+  D − D A' D, A' the lower-left s-blocks of A inside each 2s-block (A' D A' vanishes). The first level (s = 1) is
+  I − A' itself, then ⌈log₂ C⌉ − 1 levels of two products each (`matmul`, batched over the leading axes), no serial
+  loop; every intermediate is a true sub-inverse, so nothing grows beyond the inverse itself (powers of A, which a
+  Neumann product would form, do)."""
   c = a.shape[-1]
   row = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
   col = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)

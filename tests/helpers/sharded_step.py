@@ -1,10 +1,10 @@
 """Runs two train steps on several meshes of 8 fake CPU devices and prints their distance to the 1-device run.
 
 With the argument `linear` (or `titans`): a stack of every linear mixer (or of Titans' LMM, MAG and MAC) and
-attention with persistent tokens and a short convolution, on one fsdp × tensor × sequence mesh against one device. With the argument
-`routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by the EMA, on a
-data × tensor × sequence mesh against one device with the whole batch, with balanced and with prefix-only
-membership."""
+attention with persistent tokens and a short convolution, on one fsdp × tensor × sequence mesh against one device.
+With the argument `routing`: a stack with a routing layer, its centroids seeded from the first batch and moved by
+the EMA, on a data × tensor × sequence mesh against one device with the whole batch, with balanced and with
+prefix-only membership."""
 import json
 import os
 import sys
