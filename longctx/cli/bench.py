@@ -240,7 +240,10 @@ def main(argv):
   env = environment()
   if _SUITE.value in bench_layers.SUITES:
     suite, table = bench_layers.SUITES[_SUITE.value]
-    results = suite(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
+    try:
+      results = suite(_STEPS.value, _PROFILE.value, _OUT.value, _CASES.value)
+    except config_lib.ConfigError as e:
+      config_lib.exit_with(e)
     write(env, _SUITE.value, results, table(env, results))
     return
   if _SUITE.value:

@@ -236,6 +236,9 @@ def bench_state_pass(steps: int, cases=()) -> list[dict]:
 
   from kernels_pallas.linear import kernel, reference
 
+  unknown = sorted(set(cases) - {'tf32', 'bf16'})
+  if unknown:
+    raise config_lib.ConfigError('--cases', ','.join(unknown), 'the state_pass suite takes precisions: tf32, bf16')
   bh, t, c, d = 64, 8192, 64, 128
   n = t // c
   ks = jax.random.split(jax.random.PRNGKey(0), 8)
