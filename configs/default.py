@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.model.dtype = 'float32' if variant.size == 'tiny' else 'bfloat16'   # compute dtype
   c.model.param_dtype = 'float32'     # parameters and optimizer state
   c.model.remat = 'none'              # none | full | dots_saveable | offload_dots (saved matmuls in host memory)
+  c.model.scan_layers = False         # repeated groups of layers as one lax.scan: compile time flat in depth
   c.model.loss_chunks = 1             # >1: the loss in this many strided groups of tokens, never all logits at once
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.impl = 'auto'     # auto | cudnn | xla | chunked | naive

@@ -32,8 +32,8 @@ PARALLEL_AXES = ('data', 'fsdp', 'tensor', 'sequence')
 # Fields that define the network and its input; a resume that changes one of them is refused. The exceptions
 # change how the same function is computed, not which function.
 ARCHITECTURE_FIELDS = ('model', 'data.seq_len', 'data.source')
-COMPUTE_FIELDS = ('model.remat', 'model.dtype', 'model.attention.impl', 'model.attention.chunk_size',
-                  'model.attention.max_segments', 'model.linear.kernel', 'model.titans.kernel')
+COMPUTE_FIELDS = ('model.remat', 'model.scan_layers', 'model.dtype', 'model.attention.impl',
+                  'model.attention.chunk_size', 'model.attention.max_segments', 'model.linear.kernel', 'model.titans.kernel')
 
 
 class ConfigError(ValueError):
@@ -196,6 +196,8 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
   _choice(cfg, 'model.dtype', DTYPES)
   _choice(cfg, 'model.param_dtype', DTYPES)
   _choice(cfg, 'model.remat', REMAT_POLICIES)
+  if not isinstance(m.get('scan_layers', False), bool):
+    raise ConfigError('model.scan_layers', m.scan_layers, 'true or false')
   _choice(cfg, 'model.attention.impl', ATTENTION_IMPLS)
   _choice(cfg, 'model.linear.kernel', LINEAR_KERNELS)
   _choice(cfg, 'model.titans.kernel', TITANS_KERNELS)

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from longctx import config as config_lib
-from longctx.models import pattern
+from longctx.layers.routing import RoutingStats
+from longctx.models import pattern, scan
 from longctx.models.transformer import LanguageModel
 from longctx.parallel.mesh import make_mesh
 from longctx.train import flops
@@ -234,3 +235,52 @@ def test_offload_policy_marks_saved_matmuls_for_host_memory():
   # The device-to-host placements are in the program; backends without host offload (XLA:CPU) drop them.
   assert 'annotate_device_placement' in lowered('offload_dots')
   assert 'annotate_device_placement' not in lowered('dots_saveable')
+
+
+@pytest.mark.parametrize('keys,expected', [
+    ('AAAA', (0, 1, 4)),
+    ('LLLALLLA', (0, 4, 2)),
+    ('BAAAAA', (1, 1, 5)),          # HGRN: the first layer has no forget-gate bound
+    ('LLLLLLLA', (0, 1, 7)),        # 7:1 in eight layers: the attention layer stays outside
+    ('ABCD', (0, 1, 0)),            # nothing repeats: all unrolled
+    ('LLALLALLA', (0, 3, 3)),
+])
+def test_scan_plan_covers_the_longest_run_of_repeated_groups(keys, expected):
+  p = scan.plan(list(keys))
+  assert (p.start, p.period, p.repeats) == expected
+
+
+def _stats_and_step(cfg):
+  setup, state, batch = _setup_and_batch(cfg)
+  model = setup.model(*TrainSetup.weights(state).values())
+  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+  stats = nnx.to_pure_dict(nnx.state(model, RoutingStats))
+  return logits, stats, make_train_step(setup)(state, batch)
+
+
+@pytest.mark.parametrize('overrides,plan_', [
+    ({'model.num_layers': 3, 'model.remat': 'dots_saveable'}, (0, 1, 3)),
+    # HGRN2's first layer has no bound: layer 0 and the last attention layer run outside the scan.
+    ({'model.num_layers': 6, 'model.pattern': 'hybrid', 'model.hybrid.linear': 'hgrn2',
+      'model.hybrid.ratio': '1:1', 'model.hybrid.placement': 'last'}, (1, 2, 2)),
+    ({'model.num_layers': 3, 'model.pattern': 'hgrn', 'model.remat': 'full'}, (1, 1, 2)),
+    # Routing layers differ in a static attribute (their layer index): unrolled, statistics written under remat.
+    ({'model.pattern': 'routing', 'model.remat': 'full'}, (0, 1, 0)),
+])
+def test_scanned_layers_compute_the_unrolled_step(overrides, plan_):
+  """Against the plain unrolled model without remat: same parameter layout, logits, routing statistics, loss and
+  updated parameters; remat policies and HGRN's per-layer forget-gate bounds (none in its first layer) included."""
+  plain = {k: v for k, v in overrides.items() if k != 'model.remat'}
+  scanned_cfg = small_config(**overrides, **{'model.scan_layers': True})
+  p = LanguageModel(scanned_cfg, rngs=nnx.Rngs(0)).layer_plan()
+  assert (p.start, p.period, p.repeats) == plan_
+  assert LanguageModel(small_config(**overrides), rngs=nnx.Rngs(0)).layer_plan() == scan.UNROLLED
+  logits_ref, stats_ref, (ref, m_ref) = _stats_and_step(small_config(**plain))
+  logits, stats, (out, m) = _stats_and_step(scanned_cfg)
+  assert jax.tree.structure(out) == jax.tree.structure(ref)
+  assert not np.isnan(np.asarray(logits)).any()
+  assert rel(logits, logits_ref) < 1e-5
+  if stats_ref:
+    assert rel(stats, stats_ref) < 1e-5
+  assert abs(float(m['loss']) - float(m_ref['loss'])) < 1e-5
+  assert rel(out['params'], ref['params']) < 1e-5

@@ -14,7 +14,8 @@ def sharded():
 
 
 @pytest.mark.parametrize('mesh', ['data2_fsdp4', 'data2_fsdp2_tensor2', 'data2_sequence4_ring',
-                                  'data2_sequence4_all_gather', 'data2_tensor2_sequence2_ring'])
+                                  'data2_sequence4_all_gather', 'data2_tensor2_sequence2_ring',
+                                  'fsdp2_tensor2_sequence2_scanned'])
 def test_sharded_step_equals_one_device(sharded, mesh):
   assert sharded[mesh]['loss_diff'] < 1e-5
   assert sharded[mesh]['param_rel'] < 1e-5
@@ -29,6 +30,7 @@ def test_replicated_parameters_are_reported_and_refused_above_the_tolerance(shar
 def test_fsdp_and_tensor_axes_really_shard_parameters(sharded):
   assert any('fsdp' in s for s in sharded['data2_fsdp4']['specs'])
   assert any('tensor' in s for s in sharded['data2_fsdp2_tensor2']['specs'])
+  assert any('fsdp' in s and 'tensor' in s for s in sharded['fsdp2_tensor2_sequence2_scanned']['specs'])
 
 
 def test_rules_map_logical_names_to_mesh_axes():

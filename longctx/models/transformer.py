@@ -11,6 +11,7 @@ from flax import nnx
 from longctx.layers import registry
 from longctx.layers.common import RMSNorm, SwiGLU, param
 from longctx.ops import cross_entropy
+from longctx.models import scan
 from longctx.models.pattern import resolve
 from longctx.parallel.rules import constrain
 
@@ -66,6 +67,7 @@ class LanguageModel(nnx.Module):
     if not m.tie_embeddings:
       self.head = param(rngs, (m.d_model, m.vocab_size), ('embed', 'vocab'), std=m.d_model ** -0.5)
     self.remat = m.remat
+    self.scan_layers = m.get('scan_layers', False)
     self.loss_chunks = m.get('loss_chunks', 1)
     self.compute_dtype = jnp.dtype(m.dtype)
 
@@ -93,15 +95,25 @@ class LanguageModel(nnx.Module):
       for mixer in routed:
         mixer.seeding = None
 
+  def layer_plan(self) -> scan.Plan:
+    """Which layers `model.scan_layers` runs as one scan (none without it): repeats of blocks with the same graph,
+    parameter shapes and kind of forget-gate bound."""
+    if not self.scan_layers:
+      return scan.UNROLLED
+    keys = []
+    for block, bound in zip(self.blocks, self.lower_bounds()):
+      graphdef, state = nnx.split(block)
+      shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(state))
+      keys.append((graphdef, shapes, bound is None))
+    return scan.plan(keys)
+
   def hidden(self, tokens, positions, segment_ids):
     """Final-norm hidden states [B, T, d] in the compute dtype."""
     x = jnp.take(self.embed[...].astype(self.compute_dtype), tokens, axis=0)
     x = constrain(x, ('batch', 'length', 'act_embed'))
-    for block, bound in zip(self.blocks, self.lower_bounds()):
-      if self.remat == 'none':
-        x = block(x, positions, segment_ids, bound)
-      else:
-        x = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.remat])(block, x, positions, segment_ids, bound)
+    apply = lambda block, x, bound: block(x, positions, segment_ids, bound)
+    x = scan.run(self.blocks, self.lower_bounds(), x, self.layer_plan(), apply, remat=self.remat != 'none',
+                 policy=REMAT_POLICIES.get(self.remat))
     return self.final_norm(x)
 
   def head_weights(self, dtype):

@@ -1,0 +1,128 @@
+"""Running a stack of blocks as a `lax.scan` over its repeated groups (`model.scan_layers`).
+
+A 24-layer stack unrolled is 24 copies of the block in the compiled program; scanned over 6 repeats of a 4-layer
+group it is one copy, so compile time stops growing with depth. The parameters keep their per-layer layout (one
+pytree per block, as unrolled): the scan stacks each group position's weights on the fly, so checkpoints, shardings
+and the optimizer are the same either way and a run may switch between the two.
+
+Layers repeat when their blocks have the same graph (mixer kind and static attributes) and the same kind of
+forget-gate bound; `plan` finds the longest run of repeats and the layers before and after it run unrolled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longctx.parallel.rules import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Layers [start, start + period * repeats) run as `repeats` scan steps of `period` layers; the rest unrolled.
+  `repeats` 0: no scan."""
+  start: int
+  period: int
+  repeats: int
+
+  @property
+  def stop(self) -> int:
+    return self.start + self.period * self.repeats
+
+  def describe(self, num_layers: int) -> str:
+    if not self.repeats:
+      return f'all {num_layers} layers unrolled (no group of layers repeats)'
+    text = f'layers {self.start}-{self.stop - 1} scanned as {self.repeats} repeats of {self.period}'
+    rest = num_layers - self.period * self.repeats
+    return text + (f', {rest} unrolled' if rest else '')
+
+
+UNROLLED = Plan(0, 1, 0)
+
+
+def plan(keys: Sequence[Hashable]) -> Plan:
+  """The scan covering the most layers: a start and a period such that `repeats` >= 2 consecutive groups of
+  `period` layers have equal keys; ties go to the shorter period (a smaller scan body), then the earlier start."""
+  n = len(keys)
+  best = UNROLLED
+  for period in range(1, n // 2 + 1):
+    for start in range(0, n - 2 * period + 1):
+      repeats = 1
+      while (start + (repeats + 1) * period <= n
+             and keys[start + repeats * period: start + (repeats + 1) * period] == keys[start: start + period]):
+        repeats += 1
+      if repeats >= 2 and period * repeats > best.period * best.repeats:
+        best = Plan(start, period, repeats)
+  return best
+
+
+def _stack(states: Sequence[nnx.State]) -> nnx.State:
+  """One state with a leading layer axis; each parameter constrained to its own sharding under that axis."""
+  def stack(*leaves):
+    value = jnp.stack([leaf[...] if isinstance(leaf, nnx.Variable) else leaf for leaf in leaves])
+    axes = getattr(leaves[0], 'logical_axes', None) if isinstance(leaves[0], nnx.Variable) else None
+    if axes is not None:
+      value = constrain(value, ('layers',) + tuple(axes))
+    return leaves[0].replace(value) if isinstance(leaves[0], nnx.Variable) else value
+  return jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _index(state: nnx.State, i: int) -> nnx.State:
+  return jax.tree.map(lambda v: v.replace(v[...][i]) if isinstance(v, nnx.Variable) else v[i], state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def run(blocks: Sequence[nnx.Module], bounds: Sequence, x, plan_: Plan,
+        apply: Callable[[nnx.Module, jax.Array, object], jax.Array], *, remat: bool = False, policy=None):
+  """x through `blocks`: `apply(block, x, bound)` for each, the layers of `plan_` as one scan.
+
+  With `remat` each block's application is rematerialised (`jax.checkpoint` with `policy`) in the backward pass.
+  State other than the parameters that a block writes while it runs (routing statistics) is carried out of the scan
+  and written back."""
+  def call(block, x, bound, in_scan=False):
+    if not remat:
+      return apply(block, x, bound)
+    # Inside a scan the loop already keeps XLA from merging the recomputation into the forward pass.
+    checkpoint = functools.partial(jax.checkpoint, policy=policy, prevent_cse=not in_scan)
+    graphdef, state = nnx.split(block)
+    def pure(state, x, bound):
+      block = nnx.merge(graphdef, state)
+      y = apply(block, x, bound)
+      return y, nnx.state(block, nnx.Not(nnx.Param))
+    y, rest = checkpoint(pure)(state, x, bound)
+    nnx.update(block, rest)
+    return y
+
+  for i in range(plan_.start):
+    x = call(blocks[i], x, bounds[i])
+  if plan_.repeats:
+    p, r, s = plan_.period, plan_.repeats, plan_.start
+    graphdefs, stacked, stacked_bounds = [], [], []
+    for j in range(p):
+      members = [blocks[s + g * p + j] for g in range(r)]
+      splits = [nnx.split(b) for b in members]
+      graphdefs.append(splits[0][0])
+      stacked.append(_stack([state for _, state in splits]))
+      member_bounds = [bounds[s + g * p + j] for g in range(r)]
+      stacked_bounds.append(None if member_bounds[0] is None else jnp.stack(member_bounds))
+
+    def body(x, xs):
+      states, group_bounds = xs
+      written = []
+      for graphdef, state, bound in zip(graphdefs, states, group_bounds):
+        block = nnx.merge(graphdef, state)
+        x = call(block, x, bound, in_scan=True)
+        written.append(nnx.state(block, nnx.Not(nnx.Param)))
+      return x, written
+
+    x, written = jax.lax.scan(body, x, (stacked, stacked_bounds))
+    for j in range(p):
+      for g in range(r):
+        nnx.update(blocks[s + g * p + j], _index(written[j], g))
+  for i in range(plan_.stop, len(blocks)):
+    x = call(blocks[i], x, bounds[i])
+  return x
