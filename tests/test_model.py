@@ -8,7 +8,7 @@ from flax import nnx
 from longctx import config as config_lib
 from longctx.layers.routing import RoutingStats
 from longctx.models import pattern, scan
-from longctx.models.transformer import LanguageModel
+from longctx.models.transformer import Block, LanguageModel
 from longctx.parallel.mesh import make_mesh
 from longctx.train import flops
 from longctx.train.state import TrainSetup
@@ -284,3 +284,17 @@ def test_scanned_layers_compute_the_unrolled_step(overrides, plan_):
     assert rel(stats, stats_ref) < 1e-5
   assert abs(float(m['loss']) - float(m_ref['loss'])) < 1e-5
   assert rel(out['params'], ref['params']) < 1e-5
+
+
+def test_repeated_layers_are_initialised_together_with_their_own_draws():
+  """Repeated blocks are created by one vmap over their keys: each layer gets its own values, drawn like an
+  unrolled layer's (same shapes, metadata and scale)."""
+  cfg = small_config(**{'model.num_layers': 3})
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  kernels = [np.asarray(block.mixer.q.kernel[...]) for block in model.blocks]
+  alone = np.asarray(Block(cfg, 'attention', 0, rngs=nnx.Rngs(0)).mixer.q.kernel[...])
+  assert all(k.shape == alone.shape for k in kernels)
+  assert all(np.abs(a - b).max() > 0 for i, a in enumerate(kernels) for b in kernels[i + 1:])
+  for k in kernels:
+    assert abs(k.std() / alone.std() - 1) < 0.1
+  assert model.blocks[2].mixer.q.kernel.get_metadata()['logical_axes'] == ('embed', 'heads', 'head_dim')

@@ -41,7 +41,7 @@ _MAX_CONTEXT_LIMIT = flags.DEFINE_integer('max-context-limit', 1 << 20, 'longest
 
 _DENSE125M = {'data.source': 'random', 'model.tie_embeddings': False, 'train.eval_every': 0}
 _GDN340M = 'configs/hybrid.py:linear=gated_deltanet,ratio=3:1,size=340m'
-_HYBRID = {**_DENSE125M, 'model.remat': 'dots_saveable'}
+_HYBRID = {**_DENSE125M, 'model.remat': 'dots_saveable', 'model.scan_layers': True}
 # (case name, config spec, overrides). The 125M cases match shared/gpu/bare_dense_step.py's model and shapes.
 SUITES = {
     'dense125m': [
@@ -60,12 +60,15 @@ SUITES = {
         ('tiny_T256_B16', 'configs/default.py', {'data.source': 'random'}),
     ],
     # Gated DeltaNet 3:1 hybrid at 340M (24 layers, d 1024) against the dense model of the same shape, 2K to 32K
-    # tokens per row at 32K tokens per step; the 8K case once more with the jax state pass.
+    # tokens per row at 32K tokens per step, layers scanned; the 8K case once more with the jax state pass and once
+    # unrolled.
     'hybrid340m': [
         *((f'gdn3to1_T{t}_B{32768 // t}', _GDN340M, {**_HYBRID, 'data.seq_len': t, 'train.batch_size': 32768 // t})
           for t in (2048, 8192, 32768)),
         ('gdn3to1_T8192_B4_jax_state_pass', _GDN340M,
          {**_HYBRID, 'data.seq_len': 8192, 'train.batch_size': 4, 'model.linear.kernel': 'jax'}),
+        ('gdn3to1_T8192_B4_unrolled', _GDN340M,
+         {**_HYBRID, 'data.seq_len': 8192, 'train.batch_size': 4, 'model.scan_layers': False}),
         *((f'dense_T{t}_B{32768 // t}', _GDN340M,
            {**_HYBRID, 'model.pattern': 'attention', 'data.seq_len': t, 'train.batch_size': 32768 // t})
           for t in (2048, 8192, 32768)),
@@ -91,8 +94,10 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
   from longctx.train.step import make_train_step
 
   config_lib.validate(cfg, jax.device_count())
+  start = time.perf_counter()
   setup = TrainSetup(cfg, make_mesh(cfg.parallel))
-  state = setup.init(cfg.seed)
+  state = jax.block_until_ready(setup.init(cfg.seed))
+  init_s = time.perf_counter() - start
   step = make_train_step(setup)
   b, t = cfg.train.batch_size, cfg.data.seq_len
   sharding = batch_sharding(setup.mesh)
@@ -155,7 +160,7 @@ def bench_case(name: str, cfg, steps: int, warmup: int, profile_steps: int = 0, 
       'mfu': flops / step_s / (peak * jax.device_count()) if peak else None,
       'step_memory_gib': step_bytes / 2 ** 30 if step_bytes is not None else None,
       'process_peak_memory_gib': memory / 2 ** 30 if memory is not None else None,
-      'compile_s': compile_s, 'attention': ','.join(chosen_paths()),
+      'init_s': init_s, 'compile_s': compile_s, 'attention': ','.join(chosen_paths()),
       'linear_state_pass': ','.join(state_pass.chosen_paths()), 'loss': float(m['loss']),
       **({'profile': profile} if profile else {}),
   }

@@ -60,6 +60,32 @@ def plan(keys: Sequence[Hashable]) -> Plan:
   return best
 
 
+def block_key(block: nnx.Module) -> tuple:
+  """What two layers must share to be repeats: the graph (module kinds, static attributes) and the parameter
+  shapes."""
+  graphdef, state = nnx.split(block)
+  return graphdef, tuple((x.shape, x.dtype) for x in jax.tree.leaves(state))
+
+
+def build(make: Callable[[int, nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> list[nnx.Module]:
+  """`make(i, rngs)` for every layer, the longest run of repeated layers (`plan`) created by one `jax.vmap` over
+  their keys: initialising a deep stack then compiles one copy of each repeated block's initialiser instead of one
+  per layer (on a GPU, minutes for a 24-layer 340M model otherwise)."""
+  abstract = [nnx.eval_shape(lambda i=i: make(i, nnx.Rngs(0))) for i in range(num_layers)]
+  plan_ = plan([block_key(a) for a in abstract])
+  blocks = [None] * num_layers
+  for i in [*range(plan_.start), *range(plan_.stop, num_layers)]:
+    blocks[i] = make(i, rngs)
+  for j in range(plan_.period if plan_.repeats else 0):
+    layers = [plan_.start + g * plan_.period + j for g in range(plan_.repeats)]
+    graphdef = nnx.graphdef(abstract[layers[0]])
+    states = jax.vmap(lambda key: nnx.state(make(layers[0], nnx.Rngs(params=key))))(
+        jax.random.split(rngs.params(), len(layers)))
+    for g, i in enumerate(layers):
+      blocks[i] = nnx.merge(graphdef, _index(states, g))
+  return blocks
+
+
 def _stack(states: Sequence[nnx.State]) -> nnx.State:
   """One state with a leading layer axis; each parameter constrained to its own sharding under that axis."""
   def stack(*leaves):

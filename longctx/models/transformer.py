@@ -51,7 +51,8 @@ class LanguageModel(nnx.Module):
     m = config.model
     self.layer_names = tuple(resolve(m.pattern, m.num_layers, m.get('hybrid')))
     self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), std=1.0)
-    self.blocks = nnx.List([Block(config, name, i, rngs=rngs) for i, name in enumerate(self.layer_names)])
+    self.blocks = nnx.List(scan.build(lambda i, rngs: Block(config, self.layer_names[i], i, rngs=rngs),
+                                      len(self.layer_names), rngs))
     # Forget-gate lower bounds (HGRN, HGRN2): per mixer kind, one row of logits per layer of that kind.
     groups = {}
     for i, name in enumerate(self.layer_names):
@@ -100,12 +101,8 @@ class LanguageModel(nnx.Module):
     parameter shapes and kind of forget-gate bound."""
     if not self.scan_layers:
       return scan.UNROLLED
-    keys = []
-    for block, bound in zip(self.blocks, self.lower_bounds()):
-      graphdef, state = nnx.split(block)
-      shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(state))
-      keys.append((graphdef, shapes, bound is None))
-    return scan.plan(keys)
+    return scan.plan([scan.block_key(block) + (bound is None,)
+                      for block, bound in zip(self.blocks, self.lower_bounds())])
 
   def hidden(self, tokens, positions, segment_ids):
     """Final-norm hidden states [B, T, d] in the compute dtype."""
