@@ -111,6 +111,8 @@ def get_config(arg=None):
   c.train.num_steps = steps
   c.train.batch_size = batch
   c.train.grad_accum = 1
+  c.train.init_on = 'auto'            # auto | host | device: where parameters are drawn (auto: host CPU under a GPU,
+                                      # whose compiler takes minutes over a deep stack's initialiser)
   c.train.learning_rate = lr
   c.train.schedule = 'cosine'         # cosine | linear | constant, after linear warmup
   c.train.warmup_steps = c.train.get_ref('num_steps') // 10   # follows num_steps overrides

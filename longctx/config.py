@@ -25,6 +25,7 @@ OPTIMIZERS = ('adamw', 'adam', 'lion', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant')
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'offload_dots')
 NAN_POLICIES = ('halt', 'skip')
+INIT_PLACES = ('auto', 'host', 'device')
 DTYPES = ('float32', 'bfloat16')
 ATTENTION_IMPLS = ('auto', 'cudnn', 'xla', 'chunked', 'naive')
 PARALLEL_AXES = ('data', 'fsdp', 'tensor', 'sequence')
@@ -213,6 +214,8 @@ def validate(cfg: ml_collections.ConfigDict, device_count: int | None = None) ->
   _choice(cfg, 'train.optimizer', OPTIMIZERS)
   _choice(cfg, 'train.schedule', SCHEDULES)
   _choice(cfg, 'train.nan_policy', NAN_POLICIES)
+  if t.get('init_on') is not None:
+    _choice(cfg, 'train.init_on', INIT_PLACES)
   if t.warmup_steps > t.num_steps:
     raise ConfigError('train.warmup_steps', t.warmup_steps, f'at most train.num_steps={t.num_steps}')
   if t.batch_size % t.grad_accum:

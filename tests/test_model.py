@@ -298,3 +298,16 @@ def test_repeated_layers_are_initialised_together_with_their_own_draws():
   for k in kernels:
     assert abs(k.std() / alone.std() - 1) < 0.1
   assert model.blocks[2].mixer.q.kernel.get_metadata()['logical_axes'] == ('embed', 'heads', 'head_dim')
+
+
+def test_parameters_drawn_on_the_host_equal_those_drawn_on_the_device():
+  cfg = small_config(**{'model.pattern': 'local,routing'})
+  states = []
+  for place in ('host', 'device'):
+    setup = TrainSetup(small_config(**{'model.pattern': 'local,routing', 'train.init_on': place}),
+                       make_mesh(cfg.parallel, jax.devices()[:1]))
+    assert (setup.host_device() is None) == (place == 'device')
+    states.append(jax.device_get(setup.init(3)))
+  assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(a, b)

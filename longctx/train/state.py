@@ -11,9 +11,11 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from longctx import config as config_lib
 from longctx import data
 from longctx.layers.routing import Centroids, RoutingStats
 from longctx.models.transformer import LanguageModel
@@ -56,16 +58,41 @@ class TrainSetup:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, self.shardings)
 
   def init(self, seed: int):
-    """A fresh state, created directly in its shardings."""
-    def create(key):
-      model = LanguageModel(self.config, rngs=nnx.Rngs(params=key))
-      params = jax.tree.map(lambda x: x.astype(self.param_dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-      state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params),
-               'rng': jax.random.fold_in(key, 1)}
-      if self.has_buffers:
-        state['buffers'] = nnx.to_pure_dict(nnx.state(model, Centroids))
-      return state
-    return jax.jit(create, out_shardings=self.shardings)(jax.random.PRNGKey(seed))
+    """A fresh state, created directly in its shardings. Parameters are drawn on the host CPU where
+    `train.init_on` says so (auto: under a GPU), then placed; the optimizer state is built on the devices."""
+    key = jax.random.PRNGKey(seed)
+    host = self.host_device()
+    if host is None:
+      return jax.jit(lambda key: self._assemble(*self._draw(key), key), out_shardings=self.shardings)(key)
+    params, buffers = jax.device_get(jax.jit(self._draw)(jax.device_put(key, host)))
+    placed = jax.device_put((params, buffers), (self.param_shardings, self.buffer_shardings))
+    return jax.jit(self._assemble, out_shardings=self.shardings, donate_argnums=(0, 1))(*placed, key)
+
+  def host_device(self):
+    """The CPU device to draw parameters on, or None to draw them on the devices."""
+    place = self.config.train.get('init_on', 'device')
+    if place == 'device' or (place == 'auto' and jax.default_backend() != 'gpu'):
+      return None
+    try:
+      return jax.local_devices(backend='cpu')[0]
+    except RuntimeError:
+      if place == 'host':
+        raise config_lib.ConfigError('train.init_on', place, 'device or auto: this process has no CPU backend '
+                                     '(JAX_PLATFORMS leaves it out)') from None
+      logging.info('parameters drawn on the devices: no CPU backend in this process')
+      return None
+
+  def _draw(self, key):
+    model = LanguageModel(self.config, rngs=nnx.Rngs(params=key))
+    params = jax.tree.map(lambda x: x.astype(self.param_dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return params, (nnx.to_pure_dict(nnx.state(model, Centroids)) if self.has_buffers else {})
+
+  def _assemble(self, params, buffers, key):
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params),
+             'rng': jax.random.fold_in(key, 1)}
+    if self.has_buffers:
+      state['buffers'] = buffers
+    return state
 
   def model(self, params, buffers=None):
     """The model holding `params` and `buffers` (required when the model has any), with fresh scratch stats."""

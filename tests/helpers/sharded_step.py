@@ -129,9 +129,10 @@ def main():
              'data2_sequence4_all_gather': ({'data': 2, 'sequence': 4, 'context': 'all_gather',
                                              'load_balance': 'striped'}, devices, None),
              'data2_tensor2_sequence2_ring': ({'data': 2, 'tensor': 2, 'sequence': 2}, devices, None),
-             # Layers as one scan: stacked weights keep their fsdp and tensor sharding, ring attention in the body.
+             # Layers as one scan: stacked weights keep their fsdp and tensor sharding, ring attention in the body;
+             # parameters drawn on the host and placed in their shardings.
              'fsdp2_tensor2_sequence2_scanned': ({'fsdp': 2, 'tensor': 2, 'sequence': 2}, devices,
-                                                 {'model.scan_layers': True})}
+                                                 {'model.scan_layers': True, 'train.init_on': 'host'})}
   out = against_one_device(cases, devices)
   if mode == 'meshes':
     out['replication'] = replication_checks(devices)
