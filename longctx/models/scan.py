@@ -1,4 +1,4 @@
-"""Running a stack of blocks as a `lax.scan` over its repeated groups (`model.scan_layers`).
+"""Repeated layers: created by one vmap, and run as a `lax.scan` over their groups (`model.scan_layers`).
 
 A 24-layer stack unrolled is 24 copies of the block in the compiled program; scanned over 6 repeats of a 4-layer
 group it is one copy, so compile time stops growing with depth. The parameters keep their per-layer layout (one
@@ -7,6 +7,8 @@ and the optimizer are the same either way and a run may switch between the two.
 
 Layers repeat when their blocks have the same graph (mixer kind and static attributes) and the same kind of
 forget-gate bound; `plan` finds the longest run of repeats and the layers before and after it run unrolled.
+`build` creates that run's blocks with one `jax.vmap` over their keys whether or not they are scanned, so the
+initialiser of a deep stack compiles one copy of each repeated block too.
 """
 from __future__ import annotations
 

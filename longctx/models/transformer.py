@@ -98,11 +98,11 @@ class LanguageModel(nnx.Module):
 
   def layer_plan(self) -> scan.Plan:
     """Which layers `model.scan_layers` runs as one scan (none without it): repeats of blocks with the same graph,
-    parameter shapes and kind of forget-gate bound."""
+    parameter shapes and kind of forget-gate bound (HGRN's first layer of a kind has none)."""
     if not self.scan_layers:
       return scan.UNROLLED
-    return scan.plan([scan.block_key(block) + (bound is None,)
-                      for block, bound in zip(self.blocks, self.lower_bounds())])
+    bounded = {i for _, layers in self.bound_groups for i in layers[1:]}
+    return scan.plan([scan.block_key(block) + (i in bounded,) for i, block in enumerate(self.blocks)])
 
   def hidden(self, tokens, positions, segment_ids):
     """Final-norm hidden states [B, T, d] in the compute dtype."""
