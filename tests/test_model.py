@@ -252,9 +252,13 @@ def test_scan_plan_covers_the_longest_run_of_repeated_groups(keys, expected):
 
 def _stats_and_step(cfg):
   setup, state, batch = _setup_and_batch(cfg)
-  model = setup.model(*TrainSetup.weights(state).values())
-  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
-  stats = nnx.to_pure_dict(nnx.state(model, RoutingStats))
+
+  @jax.jit
+  def forward(weights, batch):
+    model = setup.model(*weights.values())
+    logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+    return logits, nnx.to_pure_dict(nnx.state(model, RoutingStats))
+  logits, stats = forward(TrainSetup.weights(state), batch)
   return logits, stats, make_train_step(setup)(state, batch)
 
 
