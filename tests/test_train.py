@@ -212,7 +212,7 @@ def test_bench_case_times_the_train_step_of_a_config():
 
 def test_state_pass_suite_names_the_cases_it_takes():
   from longctx import config as config_lib
-  from longctx.cli.bench_layers import bench_state_pass
+  from longctx.cli.bench_linear import bench_state_pass
   with pytest.raises(config_lib.ConfigError) as err:
     bench_state_pass(1, ('fp8',))
   assert err.value.field == '--cases' and err.value.value == 'fp8' and 'tf32, bf16' in err.value.allowed

@@ -6,7 +6,8 @@
 Each case builds the config's train step, compiles it (timed), runs `--warmup` steps, then times `--steps` steps one
 by one (each waited for) on fresh random tokens already on the device, and reports the median: step time, tokens/s,
 model TFLOP/s and MFU (FLOPs as longctx.train.flops counts them), peak device memory and the attention path taken.
-The layer and kernel suites (--suite attention, linear, state_pass, titans, routing) are longctx/cli/bench_layers.py.
+The layer and kernel suites (--suite attention, linear, state_pass, prep, titans, routing, context) are
+longctx/cli/bench_layers.py and bench_linear.py.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from absl import app, flags, logging
 
 from longctx import config as config_lib
 from longctx.cli import bench_layers, common
-from longctx.cli.bench_layers import error_text
+from longctx.cli.bench_timing import error_text
 
 common.define_config_flag(required=False)
 _SUITE = flags.DEFINE_string('suite', '', 'named set of cases: dense125m, tiny, hybrid340m, attention, linear, '

@@ -88,20 +88,21 @@ def build(make: Callable[[int, nnx.Rngs], nnx.Module], num_layers: int, rngs: nn
   return blocks
 
 
+def _variables(fn, *states):
+  return jax.tree.map(fn, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _stack(states: Sequence[nnx.State]) -> nnx.State:
   """One state with a leading layer axis; each parameter constrained to its own sharding under that axis."""
-  def stack(*leaves):
-    value = jnp.stack([leaf[...] if isinstance(leaf, nnx.Variable) else leaf for leaf in leaves])
-    axes = getattr(leaves[0], 'logical_axes', None) if isinstance(leaves[0], nnx.Variable) else None
-    if axes is not None:
-      value = constrain(value, ('layers',) + tuple(axes))
-    return leaves[0].replace(value) if isinstance(leaves[0], nnx.Variable) else value
-  return jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  def stack(*variables):
+    value = jnp.stack([v[...] for v in variables])
+    axes = getattr(variables[0], 'logical_axes', None)
+    return variables[0].replace(value if axes is None else constrain(value, ('layers',) + tuple(axes)))
+  return _variables(stack, *states)
 
 
 def _index(state: nnx.State, i: int) -> nnx.State:
-  return jax.tree.map(lambda v: v.replace(v[...][i]) if isinstance(v, nnx.Variable) else v[i], state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return _variables(lambda v: v.replace(v[...][i]), state)
 
 
 def run(blocks: Sequence[nnx.Module], bounds: Sequence, x, plan_: Plan,

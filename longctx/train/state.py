@@ -30,7 +30,7 @@ class TrainSetup:
     self.config, self.mesh = config, mesh
     abstract = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
     self.layer_names = abstract.layer_names
-    if config.model.get('scan_layers', False):
+    if abstract.scan_layers:
       logging.info('model.scan_layers: %s', abstract.layer_plan().describe(len(self.layer_names)))
     self.uses_segments = data.rows_hold_several_documents(config)
     self.graphdef, abs_params, abs_buffers, abs_stats = nnx.split(abstract, nnx.Param, Centroids, RoutingStats)
