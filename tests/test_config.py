@@ -15,6 +15,7 @@ INVALID = [
     ({'model.remat': 'sometimes'}, 'model.remat'),
     ({'model.attention.impl': 'flash'}, 'model.attention.impl'),
     ({'train.nan_policy': 'ignore'}, 'train.nan_policy'),
+    ({'train.init_on': 'gpu'}, 'train.init_on'),
     ({'train.grad_accum': 3}, 'train.grad_accum'),                    # does not divide the batch
     ({'data.source': 'wikipedia'}, 'data.source'),
     ({'data.source': 'text', 'data.path': '/nonexistent/*.txt'}, 'data.path'),
