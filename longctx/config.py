@@ -258,6 +258,8 @@ def _check_context_parallel(cfg, layers, n: int) -> None:
   order = p.get('load_balance', 'zigzag')
   if order not in ORDERS:
     raise ConfigError('parallel.load_balance', order, f'one of {", ".join(ORDERS)}')
+  if not isinstance(p.get('balance_attention', True), bool):
+    raise ConfigError('parallel.balance_attention', p.balance_attention, 'true or false')
   chunks = 2 * n if order == 'zigzag' else n
   if seq_len % chunks:
     raise ConfigError('data.seq_len', seq_len, f'a multiple of {chunks} for parallel.load_balance={order} over '

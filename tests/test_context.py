@@ -43,6 +43,21 @@ def test_persistent_tokens_every_query_sees_join_sharded_attention(results, meth
   assert max(r['fwd'], r['dq'], r['dk'], r['dv'], r['dprefix_k'], r['dprefix_v']) < 1e-5, r
 
 
+@pytest.mark.parametrize('method', ['ring', 'all_gather'])
+@pytest.mark.parametrize('case', ['none_balanced_gqa', 'none_balanced_docs', 'none_balanced_structured',
+                                  'none_balanced_structured_prefix'])
+def test_rows_in_natural_order_balanced_inside_the_call_equal_dense(results, method, case):
+  r = results[f'{method}_{case}']
+  assert r['finite']
+  assert max(v for key, v in r.items() if key != 'finite') < 1e-5, r
+
+
+def test_balanced_ring_on_8_devices_and_the_zigzag_exchange_for_odd_and_even_axes(results):
+  r = results['ring_none_balanced_structured_8dev']
+  assert r['finite'] and max(r['fwd'], r['dq'], r['dk'], r['dv']) < 1e-5, r
+  assert results['exchange'] == {'2': True, '3': True, '4': True, '8': True}
+
+
 @pytest.mark.parametrize('order', context.ORDERS)
 def test_reorderings_are_permutations_that_balance_causal_work(order):
   t, n = 48, 4

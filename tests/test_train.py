@@ -216,3 +216,12 @@ def test_state_pass_suite_names_the_cases_it_takes():
   with pytest.raises(config_lib.ConfigError) as err:
     bench_state_pass(1, ('fp8',))
   assert err.value.field == '--cases' and err.value.value == 'fp8' and 'tf32, bf16' in err.value.allowed
+
+
+def test_max_context_raises_a_config_error_instead_of_recording_it_as_the_limit():
+  from longctx import config as config_lib
+  from longctx.cli.bench import max_context
+  cfg = small_config(**{'parallel.sequence': 2 * jax.device_count(), 'parallel.data': 1})
+  with pytest.raises(config_lib.ConfigError) as err:
+    max_context('tiny', cfg, steps=1, limit=cfg.data.seq_len)
+  assert err.value.field.startswith('parallel')

@@ -189,6 +189,8 @@ def max_context(name: str, cfg, steps: int, limit: int) -> list[dict]:
     try:
       row = {**bench_case(f'{name}_T{t}', c, steps, 0, memory_limit=device_memory_limit()), 'fits': True,
              'loss_chunks': chunks}
+    except config_lib.ConfigError:
+      raise                  # a config this length does not suit (order, divisibility) is an error, not the answer
     except Exception as e:  # running out of memory is the answer being looked for
       row = {'case': f'{name}_T{t}', 'seq_len': t, 'fits': False, 'error': error_text(e)}
     rows.append(row)
@@ -262,7 +264,10 @@ def main(argv):
     title = _SUITE.value
   elif 'config' in flags.FLAGS and flags.FLAGS['config'].present:
     if _MAX_CONTEXT.value:
-      rows = max_context(_NAME.value, common.load_config(None), _STEPS.value, _MAX_CONTEXT_LIMIT.value)
+      try:
+        rows = max_context(_NAME.value, common.load_config(None), _STEPS.value, _MAX_CONTEXT_LIMIT.value)
+      except config_lib.ConfigError as e:
+        config_lib.exit_with(e)
       write(env, f'max_context-{_NAME.value}', rows, max_context_markdown(env, _NAME.value, rows))
       return
     cases, title = [(_NAME.value, common.load_config(None))], _NAME.value
@@ -293,7 +298,8 @@ def main(argv):
 
 def write(env: dict, title: str, results: list[dict], table: str) -> None:
   os.makedirs(_OUT.value, exist_ok=True)
-  stem = os.path.join(_OUT.value, f'{title}-{env["device"].replace(" ", "_")}-{env["date"][:10]}')
+  device = env['device'].replace(' ', '_') + (f'x{env["device_count"]}' if env['device_count'] > 1 else '')
+  stem = os.path.join(_OUT.value, f'{title}-{device}-{env["date"][:10]}')
   with open(stem + '.json', 'w') as f:
     json.dump({'environment': env, 'results': results}, f, indent=2)
   with open(stem + '.md', 'w') as f:

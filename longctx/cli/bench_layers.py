@@ -217,26 +217,32 @@ def bench_context(steps: int, lengths=(32768, 65536, 131072, 262144), check_len:
                        q, k, v)
     return out, vjp(do)
 
-  def sharded_grad(method, impl, t):
-    pos = jax.device_put(context.reorder(jnp.arange(t)[None], n, 'zigzag'), sharded)
+  def sharded_grad(method, impl, t, rows):
+    order = 'zigzag' if rows == 'zigzag' else 'none'
+    pos = jax.device_put(context.reorder(jnp.arange(t)[None], n, order), sharded)
 
     def f(q, k, v, do):
       out, vjp = jax.vjp(lambda q, k, v: context.context_attention(
-          q, k, v, pos, None, mesh=mesh, method=method, order='zigzag', impl=impl, chunk_size=1024), q, k, v)
+          q, k, v, pos, None, mesh=mesh, method=method, order=order, impl=impl, chunk_size=1024,
+          balance=rows == 'balanced'), q, k, v)
       return out, vjp(do)
     return jax.jit(f)
 
-  paths = [('ring', 'cudnn'), ('all_gather', 'cudnn'), ('ring', 'chunked'), ('all_gather', 'chunked')]
+  # (method, blocks, rows): rows zigzag (reordered by the loader), natural, or natural balanced inside the call.
+  paths = [('ring', 'cudnn', 'zigzag'), ('all_gather', 'cudnn', 'zigzag'), ('ring', 'cudnn', 'natural'),
+           ('ring', 'cudnn', 'balanced'), ('ring', 'chunked', 'zigzag'), ('all_gather', 'chunked', 'zigzag')]
+  label_of = lambda method, impl, rows: f'{method}_{impl}' + ('' if rows == 'zigzag' else f'_{rows}')
   results = []
   # Error of each path against one device, at a length every path handles.
   ref_out, ref_grads = jax.jit(local_grad)(*inputs(check_len, single))
   errors = {}
-  for method, impl in paths:
-    label = f'{method}_{impl}'
+  for method, impl, rows in paths:
+    label = label_of(method, impl, rows)
+    order = 'zigzag' if rows == 'zigzag' else 'none'
     try:
-      q, k, v, do = (jax.device_put(context.reorder(x, n, 'zigzag'), sharded) for x in inputs(check_len, single))
-      out, grads = sharded_grad(method, impl, check_len)(q, k, v, do)
-      back = lambda x: context.restore(jax.device_put(x, single), n, 'zigzag')
+      q, k, v, do = (jax.device_put(context.reorder(x, n, order), sharded) for x in inputs(check_len, single))
+      out, grads = sharded_grad(method, impl, check_len, rows)(q, k, v, do)
+      back = lambda x: context.restore(jax.device_put(x, single), n, order)
       errors[label] = {'out': rel_error(back(out), ref_out.astype(jnp.float32)),
                        **{f'd{c}': rel_error(back(g), r.astype(jnp.float32)) for c, g, r in zip('qkv', grads, ref_grads)}}
     except Exception as e:
@@ -248,11 +254,11 @@ def bench_context(steps: int, lengths=(32768, 65536, 131072, 262144), check_len:
            'errors_at': check_len, 'errors': errors}
     with recorded(row, results):
       t1 = timed(row, 'one_device', jax.jit(local_grad), *inputs(t, single), steps=steps)
-      for method, impl in paths:
+      for method, impl, rows in paths:
         if impl == 'chunked' and t > lengths[0]:
           continue
-        label = f'{method}_{impl}'
-        ms = timed(row, label, sharded_grad(method, impl, t), *inputs(t, sharded), steps=steps)
+        label = label_of(method, impl, rows)
+        ms = timed(row, label, sharded_grad(method, impl, t, rows), *inputs(t, sharded), steps=steps)
         if ms is not None:
           row[f'{label}_tflops_per_device'] = flops / n / ms / 1e9
           if t1 is not None:
@@ -269,8 +275,11 @@ def context_markdown(env: dict, results: list[dict]) -> str:
            f'Causal attention, B1 H16 D128 bf16, one document, zigzag order over {n} devices, forward+backward. '
            'Efficiency: one device\'s time / (devices × sharded time); TFLOP/s per device (causal FLOPs, 3.5× the '
            'forward for forward+backward).\n',
+           'Natural: rows in natural order (as hybrids with recurrent layers keep them); balanced: natural rows moved '
+           'to zigzag order inside the call and back (`parallel.balance_attention`).\n',
            '| T | one device ms (TFLOP/s) | ring cuDNN ms | ring TFLOP/s/dev | ring eff. | all-gather cuDNN ms | '
-           'all-gather eff. | ring chunked ms | all-gather chunked ms |', '|---|---|---|---|---|---|---|---|---|']
+           'all-gather eff. | ring natural ms (eff.) | ring balanced ms (eff.) | ring chunked ms | '
+           'all-gather chunked ms |', '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
     ms = lambda k: f'{r[k + "_ms"]:.1f}' if k + '_ms' in r else (f'failed: {r[k + "_error"][:40]}'
                                                                   if k + '_error' in r else '-')
@@ -278,7 +287,9 @@ def context_markdown(env: dict, results: list[dict]) -> str:
     one = ms('one_device') + (f' ({r["one_device_tflops"]:.0f})' if 'one_device_tflops' in r else '')
     tf = f'{r["ring_cudnn_tflops_per_device"]:.0f}' if 'ring_cudnn_tflops_per_device' in r else '-'
     lines.append(f'| {r["seq_len"]} | {one} | {ms("ring_cudnn")} | {tf} | {pct("ring_cudnn_efficiency")} | '
-                 f'{ms("all_gather_cudnn")} | {pct("all_gather_cudnn_efficiency")} | {ms("ring_chunked")} | '
+                 f'{ms("all_gather_cudnn")} | {pct("all_gather_cudnn_efficiency")} | '
+                 f'{ms("ring_cudnn_natural")} ({pct("ring_cudnn_natural_efficiency")}) | '
+                 f'{ms("ring_cudnn_balanced")} ({pct("ring_cudnn_balanced_efficiency")}) | {ms("ring_chunked")} | '
                  f'{ms("all_gather_chunked")} |')
   lines += ['', f'Relative error against the one-device cuDNN result at T {results[0]["errors_at"] if results else "-"}'
             ' (output / dq / dk / dv):', '']

@@ -55,6 +55,7 @@ class Attention(registry.Mixer):
     self.max_segments = m.attention.max_segments
     self.context = config.parallel.get('context', 'ring')
     self.order = config.parallel.get('load_balance', 'zigzag')
+    self.balance = config.parallel.get('balance_attention', True)
     n_p = m.attention.persistent_tokens
     self.persistent = param(rngs, (n_p, d), (None, 'embed'), 1.0) if n_p else None
     k_conv = m.attention.get('conv_size', 0)
@@ -135,7 +136,8 @@ class Attention(registry.Mixer):
     if mesh is not None:
       o = context.context_attention(q, k, v, positions, segment_ids, mesh=mesh, method=self.context,
                                     window=self.window, order=self.order, chunk_size=self.chunk_size,
-                                    impl=self.impl if self.impl in ('auto', 'cudnn') else 'chunked', prefix=prefix)
+                                    impl=self.impl if self.impl in ('auto', 'cudnn') else 'chunked', prefix=prefix,
+                                    balance=self.balance)
     elif prefix is not None:
       o = prefixed(q, k, v, *(a.astype(k.dtype) for a in prefix), segment_ids, window=self.window,
                    block=self.chunk_size)

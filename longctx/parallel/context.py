@@ -36,6 +36,11 @@ Blocks run one of two ways, memory linear in the shard either way:
   takes n + L − 1 stages of a 1/L-shard's work, (n + L − 1)/L shards' time (1.5 at n = 2, L = 4; 1.9 at n = 8,
   L = 16) where handing whole shards takes n; memory stays per shard, and each stage moves 1/L of the state.
 
+* `balance` (rows in natural order, no window): the rows stay in the order the recurrent layers of a hybrid need,
+  and each full-attention call moves its q, k, v, positions and documents to zigzag order across the shards first
+  (`to_zigzag`: two `ppermute`s of half a shard each) and its output back (`from_zigzag`), so every device does an
+  equal share of the causal work instead of the last device doing 2n − 1 of the n² causal blocks' halves.
+
 `reorder(x, n, order)` / `restore` permute a [B, T, ...] row layout so that each of n contiguous shards holds a
 balanced share of the causal work: zigzag gives shard r chunks r and 2n − 1 − r of 2n; striped gives it every n-th
 token starting at r.
@@ -350,6 +355,46 @@ def _sharded_bwd(plan, res, do):
 _sharded.defvjp(_sharded_fwd, _sharded_bwd)
 
 
+def _zigzag_sources(n: int):
+  """For each device d, holding chunks d and 2n − 1 − d of 2n in zigzag order: (its even chunk, its odd chunk)."""
+  return [(d, 2 * n - 1 - d) if d % 2 == 0 else (2 * n - 1 - d, d) for d in range(n)]
+
+
+def _zigzag_home(g: int, n: int) -> int:
+  """The device holding chunk g of 2n in zigzag order."""
+  return g if g < n else 2 * n - 1 - g
+
+
+def to_zigzag(x, axis: str, n: int):
+  """Inside shard_map over `axis` of size n: a local [B, T/n, ...] shard of a row in natural order (device r holds
+  chunks 2r and 2r + 1 of 2n) -> the same device's shard of the row in zigzag order (chunks r and 2n − 1 − r), by
+  two `ppermute`s of half a shard."""
+  c = x.shape[1] // 2
+  even = jax.lax.ppermute(x[:, :c], axis, [(r, _zigzag_home(2 * r, n)) for r in range(n)])
+  odd = jax.lax.ppermute(x[:, c:], axis, [(r, _zigzag_home(2 * r + 1, n)) for r in range(n)])
+  first_even = jax.lax.axis_index(axis) % 2 == 0          # device d's first zigzag chunk, d, is even when d is
+  return jnp.concatenate([jnp.where(first_even, even, odd), jnp.where(first_even, odd, even)], axis=1)
+
+
+def from_zigzag(x, axis: str, n: int):
+  """The inverse of `to_zigzag`: a local shard in zigzag order -> the shard in natural order."""
+  c = x.shape[1] // 2
+  first_even = jax.lax.axis_index(axis) % 2 == 0
+  first, second = x[:, :c], x[:, c:]
+  sources = _zigzag_sources(n)
+  sends = lambda which: [(d, chunks[which] // 2) for d, chunks in enumerate(sources)]
+  even = jax.lax.ppermute(jnp.where(first_even, first, second), axis, sends(0))
+  odd = jax.lax.ppermute(jnp.where(first_even, second, first), axis, sends(1))
+  return jnp.concatenate([even, odd], axis=1)
+
+
+def _balanced(plan, q, k, v, pos, seg, prefix):
+  """`_sharded` on rows in natural order, run in zigzag order (module docstring: `balance`)."""
+  there = lambda x: to_zigzag(x, plan.axis, plan.n)
+  o = _sharded(plan, there(q), there(k), there(v), there(pos), there(seg), prefix)
+  return from_zigzag(o, plan.axis, plan.n)
+
+
 def map_shards(body, mesh, in_specs, out_specs):
   """`jax.shard_map` (jax.experimental's on older jax) without replication checks."""
   shard_map = getattr(jax, 'shard_map', None)
@@ -506,17 +551,22 @@ def _structured(segment_ids, window, order) -> bool:
 
 def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str = 'sequence', method: str = 'ring',
                       window: int = 0, scale=None, order: str = 'zigzag', impl: str = 'auto', chunk_size: int = 512,
-                      prefix=None):
+                      prefix=None, balance: bool = False):
   """Causal attention of q [B, T, H, D] over k, v [B, T, KV, D] whose T is sharded over `axis` of `mesh` in token
   order `order` (the data loader's `reorder`): key j is seen by query i when positions[j] ≤ positions[i], same
   segment, within `window`. method: ring | all_gather (module docstring). impl: cudnn (blocks on cuDNN, where
   `cudnn_blocks_supported`), xla (the same block structure on dense XLA blocks), chunked (online softmax in XLA over
   `chunk_size` chunks, any positions and documents) or auto (cudnn where supported, else chunked). `prefix`: keys
   and values [B, P, KV, D] that every query sees, whatever its window and document (persistent tokens), held whole
-  by every device: one more unmasked block, merged by its log-sum-exp."""
+  by every device: one more unmasked block, merged by its log-sum-exp. `balance`: with order 'none', no window and
+  an even shard length, the call runs in zigzag order across the shards (module docstring); the output keeps the
+  natural order."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   seg = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   n = mesh.shape[axis]
+  balance = balance and order == 'none' and not window and n > 1 and (q.shape[1] // n) % 2 == 0
+  if balance:
+    order = 'zigzag'
   structured = _structured(segment_ids, window, order)
   fast = cudnn_blocks_supported(q, segment_ids, window, order)
   if impl == 'cudnn' and not fast:
@@ -543,6 +593,7 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
   if prefix is not None:
     prefix = tuple(x.astype(k.dtype) for x in prefix)
   prefix_spec = None if prefix is None else (P(*kv_spec[:1], None, *kv_spec[2:]),) * 2
-  f = map_shards(functools.partial(_sharded, _Plan(method, blocks, axis, n, prefix_kernel)), mesh,
+  f = map_shards(functools.partial(_balanced if balance else _sharded, _Plan(method, blocks, axis, n, prefix_kernel)),
+                 mesh,
                  (q_spec, kv_spec, kv_spec, row_spec, row_spec, prefix_spec), q_spec)
   return f(q, k, v, positions.astype(jnp.int32), seg, prefix)

@@ -61,6 +61,20 @@ def case(mesh, n, method, order, b, t, h, kv, d, window, docs, seed, prefix_len=
   return result
 
 
+def exchange(devices):
+  """Per sequence-axis size (odd and even): whether to_zigzag of each shard of a row in natural order gives that
+  shard of `reorder(row, n, 'zigzag')`, and from_zigzag brings it back."""
+  out = {}
+  for n in (2, 3, 4, 8):
+    mesh = make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': n}), devices[:n])
+    row = jnp.broadcast_to(jnp.arange(4 * n * 3), (2, 4 * n * 3))
+    spec = jax.sharding.PartitionSpec(None, 'sequence')
+    there = jax.jit(context.map_shards(lambda x: context.to_zigzag(x, 'sequence', n), mesh, (spec,), spec))(row)
+    back = jax.jit(context.map_shards(lambda x: context.from_zigzag(x, 'sequence', n), mesh, (spec,), spec))(there)
+    out[str(n)] = bool((there == context.reorder(row, n, 'zigzag')).all()) and bool((back == row).all())
+  return out
+
+
 def main():
   devices = jax.devices()
   out = {}
@@ -85,6 +99,18 @@ def main():
     for order in ('zigzag', 'none'):
       out[f'{method}_{order}_structured'] = case(mesh, 4, method, order, 2, 48, 6, 2, 16, 0, False, 4, impl='xla')
   out['ring_zigzag_structured_8dev'] = case(mesh8, 8, 'ring', 'zigzag', 1, 64, 5, 5, 8, 0, False, 5, impl='xla')
+  # Rows in natural order balanced inside the call (to zigzag and back): chunked blocks with and without documents,
+  # the structured blocks, persistent tokens, 8 devices with odd heads.
+  for method in ('ring', 'all_gather'):
+    out[f'{method}_none_balanced_gqa'] = case(mesh, 4, method, 'none', 2, 48, 6, 2, 16, 0, False, 8, balance=True)
+    out[f'{method}_none_balanced_docs'] = case(mesh, 4, method, 'none', 2, 40, 3, 3, 8, 0, True, 9, balance=True)
+    out[f'{method}_none_balanced_structured'] = case(mesh, 4, method, 'none', 2, 48, 6, 2, 16, 0, False, 10,
+                                                     impl='xla', balance=True)
+    out[f'{method}_none_balanced_structured_prefix'] = case(mesh, 4, method, 'none', 2, 48, 6, 2, 16, 0, False, 11,
+                                                            prefix_len=4, impl='xla', balance=True)
+  out['ring_none_balanced_structured_8dev'] = case(mesh8, 8, 'ring', 'none', 1, 64, 5, 5, 8, 0, False, 12,
+                                                   impl='xla', balance=True)
+  out['exchange'] = exchange(devices)
   print(json.dumps(out))
 
 
