@@ -258,7 +258,7 @@ def _check_context_parallel(cfg, layers, n: int) -> None:
   order = p.get('load_balance', 'zigzag')
   if order not in ORDERS:
     raise ConfigError('parallel.load_balance', order, f'one of {", ".join(ORDERS)}')
-  if not isinstance(p.get('balance_attention', True), bool):
+  if not isinstance(p.get('balance_attention', False), bool):
     raise ConfigError('parallel.balance_attention', p.balance_attention, 'true or false')
   chunks = 2 * n if order == 'zigzag' else n
   if seq_len % chunks:

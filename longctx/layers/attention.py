@@ -55,7 +55,7 @@ class Attention(registry.Mixer):
     self.max_segments = m.attention.max_segments
     self.context = config.parallel.get('context', 'ring')
     self.order = config.parallel.get('load_balance', 'zigzag')
-    self.balance = config.parallel.get('balance_attention', True)
+    self.balance = config.parallel.get('balance_attention', False)
     n_p = m.attention.persistent_tokens
     self.persistent = param(rngs, (n_p, d), (None, 'embed'), 1.0) if n_p else None
     k_conv = m.attention.get('conv_size', 0)
