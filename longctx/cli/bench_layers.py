@@ -192,9 +192,9 @@ def routing_markdown(env: dict, results: list[dict]) -> str:
 def bench_context(steps: int, lengths=(32768, 65536, 131072, 262144), check_len: int = 8192) -> list[dict]:
   """Context-parallel causal attention over every device on the `sequence` axis (zigzag rows, one document, B1
   H16 D128 bf16) against one device running the whole row on cuDNN: forward+backward time, per-device TFLOP/s
-  and per-device efficiency t_one / (n · t_n). Ring runs on cuDNN blocks (and, at the shortest length, on chunked
-  XLA blocks); all-gather on chunked XLA blocks; the ring also on rows in natural order, unbalanced and balanced
-  inside the call (`balance`). First the sharded paths' error against the one-device cuDNN result (output and
+  and per-device efficiency t_one / (n · t_n). Ring and all-gather run on cuDNN blocks (and, at the shortest
+  length, on chunked XLA blocks); the ring also on rows in natural order, unbalanced and balanced inside the call
+  (`balance`). First the sharded paths' error against the one-device cuDNN result (output and
   gradients) at `check_len`."""
   import ml_collections
   from longctx.parallel import context
