@@ -355,14 +355,12 @@ def _sharded_bwd(plan, res, do):
 _sharded.defvjp(_sharded_fwd, _sharded_bwd)
 
 
-def _zigzag_sources(n: int):
-  """For each device d, holding chunks d and 2n − 1 − d of 2n in zigzag order: (its even chunk, its odd chunk)."""
-  return [(d, 2 * n - 1 - d) if d % 2 == 0 else (2 * n - 1 - d, d) for d in range(n)]
-
-
-def _zigzag_home(g: int, n: int) -> int:
-  """The device holding chunk g of 2n in zigzag order."""
-  return g if g < n else 2 * n - 1 - g
+def _zigzag_moves(n: int) -> list[list[tuple[int, int]]]:
+  """`ppermute` pairs taking each device's first half-shard of a row in natural order (chunk 2r of 2n on device r),
+  then its second (chunk 2r + 1), to the device holding that chunk in zigzag order (chunk g on device g, or on
+  2n − 1 − g for g ≥ n)."""
+  home = lambda g: g if g < n else 2 * n - 1 - g
+  return [[(r, home(2 * r + half)) for r in range(n)] for half in (0, 1)]
 
 
 def to_zigzag(x, axis: str, n: int):
@@ -370,21 +368,23 @@ def to_zigzag(x, axis: str, n: int):
   chunks 2r and 2r + 1 of 2n) -> the same device's shard of the row in zigzag order (chunks r and 2n − 1 − r), by
   two `ppermute`s of half a shard."""
   c = x.shape[1] // 2
-  even = jax.lax.ppermute(x[:, :c], axis, [(r, _zigzag_home(2 * r, n)) for r in range(n)])
-  odd = jax.lax.ppermute(x[:, c:], axis, [(r, _zigzag_home(2 * r + 1, n)) for r in range(n)])
+  even_moves, odd_moves = _zigzag_moves(n)
+  even = jax.lax.ppermute(x[:, :c], axis, even_moves)
+  odd = jax.lax.ppermute(x[:, c:], axis, odd_moves)
   first_even = jax.lax.axis_index(axis) % 2 == 0          # device d's first zigzag chunk, d, is even when d is
   return jnp.concatenate([jnp.where(first_even, even, odd), jnp.where(first_even, odd, even)], axis=1)
 
 
 def from_zigzag(x, axis: str, n: int):
-  """The inverse of `to_zigzag`: a local shard in zigzag order -> the shard in natural order."""
+  """The inverse of `to_zigzag` (the same moves reversed): a local shard in zigzag order -> the shard in natural
+  order."""
   c = x.shape[1] // 2
-  first_even = jax.lax.axis_index(axis) % 2 == 0
   first, second = x[:, :c], x[:, c:]
-  sources = _zigzag_sources(n)
-  sends = lambda which: [(d, chunks[which] // 2) for d, chunks in enumerate(sources)]
-  even = jax.lax.ppermute(jnp.where(first_even, first, second), axis, sends(0))
-  odd = jax.lax.ppermute(jnp.where(first_even, second, first), axis, sends(1))
+  first_even = jax.lax.axis_index(axis) % 2 == 0
+  back = lambda moves: [(dst, src) for src, dst in moves]
+  even_moves, odd_moves = _zigzag_moves(n)
+  even = jax.lax.ppermute(jnp.where(first_even, first, second), axis, back(even_moves))
+  odd = jax.lax.ppermute(jnp.where(first_even, second, first), axis, back(odd_moves))
   return jnp.concatenate([even, odd], axis=1)
 
 
@@ -593,7 +593,6 @@ def context_attention(q, k, v, positions, segment_ids=None, *, mesh, axis: str =
   if prefix is not None:
     prefix = tuple(x.astype(k.dtype) for x in prefix)
   prefix_spec = None if prefix is None else (P(*kv_spec[:1], None, *kv_spec[2:]),) * 2
-  f = map_shards(functools.partial(_balanced if balance else _sharded, _Plan(method, blocks, axis, n, prefix_kernel)),
-                 mesh,
-                 (q_spec, kv_spec, kv_spec, row_spec, row_spec, prefix_spec), q_spec)
+  body = functools.partial(_balanced if balance else _sharded, _Plan(method, blocks, axis, n, prefix_kernel))
+  f = map_shards(body, mesh, (q_spec, kv_spec, kv_spec, row_spec, row_spec, prefix_spec), q_spec)
   return f(q, k, v, positions.astype(jnp.int32), seg, prefix)
