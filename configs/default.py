@@ -104,6 +104,7 @@ def get_config(arg=None):
   c.data.mqar = ml_collections.ConfigDict(   # source 'mqar' (Zoology's multi-query associative recall)
       {'vocab': 8192, 'num_pairs': 16, 'power_a': 0.01, 'random_non_queries': False})
   c.data.niah_fraction = 0.0          # text sources: share of training rows turned into S-NIAH needle rows
+  c.data.niah_scored = 'text'         # text | answer: needle rows scored as text or only at the value's digits
   c.data.num_threads = 4
   c.data.prefetch = 8
 

@@ -128,8 +128,27 @@ def test_needle_rows_replace_their_share_of_training_rows_and_resume_exactly():
   assert not _needle_rows(take(iter(data.dataset(cfg, 'validation')), 4))
 
 
+def test_needle_rows_scored_at_the_answer_only_weigh_its_digits_and_leave_text_rows_whole():
+  cfg = small_config(**{'data.seq_len': 256, 'train.batch_size': 8, 'data.niah_fraction': 0.5,
+                        'data.niah_scored': 'answer'})
+  batches = take(iter(data.dataset(cfg, 'train')), 4)
+  seen = {True: 0, False: 0}
+  for b in batches:
+    targets, weights = data.next_token_targets(b)
+    for row, mask, target, weight in zip(b['tokens'], b['loss_mask'], targets, weights):
+      needle = b'special magic number' in bytes(row[row < 256].astype(np.uint8))
+      seen[needle] += 1
+      if needle:
+        assert mask.sum() == 7 and mask[-7:].all()
+        assert bytes(target[weight > 0].astype(np.uint8)).isdigit() and weight.sum() == 7
+      else:
+        assert mask.all()
+  assert seen[True] and seen[False]
+
+
 @pytest.mark.parametrize('overrides,field', [
     ({'data.niah_fraction': 1.5}, 'data.niah_fraction'),
+    ({'data.niah_fraction': 0.2, 'data.niah_scored': 'digits'}, 'data.niah_scored'),
     ({'data.niah_fraction': 0.2, 'data.source': 'mqar'}, 'data.niah_fraction'),
     ({'data.niah_fraction': 0.2, 'data.seq_len': 64}, 'data.seq_len'),
 ])

@@ -74,7 +74,7 @@ def test_shipped_sweeps_expand_into_valid_configs():
   from tests.conftest import ROOT
   for name in ('learning_rate.py', 'hybrid_ratio.py', 'hybrid_ratio.py:scale=small,linear=gla', 'mqar_mixers.py',
                'mqar_mixers.py:scale=small,steps=8000,batch=256,lr=0.003', 'mqar_mixers.py:ratio=1:0',
-               'titans_wirings.py', 'titans_wirings.py:niah=0.25,steps=2000,batch=32', 'mqar_titans.py',
+               'titans_wirings.py', 'titans_wirings.py:niah=0.25,steps=2000,batch=32,scored=answer', 'mqar_titans.py',
                'mqar_titans.py:scale=small'):
     spec = config_lib.load_file(os.path.join(ROOT, 'configs', 'sweeps', name))
     for run in sweep.expand(spec):

@@ -138,7 +138,7 @@ def dataset(config, split: str, *, process_index: int = 0, process_count: int = 
   if needs_packing:
     ds = _pack(ds, d.seq_len)
   if split == 'train' and d.get('niah_fraction', 0.0):
-    ds = ds.random_map(needles.into_rows(d.niah_fraction), seed=config.seed)
+    ds = ds.random_map(needles.into_rows(d.niah_fraction, d.get('niah_scored', 'text')), seed=config.seed)
   ds = ds.batch(config.train.batch_size // process_count, drop_remainder=True)
   n = _sequence_shards(config)
   if n > 1:

@@ -6,7 +6,9 @@ A row is text with one needle line at a chosen depth, then the question and its 
     ... text ... The special magic number for {key} is {value}. ... text ...
     What is the special magic number for {key}? The special magic number for {key} is {value}
 
-keys two random words, values seven random digits, both fresh per row.
+keys two random words, values seven random digits, both fresh per row. Training rows are scored as ordinary text
+(`data.niah_scored = 'text'`) or, with 'answer', only at the value's digits: every row then carries a `loss_mask`,
+all ones for plain text rows, so that a small model's gradient is spent on the retrieval rather than on the filler.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ WORDS = ('amber', 'basil', 'cedar', 'delta', 'ember', 'fjord', 'garnet', 'harbor
          'lilac', 'maple', 'nectar', 'onyx', 'pepper', 'quartz', 'raven', 'saffron', 'thistle', 'umber', 'violet',
          'willow', 'xenon', 'yarrow', 'zephyr')
 VALUE_DIGITS = 7
+SCORED = ('text', 'answer')
 
 
 def _overhead(key_len: int) -> int:
@@ -60,23 +63,31 @@ def check_config(config) -> None:
   if fraction and d.source not in ('stdlib', 'text'):
     raise ConfigError('data.niah_fraction', fraction, f'0 with data.source={d.source} (needles go into byte-level '
                       'text: stdlib or text)')
+  scored = d.get('niah_scored', 'text')
+  if scored not in SCORED:
+    raise ConfigError('data.niah_scored', scored, f'one of {", ".join(SCORED)}')
   if fraction and d.seq_len <= OVERHEAD:
     raise ConfigError('data.seq_len', d.seq_len, f'more than {OVERHEAD} bytes to hold a needle row '
                       f'(data.niah_fraction={fraction})')
 
 
-def into_rows(fraction: float):
+def into_rows(fraction: float, scored: str = 'text'):
   """A grain random map turning that fraction of packed text rows into needle rows built from their own bytes
-  (one document, the needle at a uniform depth, scored as ordinary text)."""
+  (one document, the needle at a uniform depth), scored as ordinary text or only at the answer (`SCORED`)."""
+  answer_only = scored == 'answer'
 
   def transform(row, rng: np.random.Generator):
-    if rng.random() >= fraction:
-      return row
     length = len(row['tokens'])
+    text = {**row, 'loss_mask': np.ones(length, np.int32)} if answer_only else row
+    if rng.random() >= fraction:
+      return text
     filler = row['tokens'][row['tokens'] < 256].astype(np.uint8)
     if len(filler) <= length - _LEAST_OVERHEAD:       # less text than the shortest key leaves room for
-      return row
-    tokens, _ = make_row(rng, filler, length, rng.random())
-    return {'tokens': tokens, 'segment_ids': np.ones(length, np.int32), 'positions': np.arange(length, dtype=np.int32)}
+      return text
+    tokens, mask = make_row(rng, filler, length, rng.random())
+    out = {'tokens': tokens, 'segment_ids': np.ones(length, np.int32), 'positions': np.arange(length, dtype=np.int32)}
+    if answer_only:
+      out['loss_mask'] = np.roll(mask, 1)             # the value bytes themselves
+    return out
 
   return transform
