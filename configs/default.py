@@ -83,7 +83,7 @@ def get_config(arg=None):
   c.model.titans.anchor_batch = 0     # tokens whose gradients share one memory state (the paper's b); 0 = chunk_size
   c.model.titans.gate_granularity = 'token'  # token | chunk (gates held at each anchor batch's first token)
   c.model.titans.forget_gate = 'head' # head | channel (α per head, or per channel of the memory)
-  c.model.titans.kernel = 'auto'      # the memory pass: auto (= jax today) | pallas (GPU kernel) | jax
+  c.model.titans.kernel = 'auto'      # the memory pass: auto (= jax today) | pallas (GPU or TPU kernel) | jax
   c.model.titans.max_lr = 0.1         # θ = max_lr · σ(W_θ x): the inner learning rate's bound
   c.model.titans.grad_clip = 1.0      # per-token inner-gradient norm bound (0: none)
   c.model.titans.conv_size = 4

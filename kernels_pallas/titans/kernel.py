@@ -21,7 +21,8 @@ and r₁ per token in a scratch output), then takes the reads' and the state upd
 through the LayerNorm (`jax.vjp` of δ₂(z₂, k, v) inside the kernel), and the keys' forward pass (pass D).
 
 Lowered through Pallas' Triton lowering (refs, `pl.ds`, dots, loops only), and run on CPU in interpret mode for
-the tests. Shapes: C, D and `block` powers of two ≥ 16, H a multiple of `block`.
+the tests. The per-batch arithmetic (`_fwd_step`, `_bwd_step`) is shared with the TPU kernel (`tpu`), which keeps the
+state in VMEM instead and takes one grid step per batch. Shapes: C, D and `block` powers of two ≥ 16, H a multiple of `block`.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Options(NamedTuple):
   interpret: bool = False
   num_warps: int = 8
   precision: str = 'tf32'
+  backend: str = 'gpu'          # gpu: Triton lowering, one program a memory; tpu: Mosaic TPU (`tpu`)
 
 
 def supported(spec: memory.MemorySpec, chunk: int, per_channel: bool) -> tuple[bool, str]:
@@ -230,12 +232,20 @@ def _copy(dsts, srcs, n_blocks, block):
   jax.lax.fori_loop(0, n_blocks, body, 0)
 
 
+def _fwd_step(opts, n_blocks, ins, state, scratch, keep=None):
+  """One batch: o [C, D] from the [C, ·] operands `ins`, the state refs (W₁, W₂, S₁, S₂) moved to the batch's end,
+  the entering state copied through `keep` (setters) when given."""
+  W1, W2, S1, S2 = state
+  o, *_ = _batch(opts, n_blocks, _views(W1), _views(W2), _views(S1), _views(S2), *ins, *scratch,
+                 update=(_setter(W1, True), _setter(W2, False), _setter(S1, True), _setter(S2, False)), keep=keep)
+  return o
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref, dm_ref, e_ref, w1_in, w2_in, s1_in, s2_in,
                 *outs, opts, n_chunks, store):
   o_ref, W1, W2, S1, S2 = outs[:5]
   rest = list(outs[5:])
   stored = [rest.pop(0) for _ in range(4)] if store else None
-  Z1, DZ1 = rest
   d, h = w1_in.shape
   n_blocks = h // opts.block
   c = opts.chunk
@@ -243,145 +253,152 @@ def _fwd_kernel(q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref, dm_ref, e_ref
 
   def body(n, _):
     rows = pl.ds(n * c, c)
-    load = lambda ref: ref[rows, :].astype(jnp.float32)
-    q, k, v, th, A, B, Cm, Dm, E = (load(r) for r in (q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref, dm_ref,
-                                                     e_ref))
+    ins = [ref[rows, :].astype(jnp.float32) for ref in (q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref, dm_ref,
+                                                        e_ref)]
     keep = None
     if store:
       keep = [_setter(ref, i % 2 == 0, n * size, size) for i, (ref, size) in enumerate(zip(stored, (d, h, d, h)))]
-    o, *_ = _batch(opts, n_blocks, _views(W1), _views(W2), _views(S1), _views(S2), q, k, v, th, A, B, Cm, Dm, E,
-                   Z1, DZ1, update=(_setter(W1, True), _setter(W2, False), _setter(S1, True), _setter(S2, False)),
-                   keep=keep)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
+    o_ref[rows, :] = _fwd_step(opts, n_blocks, ins, (W1, W2, S1, S2), rest, keep).astype(o_ref.dtype)
     return 0
 
   jax.lax.fori_loop(0, n_chunks, body, 0)
 
 
+def _bwd_step(opts, n_blocks, ins, do, state, grads, scratch):
+  """One batch in reverse: from the state entering it (views W₁, W₂, S₁, S₂), dO and the gradient of the state
+  leaving it (refs, turned in place into the gradient of the entering state), the gradients of the batch's operands
+  (dq, dk, dv, dθ, dA, dB, dC, dD, dE)."""
+  act, d_act, dd_act = _derivatives(opts.activation)
+  q, k, v, th, A, B, Cm, Dm, E = ins
+  W1, W2, S1, S2 = state
+  dW1, dW2, dS1, dS2 = grads
+  Z1, DZ1, R1, DDZ1, DH1 = scratch
+  c, d = q.shape
+  bl, prec = opts.block, opts.precision
+  dot = functools.partial(_dot, precision=prec)
+  all_ = slice(None)
+  o, r2, p2, bt = _batch(opts, n_blocks, W1, W2, S1, S2, q, k, v, th, A, B, Cm, Dm, E, Z1, DZ1, R1=R1)
+  del o
+  last = lambda x: jnp.sum(_pick(x, c - 1, 0))
+  a_c, b_c, e = last(A), last(B), jnp.sum(_pick(E, 0, 0))
+  m1 = bt.p1 * bt.coef
+  # The read's output norm and the second layer's dual term.
+  _, ln_back = jax.vjp(memory.layer_norm, r2)
+  dr2 = ln_back(do)[0]
+  x2 = -dot(dr2, bt.dz2, trans_y=True)
+  dcoef = p2 * x2
+  dp2 = bt.coef * x2
+  ddz2 = -dot(p2 * bt.coef, dr2, trans_x=True)
+  zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+
+  def pass_b(j, carry):
+    dA, dB, dq, dk, ddz2, x1, dcl, ddl, da_c, db_c, de = carry
+    js = pl.ds(j * bl, bl)
+    w1, s1, w2, s2 = W1(all_, js), S1(all_, js), W2(js, all_), S2(js, all_)
+    z1, dz1, r1 = Z1[:, js], DZ1[:, js], R1[:, js]
+    h1, hq = act(z1), act(r1)
+    y1, u1, y2, u2 = dW1[:, js], dS1[:, js], dW2[js, :], dS2[js, :]
+    # Second layer: the read, then the state update.
+    u = dot(dr2, w2, trans_y=True)
+    wv = dot(dr2, s2, trans_y=True)
+    dA, dB = dA + _rowsum(u * hq), dB + _rowsum(wv * hq)
+    dhq = A * u + B * wv + dot(dp2, h1)
+    dh1 = dot(dp2, hq, trans_x=True)
+    hy, hz = dot(h1, y2), dot(h1, u2)
+    ddz2 = ddz2 - bt.cl * hy - bt.dl * hz
+    dcl, ddl = dcl - _rowsum(hy * bt.dz2), ddl - _rowsum(hz * bt.dz2)
+    dh1 = dh1 - bt.cl * dot(bt.dz2, y2, trans_y=True) - bt.dl * dot(bt.dz2, u2, trans_y=True)
+    da_c, db_c, de = da_c + jnp.sum(y2 * w2), db_c + jnp.sum(y2 * s2), de + jnp.sum(u2 * s2)
+    dW2[js, :] = dot(hq, A * dr2, trans_x=True) + a_c * y2
+    dS2[js, :] = dot(hq, B * dr2, trans_x=True) + b_c * y2 + e * u2
+    # First layer.
+    dr1 = dhq * d_act(r1)
+    dA = dA + _rowsum(dr1 * dot(q, w1))
+    dB = dB + _rowsum(dr1 * dot(q, s1))
+    dq = dq + dot(A * dr1, w1, trans_y=True) + dot(B * dr1, s1, trans_y=True)
+    x1 = x1 - dot(dr1, dz1, trans_y=True)
+    ky, kz = dot(k, y1), dot(k, u1)
+    ddz1 = -dot(m1, dr1, trans_x=True) - bt.cl * ky - bt.dl * kz
+    dcl, ddl = dcl - _rowsum(ky * dz1), ddl - _rowsum(kz * dz1)
+    dk = dk - bt.cl * dot(dz1, y1, trans_y=True) - bt.dl * dot(dz1, u1, trans_y=True)
+    da_c, db_c, de = da_c + jnp.sum(y1 * w1), db_c + jnp.sum(y1 * s1), de + jnp.sum(u1 * s1)
+    dW1[:, js] = dot(q, A * dr1, trans_x=True) + a_c * y1
+    dS1[:, js] = dot(q, B * dr1, trans_x=True) + b_c * y1 + e * u1
+    DDZ1[:, js] = ddz1
+    DH1[:, js] = dh1
+    return dA, dB, dq, dk, ddz2, x1, dcl, ddl, da_c, db_c, de
+
+  s0 = jnp.zeros((), jnp.float32)
+  dA, dB, dq, dk, ddz2, x1, dcl, ddl, da_c, db_c, de = jax.lax.fori_loop(
+      0, n_blocks, pass_b, (zeros(c, 1), zeros(c, 1), do, zeros(c, d), ddz2, zeros(c, c), zeros(c, 1),
+                            zeros(c, 1), s0, s0, s0))
+  dp1 = bt.coef * x1
+  dq = dq + dot(dp1, k)
+  dk = dk + dot(dp1, q, trans_x=True)
+  dcoef = dcoef + bt.p1 * x1
+  # Γ = C ⊙ θ̃ (columns), its last row, and D θ̃.
+  thc_row = jnp.transpose(bt.thc)
+  dcm = dcoef * thc_row
+  is_last = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) == c - 1
+  dcm = dcm + jnp.where(is_last, jnp.transpose(dcl) * thc_row, 0.0)
+  dthc = jnp.transpose(jnp.sum(dcoef * Cm, axis=0, keepdims=True))
+  dthc = dthc + dcl * jnp.transpose(_pick(Cm, c - 1, 0)) + ddl * Dm
+  ddm = ddl * bt.thc
+  first_row = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+  dA = dA + jnp.where(first_row == c - 1, da_c, 0.0)
+  dB = dB + jnp.where(first_row == c - 1, db_c, 0.0)
+  # The clip.
+  dth = dthc * bt.scale
+  dsq = dthc * th * bt.d_scale
+  ksq, n2 = bt.ksq, bt.n2
+  dk = dk + 2 * k * bt.n1 * dsq
+  ddz2 = ddz2 + 2 * bt.dz2 * bt.hsq * dsq
+
+  def pass_c(j, ddz2):
+    js = pl.ds(j * bl, bl)
+    ddz1 = DDZ1[:, js] + 2 * DZ1[:, js] * ksq * dsq
+    DDZ1[:, js] = ddz1
+    return ddz2 + dot(ddz1 * d_act(Z1[:, js]), W2(js, all_))
+
+  ddz2 = jax.lax.fori_loop(0, n_blocks, pass_c, ddz2)
+  _, keys_back = jax.vjp(_keys_delta, bt.z2, k, v)
+  dz2pre, dk_keys, dv = keys_back(ddz2)
+  dk = dk + dk_keys
+
+  def pass_d(j, dk):
+    js = pl.ds(j * bl, bl)
+    w1, w2 = W1(all_, js), W2(js, all_)
+    z1 = Z1[:, js]
+    h1, ddz1 = act(z1), DDZ1[:, js]
+    t = ddz1 * d_act(z1)
+    dz1pre = ddz1 * dot(bt.dz2, w2, trans_y=True) * dd_act(z1)
+    dh1 = DH1[:, js] + 2 * h1 * n2 * dsq + dot(dz2pre, w2, trans_y=True)
+    dz1 = dh1 * d_act(z1) + dz1pre
+    dW2[js, :] = dW2[js, :] + dot(t, bt.dz2, trans_x=True) + dot(h1, dz2pre, trans_x=True)
+    dW1[:, js] = dW1[:, js] + dot(k, dz1, trans_x=True)
+    return dk + dot(dz1, w1, trans_y=True)
+
+  dk = jax.lax.fori_loop(0, n_blocks, pass_d, dk)
+  return dq, dk, dv, dth, dA, dB, dcm, ddm, jnp.where(first_row == 0, de, 0.0)
+
+
 def _bwd_kernel(q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref, dm_ref, e_ref, w1s, w2s, s1s, s2s, do_ref,
                 dw1_in, dw2_in, ds1_in, ds2_in,
                 dq_ref, dk_ref, dv_ref, dth_ref, da_ref, db_ref, dcm_ref, ddm_ref, de_ref, dW1, dW2, dS1, dS2,
-                Z1, DZ1, R1, DDZ1, DH1, *, opts, n_chunks):
-  act, d_act, dd_act = _derivatives(opts.activation)
+                *scratch, opts, n_chunks):
   d, h = dw1_in.shape
   n_blocks = h // opts.block
-  bl, c, prec = opts.block, opts.chunk, opts.precision
+  c = opts.chunk
   _copy((dW1, dW2, dS1, dS2), (dw1_in, dw2_in, ds1_in, ds2_in), n_blocks, opts.block)
-  dot = functools.partial(_dot, precision=prec)
-  all_ = slice(None)
 
   def body(i, _):
     n = n_chunks - 1 - i
     rows = pl.ds(n * c, c)
-    load = lambda ref: ref[rows, :].astype(jnp.float32)
-    q, k, v, th, A, B, Cm, Dm, E, do = (load(r) for r in (q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref,
-                                                          dm_ref, e_ref, do_ref))
-    W1, S1 = _views(w1s, n * d, d), _views(s1s, n * d, d)
-    W2, S2 = _views(w2s, n * h, h), _views(s2s, n * h, h)
-    o, r2, p2, bt = _batch(opts, n_blocks, W1, W2, S1, S2, q, k, v, th, A, B, Cm, Dm, E, Z1, DZ1, R1=R1)
-    del o
-    last = lambda x: jnp.sum(_pick(x, c - 1, 0))
-    a_c, b_c, e = last(A), last(B), jnp.sum(_pick(E, 0, 0))
-    m1 = bt.p1 * bt.coef
-    # The read's output norm and the second layer's dual term.
-    _, ln_back = jax.vjp(memory.layer_norm, r2)
-    dr2 = ln_back(do)[0]
-    x2 = -dot(dr2, bt.dz2, trans_y=True)
-    dcoef = p2 * x2
-    dp2 = bt.coef * x2
-    ddz2 = -dot(p2 * bt.coef, dr2, trans_x=True)
-    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
-
-    def pass_b(j, carry):
-      dA, dB, dq, dk, ddz2, x1, dcl, ddl, da_c, db_c, de = carry
-      js = pl.ds(j * bl, bl)
-      w1, s1, w2, s2 = W1(all_, js), S1(all_, js), W2(js, all_), S2(js, all_)
-      z1, dz1, r1 = Z1[:, js], DZ1[:, js], R1[:, js]
-      h1, hq = act(z1), act(r1)
-      y1, u1, y2, u2 = dW1[:, js], dS1[:, js], dW2[js, :], dS2[js, :]
-      # Second layer: the read, then the state update.
-      u = dot(dr2, w2, trans_y=True)
-      wv = dot(dr2, s2, trans_y=True)
-      dA, dB = dA + _rowsum(u * hq), dB + _rowsum(wv * hq)
-      dhq = A * u + B * wv + dot(dp2, h1)
-      dh1 = dot(dp2, hq, trans_x=True)
-      hy, hz = dot(h1, y2), dot(h1, u2)
-      ddz2 = ddz2 - bt.cl * hy - bt.dl * hz
-      dcl, ddl = dcl - _rowsum(hy * bt.dz2), ddl - _rowsum(hz * bt.dz2)
-      dh1 = dh1 - bt.cl * dot(bt.dz2, y2, trans_y=True) - bt.dl * dot(bt.dz2, u2, trans_y=True)
-      da_c, db_c, de = da_c + jnp.sum(y2 * w2), db_c + jnp.sum(y2 * s2), de + jnp.sum(u2 * s2)
-      dW2[js, :] = dot(hq, A * dr2, trans_x=True) + a_c * y2
-      dS2[js, :] = dot(hq, B * dr2, trans_x=True) + b_c * y2 + e * u2
-      # First layer.
-      dr1 = dhq * d_act(r1)
-      dA = dA + _rowsum(dr1 * dot(q, w1))
-      dB = dB + _rowsum(dr1 * dot(q, s1))
-      dq = dq + dot(A * dr1, w1, trans_y=True) + dot(B * dr1, s1, trans_y=True)
-      x1 = x1 - dot(dr1, dz1, trans_y=True)
-      ky, kz = dot(k, y1), dot(k, u1)
-      ddz1 = -dot(m1, dr1, trans_x=True) - bt.cl * ky - bt.dl * kz
-      dcl, ddl = dcl - _rowsum(ky * dz1), ddl - _rowsum(kz * dz1)
-      dk = dk - bt.cl * dot(dz1, y1, trans_y=True) - bt.dl * dot(dz1, u1, trans_y=True)
-      da_c, db_c, de = da_c + jnp.sum(y1 * w1), db_c + jnp.sum(y1 * s1), de + jnp.sum(u1 * s1)
-      dW1[:, js] = dot(q, A * dr1, trans_x=True) + a_c * y1
-      dS1[:, js] = dot(q, B * dr1, trans_x=True) + b_c * y1 + e * u1
-      DDZ1[:, js] = ddz1
-      DH1[:, js] = dh1
-      return dA, dB, dq, dk, ddz2, x1, dcl, ddl, da_c, db_c, de
-
-    s0 = jnp.zeros((), jnp.float32)
-    dA, dB, dq, dk, ddz2, x1, dcl, ddl, da_c, db_c, de = jax.lax.fori_loop(
-        0, n_blocks, pass_b, (zeros(c, 1), zeros(c, 1), do, zeros(c, d), ddz2, zeros(c, c), zeros(c, 1),
-                              zeros(c, 1), s0, s0, s0))
-    dp1 = bt.coef * x1
-    dq = dq + dot(dp1, k)
-    dk = dk + dot(dp1, q, trans_x=True)
-    dcoef = dcoef + bt.p1 * x1
-    # Γ = C ⊙ θ̃ (columns), its last row, and D θ̃.
-    thc_row = jnp.transpose(bt.thc)
-    dcm = dcoef * thc_row
-    is_last = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) == c - 1
-    dcm = dcm + jnp.where(is_last, jnp.transpose(dcl) * thc_row, 0.0)
-    dthc = jnp.transpose(jnp.sum(dcoef * Cm, axis=0, keepdims=True))
-    dthc = dthc + dcl * jnp.transpose(_pick(Cm, c - 1, 0)) + ddl * Dm
-    ddm = ddl * bt.thc
-    first_row = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0)
-    dA = dA + jnp.where(first_row == c - 1, da_c, 0.0)
-    dB = dB + jnp.where(first_row == c - 1, db_c, 0.0)
-    # The clip.
-    dth = dthc * bt.scale
-    dsq = dthc * th * bt.d_scale
-    ksq, n2 = bt.ksq, bt.n2
-    dk = dk + 2 * k * bt.n1 * dsq
-    ddz2 = ddz2 + 2 * bt.dz2 * bt.hsq * dsq
-
-    def pass_c(j, ddz2):
-      js = pl.ds(j * bl, bl)
-      ddz1 = DDZ1[:, js] + 2 * DZ1[:, js] * ksq * dsq
-      DDZ1[:, js] = ddz1
-      return ddz2 + dot(ddz1 * d_act(Z1[:, js]), W2(js, all_))
-
-    ddz2 = jax.lax.fori_loop(0, n_blocks, pass_c, ddz2)
-    _, keys_back = jax.vjp(_keys_delta, bt.z2, k, v)
-    dz2pre, dk_keys, dv = keys_back(ddz2)
-    dk = dk + dk_keys
-
-    def pass_d(j, dk):
-      js = pl.ds(j * bl, bl)
-      w1, w2 = W1(all_, js), W2(js, all_)
-      z1 = Z1[:, js]
-      h1, ddz1 = act(z1), DDZ1[:, js]
-      t = ddz1 * d_act(z1)
-      dz1pre = ddz1 * dot(bt.dz2, w2, trans_y=True) * dd_act(z1)
-      dh1 = DH1[:, js] + 2 * h1 * n2 * dsq + dot(dz2pre, w2, trans_y=True)
-      dz1 = dh1 * d_act(z1) + dz1pre
-      dW2[js, :] = dW2[js, :] + dot(t, bt.dz2, trans_x=True) + dot(h1, dz2pre, trans_x=True)
-      dW1[:, js] = dW1[:, js] + dot(k, dz1, trans_x=True)
-      return dk + dot(dz1, w1, trans_y=True)
-
-    dk = jax.lax.fori_loop(0, n_blocks, pass_d, dk)
-    for ref, val in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv), (dth_ref, dth), (da_ref, dA), (db_ref, dB),
-                     (dcm_ref, dcm), (ddm_ref, ddm), (de_ref, jnp.where(first_row == 0, de, 0.0))):
+    ins = [ref[rows, :].astype(jnp.float32) for ref in (q_ref, k_ref, v_ref, th_ref, a_ref, b_ref, cm_ref, dm_ref,
+                                                        e_ref)]
+    state = (_views(w1s, n * d, d), _views(w2s, n * h, h), _views(s1s, n * d, d), _views(s2s, n * h, h))
+    out = _bwd_step(opts, n_blocks, ins, do_ref[rows, :].astype(jnp.float32), state, (dW1, dW2, dS1, dS2), scratch)
+    for ref, val in zip((dq_ref, dk_ref, dv_ref, dth_ref, da_ref, db_ref, dcm_ref, ddm_ref, de_ref), out):
       ref[rows, :] = val.astype(ref.dtype)
     return 0
 
@@ -404,6 +421,9 @@ def _call(kernel, opts, bh, inputs, out_shapes, name):
 
 
 def _forward(opts, args, store):
+  if opts.backend == 'tpu':
+    from kernels_pallas.titans import tpu
+    return tpu.forward(opts, args, store)
   q, k, v, th, A, B, Cm, Dm, E, W1, W2, S1, S2 = args
   bh, t, d = q.shape
   h = W1.shape[-1]
@@ -431,6 +451,10 @@ def _memory_bwd(opts, args, grads):
   bh, t, d = q.shape
   h = W1.shape[-1]
   stored = _forward(opts, args, store=True)[5:9]
+  if opts.backend == 'tpu':
+    from kernels_pallas.titans import tpu
+    out = tpu.backward(opts, args, stored, do, (dW1, dW2, dS1, dS2))
+    return tuple(g.astype(x.dtype) for g, x in zip(out, args))
   kernel = functools.partial(_bwd_kernel, opts=opts, n_chunks=t // opts.chunk)
   shapes = [(t, d)] * 3 + [(t, 1)] * 3 + [(t, opts.chunk), (t, 1), (t, 1), (d, h), (h, d), (d, h), (h, d)]
   shapes += [(opts.chunk, h)] * 5

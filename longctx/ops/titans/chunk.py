@@ -168,18 +168,19 @@ _logged: set[tuple] = set()
 
 
 def choose(requested: str, spec, anchor: int, per_channel: bool, platform: str) -> str:
-  """'pallas', 'pallas_interpret' or 'jax' for this memory (kernels_pallas.titans: a GPU kernel, taken only when
-  asked for); a forced kernel that cannot apply raises, saying why. The choice is logged once per shape."""
+  """'pallas', 'pallas_interpret' or 'jax' for this memory (kernels_pallas.titans: a GPU and a TPU kernel, taken only
+  when asked for); a forced kernel that cannot apply raises, saying why. The choice is logged once per shape."""
   from kernels_pallas.titans import supported
   if requested not in KERNELS:
     raise ValueError(f'model.titans.kernel = {requested!r}: expected one of {", ".join(KERNELS)}')
   ok, why = supported(spec, anchor, per_channel)
   if requested in ('pallas', 'pallas_interpret') and not ok:
     raise ValueError(f'model.titans.kernel = {requested}: {why}')
-  if requested == 'pallas' and platform != 'gpu':
-    raise ValueError(f'model.titans.kernel = pallas needs a GPU (platform {platform}); pallas_interpret runs the '
-                     'kernel on any platform, slowly')
-  # auto takes the jax form: the kernel measured slower on the H100 at every batch size tried (benchmarks/titans-*).
+  if requested == 'pallas' and platform not in ('gpu', 'tpu'):
+    raise ValueError(f'model.titans.kernel = pallas needs a GPU or TPU (platform {platform}); pallas_interpret runs '
+                     'the kernel on any platform, slowly')
+  # auto takes the jax form: the GPU kernel measured slower on the H100 at every batch size tried
+  # (benchmarks/titans-*); the TPU kernel has not been timed on a TPU.
   choice = requested if requested != 'auto' else 'jax'
   key = (choice, requested, platform, spec, anchor, per_channel)
   if key not in _logged:
@@ -189,8 +190,9 @@ def choose(requested: str, spec, anchor: int, per_channel: bool, platform: str) 
   return choice
 
 
-def _kernel_pass(spec, choice, xs, state):
-  """The whole pass through kernels_pallas.titans on [N, B, H, C, ...] operands (no document starts)."""
+def _kernel_pass(spec, choice, xs, state, platform):
+  """The whole pass through kernels_pallas.titans on [N, B, H, C, ...] operands (no document starts): the TPU kernel
+  on a TPU, the GPU kernel elsewhere (in interpret mode off the GPU)."""
   from kernels_pallas.titans import Options, memory_pass
   qs, ks, vs, th, A, B, Cm, E, D = xs
   n, b, h, c = th.shape
@@ -199,7 +201,8 @@ def _kernel_pass(spec, choice, xs, state):
   heads = lambda w: w.reshape((b * h,) + w.shape[2:])
   hidden = state['weights'][0].shape[-1]
   opts = Options(chunk=c, activation=spec.activation, grad_clip=spec.grad_clip, block=math.gcd(32, hidden),
-                 interpret=choice == 'pallas_interpret')
+                 interpret=choice == 'pallas_interpret',
+                 backend='tpu' if platform == 'tpu' and choice == 'pallas' else 'gpu')
   o, weights, momentum = memory_pass(
       rows(qs), rows(ks), rows(vs), col(th), col(A), col(B), rows(Cm), col(D),
       col(jnp.broadcast_to(E[..., None], th.shape)), [heads(w) for w in state['weights']],
@@ -262,11 +265,12 @@ def lmm(spec, q, k, v, theta, eta, alpha, state, chunk_size: int = 16, *, anchor
     final, o = jax.lax.scan(body, state, xs)
     return final, o.reshape((n,) + o.shape[2:])
 
-  choice = choose(kernel, spec, c, per_channel, jax.default_backend())
+  platform = jax.default_backend()
+  choice = choose(kernel, spec, c, per_channel, platform)
   if choice == 'jax':
     state, o = scan_path()
   else:
-    fast = lambda: _kernel_pass(spec, choice, (qs, ks, vs, th, A, B, Cm, E, D), state)
+    fast = lambda: _kernel_pass(spec, choice, (qs, ks, vs, th, A, B, Cm, E, D), state, platform)
     state, o = fast() if segment_ids is None else jax.lax.cond(jnp.any(reset), scan_path, fast)
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(b, n * c, h, -1)[:, :t]
   return o.astype(v.dtype), state
