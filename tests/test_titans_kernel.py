@@ -11,7 +11,7 @@ from longctx.ops.titans.chunk import choose
 from tests.test_titans_memory import assert_close, inputs
 
 
-@pytest.fixture(params=['gpu', 'tpu'])
+@pytest.fixture
 def backend(request, monkeypatch):
   """The kernel the ops layer's pallas_interpret runs: the GPU one, or the TPU one (TPU interpret mode)."""
   if request.param == 'tpu':
@@ -20,7 +20,11 @@ def backend(request, monkeypatch):
   return request.param
 
 
-@pytest.mark.parametrize('clip,activation,t', [(0.0, 'gelu', 40), (80.0, 'gelu', 48), (80.0, 'silu', 35)])
+# The TPU kernel shares the per-batch arithmetic with the GPU one; one case checks its grid, VMEM state and reverse
+# walk (the clip on, an odd length).
+@pytest.mark.parametrize('clip,activation,t,backend', [(0.0, 'gelu', 40, 'gpu'), (80.0, 'gelu', 48, 'gpu'),
+                                                       (80.0, 'silu', 35, 'gpu'), (80.0, 'silu', 35, 'tpu')],
+                         indirect=['backend'])
 def test_kernel_equals_the_chunk_form(clip, activation, t, backend):
   """Odd lengths (a padded last batch), the clip on for about half the tokens (norms 50–110), two hidden blocks
   (the GPU kernel; the TPU one keeps the hidden units in one block)."""
