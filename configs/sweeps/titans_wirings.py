@@ -37,8 +37,8 @@ def get_config(arg=None):
   }, allow_dotted_keys=True)
   c.fixed = ml_collections.ConfigDict({
       'data.source': 'stdlib', 'train.num_steps': variant.steps, 'train.eval_every': 0,
-      'train.checkpoint_every': 500, 'train.keep': 1, 'train.progress_bar': False, 'seed': 0, 'data.niah_fraction': variant.niah,
-      'data.niah_scored': variant.scored,
+      'train.checkpoint_every': 500, 'train.keep': 1, 'train.progress_bar': False, 'seed': 0,
+      'data.niah_fraction': variant.niah, 'data.niah_scored': variant.scored,
       **({'train.batch_size': variant.batch} if variant.batch else {}),
   }, allow_dotted_keys=True)
   c.evals = ['perplexity --batches 4', f'niah --lengths {seq_len},{2 * seq_len},{4 * seq_len} --samples 8']

@@ -21,8 +21,9 @@ and r₁ per token in a scratch output), then takes the reads' and the state upd
 through the LayerNorm (`jax.vjp` of δ₂(z₂, k, v) inside the kernel), and the keys' forward pass (pass D).
 
 Lowered through Pallas' Triton lowering (refs, `pl.ds`, dots, loops only), and run on CPU in interpret mode for
-the tests. The per-batch arithmetic (`_fwd_step`, `_bwd_step`) is shared with the TPU kernel (`tpu`), which keeps the
-state in VMEM instead and takes one grid step per batch. Shapes: C, D and `block` powers of two ≥ 16, H a multiple of `block`.
+the tests. The per-batch arithmetic (`_fwd_step`, `_bwd_step`) is shared with the TPU kernel (`tpu`), which keeps
+the state in VMEM instead and takes one grid step per batch. Shapes: C, D and `block` powers of two ≥ 16, H a
+multiple of `block`.
 """
 from __future__ import annotations
 
