@@ -4,6 +4,8 @@ training length and beyond it.
 
   python scripts/sweep.py --sweep configs/sweeps/titans_wirings.py --workdir runs/titans          # tiny, 4 layers
   python scripts/sweep.py --sweep configs/sweeps/titans_wirings.py:size=340m --workdir runs/titans340m
+  python scripts/sweep.py --sweep configs/sweeps/titans_wirings.py:niah=1.0,scored=answer,batch=128,steps=8000 \
+      --workdir runs/titans_niah        # S-NIAH: the wirings learn the retrieval in ~2000 steps (benchmarks/README.md)
 
 Variants: size (configs/titans.py's sizes), steps, batch (0: the size's), niah (data.niah_fraction: that share of
 the training rows carry a needle and its question, so that a small model learns the retrieval format it is then
