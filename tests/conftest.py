@@ -7,6 +7,16 @@ import sys
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 
+# Every test that trains builds its own jitted step, and scripts run in child processes, so a run compiles the same
+# programs many times over; jax's persistent compilation cache, shared by the xdist workers and their children
+# through the environment, compiles each once. Private to this user: the cache is trusted code.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile  # noqa: E402
+  _cache = os.path.join(tempfile.gettempdir(), f'longctx-tests-xla-cache-{os.getuid()}')
+  os.makedirs(_cache, mode=0o700, exist_ok=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
+
 import pytest  # noqa: E402
 
 from longctx import config as config_lib  # noqa: E402
