@@ -64,7 +64,7 @@ def test_evaluate_and_generate_scripts_on_a_byte_level_run(tmp_path):
   result = run_script(['scripts/evaluate.py', 'niah', '--workdir', str(tmp_path), '--lengths', '200,256',
                        '--depths', '0,1', '--samples', '2'])
   assert result.returncode == 0, result.stderr[-2000:]
-  report = json.load(open(tmp_path / 'eval_niah.json'))
+  report = json.loads((tmp_path / 'eval_niah.json').read_text())
   assert len(report['rows']) == 4 and all(0 <= r['accuracy'] <= 1 for r in report['rows'])
   assert '| 200 |' in (tmp_path / 'eval_niah.md').read_text()
   out = run_script(['scripts/generate.py', '--workdir', str(tmp_path), '--prompt', 'import os', '--max_new_tokens',

@@ -68,9 +68,10 @@ def test_a_hybrid_stack_with_sliding_window_layers_trains(tmp_path):
                         'train.checkpoint_every': 0})
   config_lib.validate(cfg, 1)
   train(cfg, str(tmp_path))
-  losses = [json.loads(line)['loss'] for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  losses = [json.loads(line)['loss'] for line in lines if '"loss"' in line]
   assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5
-  saved = json.load(open(tmp_path / 'config.json'))
+  saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['pattern'] == 'hybrid'
 
 

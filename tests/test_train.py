@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -70,7 +71,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + 120
-  while time.time() < deadline and (not os.path.exists(metrics) or len(open(metrics).readlines()) < 3):
+  logged = lambda: len(pathlib.Path(metrics).read_text().splitlines()) if os.path.exists(metrics) else 0
+  while time.time() < deadline and logged() < 3:
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
@@ -177,7 +179,7 @@ def test_evaluate_reports_loss_by_position(tmp_path):
   train(small_config(**{'train.num_steps': 5}), str(tmp_path))
   result = run_script(['scripts/evaluate.py', '--workdir', str(tmp_path), '--batches', '2'])
   assert result.returncode == 0, result.stderr[-2000:]
-  report = json.load(open(tmp_path / 'eval_perplexity.json'))
+  report = json.loads((tmp_path / 'eval_perplexity.json').read_text())
   assert np.isfinite(report['loss']) and report['by_position'][0]['positions'] == '0-0'
   assert '| positions | tokens | loss | accuracy |' in result.stdout and 0 <= report['accuracy'] <= 1
 
