@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 # Test shapes are tiny, so XLA's compile time dominates; LLVM's cheapest optimisation level about halves it. Set
 # before jax starts its CPU backend; child processes inherit it.
@@ -11,7 +12,6 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
 # programs many times over; jax's persistent compilation cache, shared by the xdist workers and their children
 # through the environment, compiles each once. Private to this user: the cache is trusted code.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  import tempfile  # noqa: E402
   _cache = os.path.join(tempfile.gettempdir(), f'longctx-tests-xla-cache-{os.getuid()}')
   os.makedirs(_cache, mode=0o700, exist_ok=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache

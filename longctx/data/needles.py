@@ -76,14 +76,16 @@ def into_rows(fraction: float, scored: str = 'text'):
   (one document, the needle at a uniform depth), scored as ordinary text or only at the answer (`SCORED`)."""
   answer_only = scored == 'answer'
 
+  def as_text(row):
+    return {**row, 'loss_mask': np.ones(len(row['tokens']), np.int32)} if answer_only else row
+
   def transform(row, rng: np.random.Generator):
     length = len(row['tokens'])
-    text = {**row, 'loss_mask': np.ones(length, np.int32)} if answer_only else row
     if rng.random() >= fraction:
-      return text
+      return as_text(row)
     filler = row['tokens'][row['tokens'] < 256].astype(np.uint8)
     if len(filler) <= length - _LEAST_OVERHEAD:       # less text than the shortest key leaves room for
-      return text
+      return as_text(row)
     tokens, mask = make_row(rng, filler, length, rng.random())
     out = {'tokens': tokens, 'segment_ids': np.ones(length, np.int32), 'positions': np.arange(length, dtype=np.int32)}
     if answer_only:
