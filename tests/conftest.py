@@ -6,8 +6,11 @@ import tempfile
 
 def _xla_accepts(flag: str) -> bool:
   """Whether this jaxlib's XLA knows `flag` (an unknown XLA flag aborts the process that starts the backend)."""
-  probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices("cpu")'], capture_output=True, timeout=120,
-                         env={**os.environ, 'XLA_FLAGS': flag, 'JAX_PLATFORMS': 'cpu'})
+  try:
+    probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices("cpu")'], capture_output=True,
+                           timeout=120, env={**os.environ, 'XLA_FLAGS': flag, 'JAX_PLATFORMS': 'cpu'})
+  except subprocess.TimeoutExpired:
+    return False
   return probe.returncode == 0
 
 
